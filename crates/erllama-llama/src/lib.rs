@@ -1,0 +1,34 @@
+//! The llama.cpp backend of erllama.
+//!
+//! This is the only crate that compiles llama.cpp (through `llama-cpp-2`), so
+//! everything else builds and tests in seconds. It gives the engine what a
+//! model task needs and nothing it must not do:
+//!
+//! - [`backend`]: the one process-wide llama.cpp backend, logs routed to
+//!   `tracing` (silent unless a subscriber is installed);
+//! - [`Model`]: a loaded GGUF with its [`ModelMeta`], tokenizer and
+//!   detokenizer (user text never becomes control tokens unless asked);
+//! - [`Session`]: one context and its token sequence — chunked prefill,
+//!   greedy decode, KV pack/unpack through llama.cpp's per-sequence state
+//!   API (restores go into a *cleared* sequence), removal of the last cell;
+//! - [`SessionWorker`]: the dedicated thread a session lives on;
+//! - [`validate_seq_state`]: the structural check every state passes before
+//!   llama.cpp reads it.
+//!
+//! llama.cpp aborts the process on some bad inputs (token ids out of range,
+//! batches past the context, malformed state). Every public call here
+//! validates first and answers with a [`LlamaError`] instead.
+
+mod backend;
+mod error;
+mod model;
+mod session;
+mod state;
+mod worker;
+
+pub use backend::{backend, system_info};
+pub use error::{LlamaError, Result};
+pub use model::{Model, ModelMeta, ModelParams};
+pub use session::{Session, SessionParams};
+pub use state::{validate_seq_state, StateExpectation, SEQ_STATE_MAGIC};
+pub use worker::SessionWorker;

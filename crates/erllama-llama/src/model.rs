@@ -1,0 +1,376 @@
+//! Loading a GGUF model, its metadata, and its vocabulary.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::backend::backend;
+use crate::error::{LlamaError, Result};
+
+/// Options for loading a model.
+#[derive(Debug, Clone)]
+pub struct ModelParams {
+    /// Layers to offload to a GPU (0 on a CPU-only build).
+    pub n_gpu_layers: u32,
+    /// Map the file instead of reading it into memory.
+    pub use_mmap: bool,
+    /// Lock the model's memory so it cannot be swapped out.
+    pub use_mlock: bool,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        Self {
+            n_gpu_layers: 0,
+            use_mmap: true,
+            use_mlock: false,
+        }
+    }
+}
+
+/// Metadata read from a loaded model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelMeta {
+    /// `general.architecture`, e.g. `llama`.
+    pub architecture: String,
+    /// `general.name`, or the file stem when absent.
+    pub name: String,
+    /// Quantisation label in the cache's spelling (`q4_1`, `q4_k_m`, `f16`, ...),
+    /// or `unknown`.
+    pub quant_type: String,
+    /// Context length the model was trained with.
+    pub n_ctx_train: u32,
+    /// Vocabulary size; valid token ids are `0..n_vocab`.
+    pub n_vocab: u32,
+    /// Number of transformer layers.
+    pub n_layer: u32,
+    /// Embedding width.
+    pub n_embd: u32,
+    /// Parameter count.
+    pub n_params: u64,
+    /// Size of the weights in bytes.
+    pub size_bytes: u64,
+    /// Whether the GGUF carries a chat template.
+    pub has_chat_template: bool,
+}
+
+pub(crate) struct ModelInner {
+    pub(crate) model: LlamaModel,
+    path: PathBuf,
+    meta: ModelMeta,
+    /// llama.cpp's context constructor mutates the model in some cases, so
+    /// contexts of one model are created one at a time.
+    pub(crate) new_context_lock: Mutex<()>,
+}
+
+/// A loaded GGUF model. Cheap to clone; the weights are shared and freed when
+/// the last clone (and the last session using it) is dropped.
+#[derive(Clone)]
+pub struct Model {
+    pub(crate) inner: Arc<ModelInner>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.inner.path)
+            .field("meta", &self.inner.meta)
+            .finish()
+    }
+}
+
+/// Checks that `path` names a readable GGUF file before llama.cpp sees it.
+fn check_gguf(path: &Path) -> Result<()> {
+    let mut file = File::open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => LlamaError::ModelNotFound(path.to_path_buf()),
+        _ => LlamaError::ModelUnreadable {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let not_gguf = |reason: &str| LlamaError::NotGguf {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+    };
+    let is_file = file
+        .metadata()
+        .map_err(|source| LlamaError::ModelUnreadable {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .is_file();
+    if !is_file {
+        return Err(not_gguf("not a regular file"));
+    }
+    let mut head = [0u8; 8];
+    file.read_exact(&mut head)
+        .map_err(|_| not_gguf("file is shorter than a GGUF header"))?;
+    if &head[..4] != b"GGUF" {
+        return Err(not_gguf("bad magic (expected \"GGUF\")"));
+    }
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if !(2..=3).contains(&version) {
+        return Err(not_gguf(&format!("unsupported GGUF version {version}")));
+    }
+    Ok(())
+}
+
+/// Maps llama.cpp's `general.file_type` (`llama_ftype`) to the cache's quant label.
+fn ftype_label(ftype: u32) -> &'static str {
+    match ftype {
+        0 => "f32",
+        1 => "f16",
+        2 => "q4_0",
+        3 => "q4_1",
+        7 => "q8_0",
+        8 => "q5_0",
+        9 => "q5_1",
+        10 => "q2_k",
+        11 => "q3_k_s",
+        12 => "q3_k_m",
+        13 => "q3_k_l",
+        14 => "q4_k_s",
+        15 => "q4_k_m",
+        16 => "q5_k_s",
+        17 => "q5_k_m",
+        18 => "q6_k",
+        19 => "iq2_xxs",
+        20 => "iq2_xs",
+        22 => "iq3_xs",
+        23 => "iq3_xxs",
+        24 => "iq1_s",
+        25 => "iq4_nl",
+        26 => "iq3_s",
+        27 => "iq3_m",
+        28 => "iq2_s",
+        29 => "iq2_m",
+        30 => "iq4_xs",
+        31 => "iq1_m",
+        32 => "bf16",
+        _ => "unknown",
+    }
+}
+
+impl Model {
+    /// Loads a GGUF model.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::ModelNotFound`] / [`LlamaError::ModelUnreadable`] for a
+    /// path that cannot be opened, [`LlamaError::NotGguf`] for a file that is
+    /// not GGUF, [`LlamaError::ModelLoad`] when llama.cpp refuses it.
+    pub fn load(path: impl AsRef<Path>, params: &ModelParams) -> Result<Self> {
+        let path = path.as_ref();
+        check_gguf(path)?;
+        if path.to_str().is_none() {
+            return Err(LlamaError::ModelLoad {
+                path: path.to_path_buf(),
+                reason: "the path is not valid UTF-8".into(),
+            });
+        }
+        let backend = backend()?;
+        let lparams = LlamaModelParams::default()
+            .with_n_gpu_layers(params.n_gpu_layers)
+            .with_use_mmap(params.use_mmap)
+            .with_use_mlock(params.use_mlock);
+        let model = LlamaModel::load_from_file(backend, path, &lparams).map_err(|e| {
+            LlamaError::ModelLoad {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        let meta = read_meta(&model, path);
+        Ok(Self {
+            inner: Arc::new(ModelInner {
+                model,
+                path: path.to_path_buf(),
+                meta,
+                new_context_lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The path the model was loaded from.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The model's metadata.
+    #[must_use]
+    pub fn meta(&self) -> &ModelMeta {
+        &self.inner.meta
+    }
+
+    /// Vocabulary size; valid token ids are `0..n_vocab`.
+    #[must_use]
+    pub fn n_vocab(&self) -> u32 {
+        self.inner.meta.n_vocab
+    }
+
+    /// Checks that every id is a valid token of this model.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::TokenOutOfRange`] naming the first bad id.
+    pub fn check_tokens<T: Copy + Into<i64>>(&self, tokens: &[T]) -> Result<()> {
+        let n_vocab = self.n_vocab();
+        for (index, &t) in tokens.iter().enumerate() {
+            let token: i64 = t.into();
+            if token < 0 || token >= i64::from(n_vocab) {
+                return Err(LlamaError::TokenOutOfRange {
+                    token,
+                    index,
+                    n_vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokenizes `text`.
+    ///
+    /// `add_bos` adds the model's beginning-of-sequence token when its
+    /// vocabulary asks for one. `special` lets the text spell control tokens
+    /// such as `<|im_start|>`; leave it off for user-supplied text so it can
+    /// never inject them.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::TextTooLarge`] for text beyond llama.cpp's 32-bit limit.
+    pub fn tokenize(&self, text: &str, add_bos: bool, special: bool) -> Result<Vec<u32>> {
+        // llama.cpp counts bytes and tokens in i32; keep well clear of that.
+        if text.len() >= (i32::MAX as usize) / 2 {
+            return Err(LlamaError::TextTooLarge(text.len()));
+        }
+        let tokens = self
+            .inner
+            .model
+            .vocab()
+            .tokenize(text.as_bytes(), add_bos, special);
+        // Token ids from llama.cpp are always in 0..n_vocab.
+        Ok(tokens.into_iter().map(|t| t.0.unsigned_abs()).collect())
+    }
+
+    /// Turns tokens back into text. `special` renders control tokens as
+    /// text; otherwise they render as nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::TokenOutOfRange`] for an id outside the vocabulary
+    /// (llama.cpp would abort the process on it).
+    pub fn detokenize(&self, tokens: &[u32], special: bool) -> Result<String> {
+        self.check_tokens(tokens)?;
+        if tokens.is_empty() {
+            return Ok(String::new());
+        }
+        let tokens = to_llama(tokens);
+        let bytes = self.inner.model.vocab().detokenize(&tokens, false, special);
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The raw bytes of one token's text (may be a partial UTF-8 sequence).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::TokenOutOfRange`] for an id outside the vocabulary.
+    pub fn token_bytes(&self, token: u32, special: bool) -> Result<Vec<u8>> {
+        self.check_tokens(&[token])?;
+        Ok(self
+            .inner
+            .model
+            .vocab()
+            .token_to_piece(LlamaToken(token_i32(token)), special, None))
+    }
+
+    /// Whether `token` ends generation (end-of-sequence, end-of-turn, ...).
+    /// Ids outside the vocabulary are not end-of-generation tokens.
+    #[must_use]
+    pub fn is_eog(&self, token: u32) -> bool {
+        token < self.n_vocab()
+            && self
+                .inner
+                .model
+                .vocab()
+                .is_eog(LlamaToken(token_i32(token)))
+    }
+}
+
+/// Token ids passed validation (`< n_vocab <= i32::MAX`), so they fit an i32.
+pub(crate) fn token_i32(token: u32) -> i32 {
+    i32::try_from(token).unwrap_or(i32::MAX)
+}
+
+pub(crate) fn to_llama(tokens: &[u32]) -> Vec<LlamaToken> {
+    tokens.iter().map(|&t| LlamaToken(token_i32(t))).collect()
+}
+
+fn read_meta(model: &LlamaModel, path: &Path) -> ModelMeta {
+    let meta_str = |key: &str| model.meta_val_str(key).ok();
+    let quant_type = meta_str("general.file_type")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map_or("unknown", ftype_label)
+        .to_owned();
+    let name = meta_str("general.name").unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    ModelMeta {
+        architecture: meta_str("general.architecture").unwrap_or_else(|| "unknown".into()),
+        name,
+        quant_type,
+        n_ctx_train: model.n_ctx_train(),
+        n_vocab: u32::try_from(model.n_vocab()).unwrap_or(0),
+        n_layer: model.n_layer(),
+        n_embd: u32::try_from(model.n_embd()).unwrap_or(0),
+        n_params: model.n_params(),
+        size_bytes: model.size(),
+        has_chat_template: model.chat_template(None).is_ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn missing_file_is_not_found() {
+        let err = check_gguf(Path::new("/nonexistent/model.gguf")).unwrap_err();
+        assert!(matches!(err, LlamaError::ModelNotFound(_)), "{err}");
+    }
+
+    #[test]
+    fn junk_file_is_not_gguf() {
+        let dir = std::env::temp_dir().join(format!("erllama-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("junk.gguf");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(b"this is not a model at all")
+            .unwrap();
+        let err = check_gguf(&path).unwrap_err();
+        assert!(matches!(err, LlamaError::NotGguf { .. }), "{err}");
+        std::fs::write(&path, b"GGUF\x09\x00\x00\x00").unwrap();
+        let err = check_gguf(&path).unwrap_err();
+        assert!(err.to_string().contains("version 9"), "{err}");
+        std::fs::write(&path, b"GG").unwrap();
+        assert!(matches!(check_gguf(&path), Err(LlamaError::NotGguf { .. })));
+        assert!(matches!(check_gguf(&dir), Err(LlamaError::NotGguf { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ftype_labels_match_the_cache_table() {
+        assert_eq!(ftype_label(3), "q4_1");
+        assert_eq!(ftype_label(15), "q4_k_m");
+        assert_eq!(ftype_label(32), "bf16");
+        assert_eq!(ftype_label(4), "unknown");
+    }
+}

@@ -1,0 +1,477 @@
+//! A llama.cpp context with one token sequence: prefill, greedy decode,
+//! KV pack/unpack.
+
+use std::num::NonZeroU32;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::LlamaStateSeqFlags;
+
+use crate::backend::backend;
+use crate::error::{LlamaError, Result};
+use crate::model::{token_i32, Model};
+use crate::state::{validate_seq_state, StateExpectation};
+
+/// The sequence every session works on.
+const SEQ: i32 = 0;
+
+/// Options for a context.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    /// Context window in tokens.
+    pub n_ctx: u32,
+    /// Tokens per `llama_decode` call during prefill.
+    pub n_batch: u32,
+    /// Compute threads; `None` uses every available core.
+    pub n_threads: Option<u32>,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        Self {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_threads: None,
+        }
+    }
+}
+
+impl SessionParams {
+    /// The thread count actually used.
+    #[must_use]
+    pub fn threads(&self) -> u32 {
+        self.n_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+        })
+    }
+
+    fn validate(&self, model: &Model) -> Result<()> {
+        let invalid = |name, reason: String| Err(LlamaError::InvalidParam { name, reason });
+        if self.n_ctx < 8 || self.n_ctx > 1 << 22 {
+            return invalid("n_ctx", format!("{} is outside 8..=4194304", self.n_ctx));
+        }
+        if self.n_batch == 0 || self.n_batch > 1 << 16 {
+            return invalid("n_batch", format!("{} is outside 1..=65536", self.n_batch));
+        }
+        if matches!(self.n_threads, Some(0) | Some(1025..)) {
+            return invalid("n_threads", "must be between 1 and 1024".into());
+        }
+        let train = model.meta().n_ctx_train;
+        if train > 0 && self.n_ctx > train.saturating_mul(4) {
+            return invalid(
+                "n_ctx",
+                format!(
+                    "{} is more than 4x the model's training context {train}",
+                    self.n_ctx
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One llama.cpp context and the tokens its sequence holds.
+///
+/// A `Session` is not `Send`: create it on the thread that will use it (see
+/// [`crate::SessionWorker`]). Invariant: the KV cache holds exactly
+/// [`Session::tokens`], at positions `0..len`, in sequence 0.
+pub struct Session {
+    // Field order matters: `batch` and `ctx` must drop before `model`, whose
+    // weights the context points into.
+    batch: LlamaBatch<'static>,
+    ctx: LlamaContext<'static>,
+    model: Model,
+    tokens: Vec<u32>,
+    /// Batch index of the logits for the next token, when there are any.
+    logits_at: Option<i32>,
+    n_ctx: u32,
+    n_batch: u32,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("n_ctx", &self.n_ctx)
+            .field("n_past", &self.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Creates a context for `model`.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for out-of-range options,
+    /// [`LlamaError::ContextCreate`] when llama.cpp cannot allocate it.
+    pub fn new(model: &Model, params: &SessionParams) -> Result<Self> {
+        params.validate(model)?;
+        let backend = backend()?;
+        let threads = i32::try_from(params.threads()).unwrap_or(1);
+        let n_batch = params.n_batch.min(params.n_ctx);
+        let cparams = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(params.n_ctx))
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(1)
+            .with_kv_unified(true)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let ctx = {
+            let _guard = model
+                .inner
+                .new_context_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            model
+                .inner
+                .model
+                .new_context(backend, cparams)
+                .map_err(|e| LlamaError::ContextCreate(e.to_string()))?
+        };
+        // SAFETY: the context borrows the `LlamaModel` inside `model.inner`,
+        // an `Arc` allocation that never moves. `Session` keeps a clone of
+        // that `Arc` in `self.model`, declared after `ctx`, so the model
+        // outlives the context; the extended lifetime never escapes `Session`.
+        let ctx: LlamaContext<'static> = unsafe { std::mem::transmute(ctx) };
+        Ok(Self {
+            batch: LlamaBatch::new(n_batch as usize, 1),
+            ctx,
+            model: model.clone(),
+            tokens: Vec::new(),
+            logits_at: None,
+            n_ctx: params.n_ctx,
+            n_batch,
+        })
+    }
+
+    /// The model this session runs.
+    #[must_use]
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Context window in tokens.
+    #[must_use]
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    /// Tokens per decode call during prefill.
+    #[must_use]
+    pub fn n_batch(&self) -> u32 {
+        self.n_batch
+    }
+
+    /// The tokens the sequence holds.
+    #[must_use]
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Number of tokens in the sequence.
+    #[must_use]
+    pub fn n_past(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether logits for a next token are available.
+    #[must_use]
+    pub fn has_logits(&self) -> bool {
+        self.logits_at.is_some()
+    }
+
+    fn check_room(&self, adding: usize) -> Result<()> {
+        if self.tokens.len() + adding > self.n_ctx as usize {
+            return Err(LlamaError::ContextOverflow {
+                have: self.tokens.len(),
+                adding,
+                n_ctx: self.n_ctx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `tokens` to the sequence in `n_batch` chunks and computes the
+    /// logits of the last one.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::EmptyInput`], [`LlamaError::TokenOutOfRange`],
+    /// [`LlamaError::ContextOverflow`] before anything runs;
+    /// [`LlamaError::Decode`] if llama.cpp fails (the sequence is then rolled
+    /// back to its state before the call).
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(LlamaError::EmptyInput("prefill"));
+        }
+        self.model.check_tokens(tokens)?;
+        self.check_room(tokens.len())?;
+        let start = self.tokens.len();
+        let n_chunks = tokens.len().div_ceil(self.n_batch as usize);
+        for (ci, chunk) in tokens.chunks(self.n_batch as usize).enumerate() {
+            let last_chunk = ci + 1 == n_chunks;
+            if let Err(e) = self.decode_chunk(chunk, last_chunk) {
+                self.truncate_to(start);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_chunk(&mut self, chunk: &[u32], want_logits: bool) -> Result<()> {
+        self.logits_at = None;
+        self.batch.clear();
+        let base = self.tokens.len();
+        for (i, &t) in chunk.iter().enumerate() {
+            let pos = i32::try_from(base + i).map_err(|_| LlamaError::ContextOverflow {
+                have: base,
+                adding: chunk.len(),
+                n_ctx: self.n_ctx,
+            })?;
+            let logits = want_logits && i + 1 == chunk.len();
+            self.batch
+                .add(LlamaToken(token_i32(t)), pos, &[SEQ], logits)
+                .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut self.batch)
+            .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        self.tokens.extend_from_slice(chunk);
+        if want_logits {
+            self.logits_at = Some(self.batch.n_tokens() - 1);
+        }
+        Ok(())
+    }
+
+    /// The logits for the next token.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::NoLogits`] when nothing was decoded since the last
+    /// restore, removal or clear.
+    pub fn logits(&self) -> Result<&[f32]> {
+        let at = self.logits_at.ok_or(LlamaError::NoLogits)?;
+        Ok(self.ctx.get_logits_ith(at))
+    }
+
+    /// Greedy step: takes the most likely next token, appends it to the
+    /// sequence (computing the logits after it) and returns it.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::NoLogits`], [`LlamaError::ContextOverflow`] when the
+    /// context is full, [`LlamaError::Decode`].
+    pub fn decode_one(&mut self) -> Result<u32> {
+        let token = argmax(self.logits()?);
+        self.accept(token)?;
+        Ok(token)
+    }
+
+    /// Appends one chosen token and computes the logits after it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::prefill`].
+    pub fn accept(&mut self, token: u32) -> Result<()> {
+        self.prefill(&[token])
+    }
+
+    /// Greedy generation until an end-of-generation token (included in the
+    /// result) or `max_tokens`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::decode_one`].
+    pub fn generate(&mut self, max_tokens: usize) -> Result<Vec<u32>> {
+        if max_tokens > 0 {
+            // Validate the whole request up front rather than failing midway.
+            self.logits()?;
+            self.check_room(max_tokens)?;
+        }
+        let mut out = Vec::with_capacity(max_tokens);
+        while out.len() < max_tokens {
+            let t = self.decode_one()?;
+            out.push(t);
+            if self.model.is_eog(t) {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every token at position `n` and beyond.
+    fn truncate_to(&mut self, n: usize) {
+        let p0 = u32::try_from(n).unwrap_or(u32::MAX);
+        // Removing a position range from a plain KV cache cannot fail.
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(Some(SEQ as u32), Some(p0), None);
+        self.tokens.truncate(n);
+        self.logits_at = None;
+    }
+
+    /// Keeps the first `n` tokens of the sequence. Logits are gone
+    /// afterwards: re-feed a token before decoding.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] when `n` exceeds the sequence length.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        if n > self.tokens.len() {
+            return Err(LlamaError::InvalidParam {
+                name: "n",
+                reason: format!("cannot keep {n} of {} tokens", self.tokens.len()),
+            });
+        }
+        self.truncate_to(n);
+        Ok(())
+    }
+
+    /// Removes the last KV cell (the last token).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::EmptyInput`] when the sequence is empty.
+    pub fn remove_last(&mut self) -> Result<()> {
+        if self.tokens.is_empty() {
+            return Err(LlamaError::EmptyInput("remove_last"));
+        }
+        self.truncate_to(self.tokens.len() - 1);
+        Ok(())
+    }
+
+    /// Empties the sequence.
+    pub fn clear(&mut self) {
+        self.truncate_to(0);
+    }
+
+    /// Size in bytes of the packed state of the sequence.
+    #[must_use]
+    pub fn kv_pack_size(&self) -> usize {
+        self.ctx
+            .state_seq_get_size_ext(SEQ, LlamaStateSeqFlags::empty())
+    }
+
+    /// Packs the sequence state into `dst`, which must hold at least
+    /// [`Session::kv_pack_size`] bytes; returns the bytes written. Lets the
+    /// caller pack straight into its final buffer (a slab, a mapped file).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::KvState`] when `dst` is too small or llama.cpp fails.
+    pub fn kv_pack_into(&self, dst: &mut [u8]) -> Result<usize> {
+        let size = self.kv_pack_size();
+        if dst.len() < size {
+            return Err(LlamaError::KvState(format!(
+                "pack buffer of {} bytes is smaller than the state ({size} bytes)",
+                dst.len()
+            )));
+        }
+        // SAFETY: `dst` holds at least `size` bytes, the size llama.cpp just
+        // computed for this sequence on this thread; nothing changed the
+        // sequence in between (we hold `&self`, and `Session` is not shared
+        // across threads), so llama.cpp writes at most `size` bytes.
+        let n = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(dst.as_mut_ptr(), SEQ, LlamaStateSeqFlags::empty())
+        };
+        if n != size {
+            return Err(LlamaError::KvState(format!(
+                "llama.cpp wrote {n} state bytes, expected {size}"
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Packs the sequence state into a new buffer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::kv_pack_into`].
+    pub fn kv_pack(&self) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.kv_pack_size()];
+        let n = self.kv_pack_into(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Restores a packed state that holds `tokens` into the cleared
+    /// sequence. No logits are available afterwards: to continue, remove the
+    /// last cell and re-feed its token (or prefill more tokens).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::TokenOutOfRange`], [`LlamaError::ContextOverflow`], or
+    /// [`LlamaError::KvState`] when the bytes do not validate (the sequence
+    /// is then untouched) or llama.cpp rejects them (the sequence is then
+    /// empty).
+    pub fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<()> {
+        self.model.check_tokens(tokens)?;
+        if tokens.len() > self.n_ctx as usize {
+            return Err(LlamaError::ContextOverflow {
+                have: 0,
+                adding: tokens.len(),
+                n_ctx: self.n_ctx,
+            });
+        }
+        validate_seq_state(
+            bytes,
+            StateExpectation {
+                n_tokens: tokens.len(),
+                n_layer: self.model.meta().n_layer,
+            },
+        )?;
+        // Restore into a cleared sequence: unpacking over stale cells
+        // fragments the cache and destroys the speed-up.
+        self.clear();
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the bytes passed the structural validation above (magic,
+        // one stream, one cell per token at positions 0..n, one sequence per
+        // cell, the model's layer count, sections ending exactly at the end),
+        // which covers everything llama.cpp's reader asserts on instead of
+        // reporting; tensor types and row sizes it checks itself.
+        let ok = unsafe {
+            self.ctx
+                .state_seq_set_data_ext(bytes, SEQ, LlamaStateSeqFlags::empty())
+        };
+        let pos_min = self.ctx.kv_cache_seq_pos_min(SEQ);
+        let pos_max = self.ctx.kv_cache_seq_pos_max(SEQ);
+        let last = i32::try_from(tokens.len() - 1).unwrap_or(i32::MAX);
+        if !ok || pos_min != 0 || pos_max != last {
+            self.clear();
+            return Err(LlamaError::KvState(format!(
+                "llama.cpp rejected the state (restored positions {pos_min}..={pos_max}, expected 0..={last})"
+            )));
+        }
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+}
+
+/// Index of the largest logit (the first one on ties, like llama.cpp's
+/// greedy sampler).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    u32::try_from(best).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn argmax_takes_the_first_maximum() {
+        assert_eq!(super::argmax(&[0.0, 3.0, 1.0, 3.0]), 1);
+        assert_eq!(super::argmax(&[f32::NAN, -1.0]), 1);
+    }
+}

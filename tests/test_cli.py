@@ -1,0 +1,165 @@
+"""The ``erllama`` command line, run as a user would (``python -m erllama``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erllama.cli import main
+
+PROMPT = "The capital of France is"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "erllama", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("erllama: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("fetch-model", "generate", "info"):
+        assert command in proc.stdout
+    proc = run_cli("generate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-tokens" in proc.stdout
+    assert "--json" in proc.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    proc = run_cli()
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.real_model
+def test_generate_json(model_path: Path) -> None:
+    proc = run_cli("generate", "--model", str(model_path), "--max-tokens", "8", "--json", PROMPT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {
+        "text",
+        "tokens",
+        "prompt_tokens",
+        "completion_tokens",
+        "prefill_s",
+        "decode_s",
+        "prefill_tok_s",
+        "decode_tok_s",
+    }
+    assert 1 <= result["completion_tokens"] <= 8
+    assert len(result["tokens"]) == result["completion_tokens"]
+    assert all(isinstance(t, int) for t in result["tokens"])
+    assert result["prompt_tokens"] >= 5
+    assert isinstance(result["text"], str)
+    assert result["prefill_s"] > 0
+    assert result["decode_s"] > 0
+    assert result["prefill_tok_s"] > 0
+    assert result["decode_tok_s"] > 0
+
+
+@pytest.mark.real_model
+def test_generate_text_and_stats(model_path: Path) -> None:
+    proc = run_cli("generate", "--model", str(model_path), "--max-tokens", "8", PROMPT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    stats = proc.stderr.strip().splitlines()[-1]
+    assert stats.startswith("prompt ")
+    assert "prefill" in stats
+    assert "generated" in stats
+    assert stats.count("tok/s") == 2
+
+
+@pytest.mark.real_model
+def test_generate_is_deterministic(model_path: Path) -> None:
+    args = ("generate", "--model", str(model_path), "--max-tokens", "8", "--json", PROMPT)
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert json.loads(first.stdout)["tokens"] == json.loads(second.stdout)["tokens"]
+
+
+def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model.gguf"
+    proc = run_cli("generate", "--model", str(missing), "--max-tokens", "8", PROMPT)
+    assert_one_line_error(proc, "no-such-model.gguf")
+
+
+def test_junk_model_is_a_one_line_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"this is not a gguf file\n" * 100)
+    proc = run_cli("info", "--model", str(junk))
+    assert_one_line_error(proc)
+
+
+@pytest.mark.real_model
+def test_prompt_that_does_not_fit_is_a_one_line_error(model_path: Path) -> None:
+    proc = run_cli(
+        "generate", "--model", str(model_path), "--n-ctx", "16", "--max-tokens", "64", PROMPT
+    )
+    assert_one_line_error(proc, "does not fit")
+
+
+def test_fetch_model_prints_an_existing_path(model_path: Path) -> None:
+    env = {**os.environ, "ERLLAMA_MODEL_CACHE": str(model_path.parent)}
+    proc = run_cli("fetch-model", env=env)
+    assert proc.returncode == 0, proc.stderr
+    printed = Path(proc.stdout.strip())
+    assert printed.is_file()
+    assert printed == model_path
+
+
+def test_fetch_model_cache_dir_in_process(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fetch-model", "--cache-dir", str(model_path.parent)]) == 0
+    assert capsys.readouterr().out.strip() == str(model_path)
+
+
+@pytest.mark.real_model
+def test_info(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--model", str(model_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["path"] == str(model_path)
+    assert result["model"]["n_vocab"] > 0
+    assert result["model"]["architecture"]
+    assert isinstance(result["system_info"], str)
+    assert result["system_info"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--max-tokens", "-1", PROMPT],
+        ["generate", "--n-ctx", "0", PROMPT],
+        ["generate", "--threads", "many", PROMPT],
+        ["generate"],
+        ["no-such-command"],
+    ],
+)
+def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "erllama" in capsys.readouterr().err
