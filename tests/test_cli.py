@@ -81,6 +81,28 @@ def test_generate_json(model_path: Path) -> None:
 
 
 @pytest.mark.real_model
+def test_generate_chat_answers_through_the_template(model_path: Path) -> None:
+    plain = run_cli("generate", "--model", str(model_path), "--max-tokens", "4", "--json", "Hi")
+    chat = run_cli(
+        "generate",
+        "--model",
+        str(model_path),
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        "24",
+        "--json",
+        "Name a colour.",
+    )
+    assert chat.returncode == 0, chat.stderr
+    result = json.loads(chat.stdout)
+    # The rendered system + user turns are far longer than the raw text.
+    assert result["prompt_tokens"] > json.loads(plain.stdout)["prompt_tokens"] + 10
+    assert result["text"].strip(), "an instruct model answers a chat turn"
+
+
+@pytest.mark.real_model
 def test_generate_text_and_stats(model_path: Path) -> None:
     proc = run_cli("generate", "--model", str(model_path), "--max-tokens", "8", PROMPT)
     assert proc.returncode == 0, proc.stderr

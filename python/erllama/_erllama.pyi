@@ -85,6 +85,31 @@ class Model:
             TokenOutOfRangeError: a token id is negative or ``>= n_vocab``.
         """
 
+    def apply_chat_template(
+        self, messages: Sequence[tuple[str, str]], *, add_assistant: bool = True
+    ) -> str:
+        """Render ``(role, content)`` messages through the GGUF's chat template.
+
+        Args:
+            messages: the conversation, e.g. ``[("system", "..."), ("user", "...")]``.
+            add_assistant: open the assistant's turn at the end.
+
+        Raises:
+            NoTemplateError: the model has no chat template.
+            InvalidInputError: a role or content contains a NUL character.
+        """
+
+    def chat_tokens(
+        self, messages: Sequence[tuple[str, str]], *, add_assistant: bool = True
+    ) -> list[int]:
+        """Render and tokenize a chat: template markup becomes control tokens,
+        message contents never do (typed ``<|im_start|>`` stays plain text).
+
+        Raises:
+            NoTemplateError: the model has no chat template.
+            InvalidInputError: a content contains NUL or the reserved U+F8F0/U+F8F1.
+        """
+
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends generation (end-of-sequence, end-of-turn, ...).
 

@@ -81,7 +81,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     as_json: bool = args.json
 
     model = _load_model(args.model)
-    prompt_tokens = model.tokenize(prompt, add_bos=True, special=False)
+    if args.chat:
+        messages: list[tuple[str, str]] = []
+        if args.system is not None:
+            messages.append(("system", args.system))
+        messages.append(("user", prompt))
+        prompt_tokens = model.chat_tokens(messages)
+    else:
+        prompt_tokens = model.tokenize(prompt, add_bos=True, special=False)
     if len(prompt_tokens) + max_tokens > n_ctx:
         raise ContextOverflowError(
             f"the prompt ({len(prompt_tokens)} tokens) plus --max-tokens {max_tokens} "
@@ -255,6 +262,17 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="CPU threads for decoding (default: chosen from the number of cores)",
+    )
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the model's chat template",
+    )
+    gen.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="a system message (with --chat)",
     )
     gen.add_argument(
         "--json",

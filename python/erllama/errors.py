@@ -30,6 +30,7 @@ __all__ = [
     "ModelFetchError",
     "ModelFileNotFoundError",
     "ModelLoadError",
+    "NoTemplateError",
     "NotFoundError",
     "NotSupportedError",
     "TokenOutOfRangeError",
@@ -135,6 +136,10 @@ class KvStateError(ErllamaError):
 
 class NotSupportedError(ErllamaError):
     """Raised when a backend or model does not support the requested feature."""
+
+
+class NoTemplateError(NotSupportedError):
+    """Raised when a chat request is rendered for a model whose GGUF has no chat template."""
 
 
 class WorkerError(ErllamaError):

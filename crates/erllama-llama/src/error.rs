@@ -93,6 +93,14 @@ pub enum LlamaError {
     #[error("input text of {0} bytes is too large to tokenize")]
     TextTooLarge(usize),
 
+    /// The model's GGUF carries no chat template.
+    #[error("the model has no chat template")]
+    NoChatTemplate,
+
+    /// llama.cpp could not render the chat template.
+    #[error("chat template failed: {0}")]
+    ChatTemplate(String),
+
     /// `llama_decode` failed.
     #[error("llama_decode failed: {0}")]
     Decode(String),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::backend;
@@ -298,6 +298,104 @@ impl Model {
                 .model
                 .vocab()
                 .is_eog(LlamaToken(token_i32(token)))
+    }
+}
+
+/// Marks where a message's content goes in a rendered template: private-use
+/// characters that no template emits, around the message index.
+const SLOT_OPEN: char = '\u{F8F0}';
+const SLOT_CLOSE: char = '\u{F8F1}';
+
+impl Model {
+    /// Renders `messages` (`(role, content)` pairs) through the GGUF's chat
+    /// template; `add_assistant` opens the assistant's turn.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::NoChatTemplate`], [`LlamaError::ChatTemplate`],
+    /// [`LlamaError::InvalidParam`] for text containing NUL bytes.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<String> {
+        let model = &self.inner.model;
+        let tmpl = model
+            .chat_template(None)
+            .map_err(|_| LlamaError::NoChatTemplate)?;
+        let chat = messages
+            .iter()
+            .map(|(role, content)| {
+                LlamaChatMessage::new(role.clone(), content.clone()).map_err(|_| {
+                    LlamaError::InvalidParam {
+                        name: "messages",
+                        reason: "roles and contents must not contain NUL characters".into(),
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        model
+            .apply_chat_template(&tmpl, &chat, add_assistant)
+            .map_err(|e| LlamaError::ChatTemplate(e.to_string()))
+    }
+
+    /// Renders a chat and tokenizes it so that the template's own markup
+    /// becomes control tokens while message contents never do: a user who
+    /// types `<|im_start|>` gets plain text, not a new turn.
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::apply_chat_template`] and [`Model::tokenize`].
+    pub fn chat_tokens(
+        &self,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<Vec<u32>> {
+        if messages
+            .iter()
+            .any(|(_, c)| c.contains(SLOT_OPEN) || c.contains(SLOT_CLOSE))
+        {
+            return Err(LlamaError::InvalidParam {
+                name: "messages",
+                reason: "message text contains reserved characters U+F8F0/U+F8F1".into(),
+            });
+        }
+        let slotted: Vec<(String, String)> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, (role, _))| (role.clone(), format!("{SLOT_OPEN}{i}{SLOT_CLOSE}")))
+            .collect();
+        let rendered = self.apply_chat_template(&slotted, add_assistant)?;
+        let mut out = Vec::new();
+        let mut rest = rendered.as_str();
+        let mut first = true;
+        while let Some(open) = rest.find(SLOT_OPEN) {
+            let markup = &rest[..open];
+            if !markup.is_empty() {
+                out.extend(self.tokenize(markup, first, true)?);
+                first = false;
+            }
+            let after = &rest[open + SLOT_OPEN.len_utf8()..];
+            let close = after.find(SLOT_CLOSE).ok_or_else(|| {
+                LlamaError::ChatTemplate("the template altered a message slot".into())
+            })?;
+            let index: usize = after[..close].parse().map_err(|_| {
+                LlamaError::ChatTemplate("the template altered a message slot".into())
+            })?;
+            let content = &messages
+                .get(index)
+                .ok_or_else(|| LlamaError::ChatTemplate("unknown message slot".into()))?
+                .1;
+            if !content.is_empty() {
+                out.extend(self.tokenize(content, first, false)?);
+                first = false;
+            }
+            rest = &after[close + SLOT_CLOSE.len_utf8()..];
+        }
+        if !rest.is_empty() {
+            out.extend(self.tokenize(rest, first, true)?);
+        }
+        Ok(out)
     }
 }
 

@@ -43,6 +43,8 @@ pub fn llama_err(e: LlamaError) -> PyErr {
         LlamaError::TokenOutOfRange { .. } => "TokenOutOfRangeError",
         LlamaError::EmptyInput(_) => "EmptyInputError",
         LlamaError::ContextOverflow { .. } => "ContextOverflowError",
+        LlamaError::NoChatTemplate => "NoTemplateError",
+        LlamaError::ChatTemplate(_) => "ErllamaError",
         LlamaError::Decode(_) => "DecodeError",
         LlamaError::KvState(_) => "KvStateError",
         LlamaError::WorkerGone(_) => "WorkerError",

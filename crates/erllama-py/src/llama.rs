@@ -144,6 +144,30 @@ impl PyModel {
             .map_err(llama_err)
     }
 
+    #[pyo3(signature = (messages, *, add_assistant = true))]
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages: Vec<(String, String)>,
+        add_assistant: bool,
+    ) -> PyResult<String> {
+        let model = &self.model;
+        py.detach(|| model.apply_chat_template(&messages, add_assistant))
+            .map_err(llama_err)
+    }
+
+    #[pyo3(signature = (messages, *, add_assistant = true))]
+    fn chat_tokens(
+        &self,
+        py: Python<'_>,
+        messages: Vec<(String, String)>,
+        add_assistant: bool,
+    ) -> PyResult<Vec<u32>> {
+        let model = &self.model;
+        py.detach(|| model.chat_tokens(&messages, add_assistant))
+            .map_err(llama_err)
+    }
+
     fn is_eog(&self, token: i64) -> PyResult<bool> {
         let ids = token_ids(&self.model, &[token])?;
         Ok(self.model.is_eog(ids[0]))
