@@ -118,15 +118,22 @@ class Model:
         """
 
     def new_context(
-        self, *, n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None
+        self,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_seq_max: int = 1,
     ) -> Context:
-        """Create an inference context (a KV cache holding one sequence).
+        """Create an inference context; the context drives sequence 0.
 
         Args:
             n_ctx: the context size in tokens.
             n_batch: the most tokens given to one ``llama_decode`` call.
             n_threads: CPU threads for decoding; ``None`` picks a default from
                 the number of cores.
+            n_seq_max: sequences the context can hold, sharing one unified KV
+                cache of ``n_ctx`` cells.
 
         Raises:
             InvalidInputError: a size is zero, negative or out of range.

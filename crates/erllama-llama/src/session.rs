@@ -26,6 +26,10 @@ pub struct SessionParams {
     pub n_batch: u32,
     /// Compute threads; `None` uses every available core.
     pub n_threads: Option<u32>,
+    /// Sequences the context can hold. The KV cache is unified (one pool of
+    /// `n_ctx` cells shared by all sequences), which is what lets KV cells be
+    /// copied between sequences. A `Session` drives sequence 0.
+    pub n_seq_max: u32,
 }
 
 impl Default for SessionParams {
@@ -34,6 +38,7 @@ impl Default for SessionParams {
             n_ctx: 4096,
             n_batch: 512,
             n_threads: None,
+            n_seq_max: 1,
         }
     }
 }
@@ -54,6 +59,12 @@ impl SessionParams {
         }
         if self.n_batch == 0 || self.n_batch > 1 << 16 {
             return invalid("n_batch", format!("{} is outside 1..=65536", self.n_batch));
+        }
+        if self.n_seq_max == 0 || self.n_seq_max > 256 {
+            return invalid(
+                "n_seq_max",
+                format!("{} is outside 1..=256", self.n_seq_max),
+            );
         }
         if matches!(self.n_threads, Some(0) | Some(1025..)) {
             return invalid("n_threads", "must be between 1 and 1024".into());
@@ -115,7 +126,7 @@ impl Session {
             .with_n_ctx(NonZeroU32::new(params.n_ctx))
             .with_n_batch(n_batch)
             .with_n_ubatch(n_batch)
-            .with_n_seq_max(1)
+            .with_n_seq_max(params.n_seq_max)
             .with_kv_unified(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);

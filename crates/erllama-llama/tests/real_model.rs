@@ -44,6 +44,7 @@ fn params(n_ctx: u32) -> SessionParams {
         n_ctx,
         n_batch: 512,
         n_threads: None,
+        n_seq_max: 1,
     }
 }
 
@@ -267,6 +268,33 @@ fn bad_inputs_are_errors_and_the_process_lives() {
         ),
         Err(LlamaError::InvalidParam { name: "n_ctx", .. })
     ));
+
+    assert!(matches!(
+        Session::new(
+            m,
+            &SessionParams {
+                n_seq_max: 0,
+                ..params(256)
+            }
+        ),
+        Err(LlamaError::InvalidParam {
+            name: "n_seq_max",
+            ..
+        })
+    ));
+    // Several sequences share one unified cache; sequence 0 works as before.
+    let mut multi = Session::new(
+        m,
+        &SessionParams {
+            n_seq_max: 4,
+            ..params(512)
+        },
+    )
+    .unwrap();
+    multi.prefill(&long_prompt(100)).unwrap();
+    let mut single = Session::new(m, &params(512)).unwrap();
+    single.prefill(&long_prompt(100)).unwrap();
+    assert_eq!(multi.kv_pack().unwrap(), single.kv_pack().unwrap());
 
     // Still serving after all of that.
     let mut s = Session::new(m, &params(256)).unwrap();

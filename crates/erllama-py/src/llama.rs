@@ -173,18 +173,20 @@ impl PyModel {
         Ok(self.model.is_eog(ids[0]))
     }
 
-    #[pyo3(signature = (*, n_ctx = 4096, n_batch = 512, n_threads = None))]
+    #[pyo3(signature = (*, n_ctx = 4096, n_batch = 512, n_threads = None, n_seq_max = 1))]
     fn new_context(
         &self,
         py: Python<'_>,
         n_ctx: i64,
         n_batch: i64,
         n_threads: Option<i64>,
+        n_seq_max: i64,
     ) -> PyResult<PyContext> {
         let params = SessionParams {
             n_ctx: positive("n_ctx", n_ctx)?,
             n_batch: positive("n_batch", n_batch)?,
             n_threads: n_threads.map(|n| positive("n_threads", n)).transpose()?,
+            n_seq_max: positive("n_seq_max", n_seq_max)?,
         };
         let n_ctx = params.n_ctx;
         let model = &self.model;
