@@ -25,12 +25,22 @@
 //!   its validation, and the pure save rules ([`cold_save_split`],
 //!   [`should_continued_save`], [`should_finish_save`]) plus the
 //!   longest-prefix probe walk ([`longest_prefix_probes`]).
+//! - **semaphore** (SPEC §3.5, writer pool): [`WriterPool`], a counting
+//!   semaphore bounding concurrent saves whose [`Permit`]s give their slot
+//!   back on drop (also on panic), so no slot can leak; the limit can be
+//!   changed at run time.
+//! - **counters** (SPEC §3.8): [`Counters`], one lock-free atomic per
+//!   [`Counter`], readable as a map and resettable (the live-byte gauges
+//!   survive a reset), with [`TimerGuard`] for the `*_ns` timings.
 
+mod counters;
 mod gguf;
 mod key;
 mod kvc;
 mod policy;
+mod semaphore;
 
+pub use counters::{Counter, Counters, TimerGuard};
 pub use gguf::GgufError;
 pub use key::{
     ctx_params_hash, derive_key, effective_fingerprint, fingerprint_fast_unsafe,
@@ -48,3 +58,4 @@ pub use policy::{
     cold_save_split, longest_prefix_probes, should_continued_save, should_finish_save,
     trim_boundary, validate_config, PolicyConfig, PolicyError,
 };
+pub use semaphore::{Permit, PoolError, WriterPool};
