@@ -7,7 +7,8 @@
 //! token ids, and a file is only trusted after its framing, CRC and
 //! recomputed key check out.
 //!
-//! Components (all pure or file-local; no async, no global state):
+//! Components (all pure or file-local; no async; the only global state is
+//! fsio's temp-name counter):
 //!
 //! - **key** (SPEC §3.1): [`CacheKey`] and [`derive_key`] /
 //!   [`KeyHasher`] (incremental, cheap keys for every prefix of a
@@ -21,6 +22,11 @@
 //!   never copied; [`parse_meta`] / [`parse_meta_with_len`] check framing
 //!   (startup scans read only the header) and [`parse_full`] adds the
 //!   CRC32C and key checks (loads).
+//! - **fsio** (SPEC §3.3, §3.5 steps 2 and 4): tier file primitives —
+//!   [`write_temp`] (exclusive, private, synced), [`link_into_place`]
+//!   (create-if-absent, adopt a valid existing file or replace an invalid
+//!   one), the startup [`scan_dir`], [`read_file`] and the advisory
+//!   [`write_hit_count`].
 //! - **policy** (SPEC §3.6, §3.7): [`PolicyConfig`] with the defaults and
 //!   its validation, and the pure save rules ([`cold_save_split`],
 //!   [`should_continued_save`], [`should_finish_save`]) plus the
@@ -34,6 +40,7 @@
 //!   survive a reset), with [`TimerGuard`] for the `*_ns` timings.
 
 mod counters;
+mod fsio;
 mod gguf;
 mod key;
 mod kvc;
@@ -41,6 +48,10 @@ mod policy;
 mod semaphore;
 
 pub use counters::{Counter, Counters, TimerGuard};
+pub use fsio::{
+    ensure_dir, final_path, link_into_place, read_file, scan_dir, write_hit_count, write_temp,
+    FsioError, LinkOutcome, ScanReport, ScannedFile,
+};
 pub use gguf::GgufError;
 pub use key::{
     ctx_params_hash, derive_key, effective_fingerprint, fingerprint_fast_unsafe,
