@@ -354,15 +354,7 @@ mod tests {
         }
     }
 
-    fn key_of(tokens: &[u32]) -> CacheKey {
-        crate::derive_key(
-            &[0xAB; 32],
-            QuantType::Q4_K_M.to_byte(),
-            &[0xCD; 32],
-            tokens,
-        )
-        .expect("key")
-    }
+    use crate::kvc::tests::key_of;
 
     /// (key, header, payload) for `tokens`.
     fn parts(tokens: &[u32], payload: &[u8]) -> (CacheKey, Vec<u8>) {

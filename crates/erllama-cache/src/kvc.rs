@@ -925,7 +925,7 @@ pub fn parse_full(bytes: &[u8], expected_key: &CacheKey) -> Result<KvcMeta, KvcE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn input<'a>(tokens: &'a [u32], prompt: &'a str) -> KvcHeaderInput<'a> {
@@ -1008,7 +1008,7 @@ mod tests {
         out
     }
 
-    fn key_of(tokens: &[u32]) -> CacheKey {
+    pub(crate) fn key_of(tokens: &[u32]) -> CacheKey {
         crate::derive_key(
             &[0xAB; 32],
             QuantType::Q4_K_M.to_byte(),
