@@ -330,37 +330,16 @@ pub fn write_hit_count(path: &Path, hits: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{FingerprintMode, QuantType};
-    use crate::kvc::{build_header, KvcHeaderInput, SaveReason};
+    use crate::kvc::build_header;
     use std::os::unix::fs::PermissionsExt;
 
-    fn input(tokens: &[u32]) -> KvcHeaderInput<'_> {
-        KvcHeaderInput {
-            quant_bits: 4,
-            save_reason: SaveReason::Finish,
-            hit_count: 3,
-            context_size: 4096,
-            creation_time: 1_700_000_000,
-            last_used_time: 1_700_000_100,
-            prompt_text: "hi",
-            fingerprint: [0xAB; 32],
-            fingerprint_mode: FingerprintMode::GgufChunked,
-            quant_type: QuantType::Q4_K_M,
-            ctx_params_hash: [0xCD; 32],
-            hostname: Some("host-a"),
-            writer_version: Some("9.9.9"),
-            save_reason_detail: None,
-            tokens,
-        }
-    }
-
-    use crate::kvc::tests::key_of;
+    use crate::kvc::tests::{input, key_of};
 
     /// (key, header, payload) for `tokens`.
     fn parts(tokens: &[u32], payload: &[u8]) -> (CacheKey, Vec<u8>) {
         (
             key_of(tokens),
-            build_header(&input(tokens), payload).expect("build"),
+            build_header(&input(tokens, "hi"), payload).expect("build"),
         )
     }
 

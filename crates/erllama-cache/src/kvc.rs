@@ -928,7 +928,7 @@ pub fn parse_full(bytes: &[u8], expected_key: &CacheKey) -> Result<KvcMeta, KvcE
 pub(crate) mod tests {
     use super::*;
 
-    fn input<'a>(tokens: &'a [u32], prompt: &'a str) -> KvcHeaderInput<'a> {
+    pub(crate) fn input<'a>(tokens: &'a [u32], prompt: &'a str) -> KvcHeaderInput<'a> {
         KvcHeaderInput {
             quant_bits: 4,
             save_reason: SaveReason::Finish,

@@ -2,6 +2,7 @@
 //! KV pack/unpack.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -297,13 +298,23 @@ impl Session {
     ///
     /// As [`Session::decode_one`].
     pub fn generate(&mut self, max_tokens: usize) -> Result<Vec<u32>> {
+        self.generate_until(max_tokens, &AtomicBool::new(false))
+    }
+
+    /// [`Session::generate`] that also stops, between tokens, once `stop` is
+    /// set (e.g. by a Ctrl-C handler or a cancel request).
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::decode_one`]; the whole request is validated (logits
+    /// present, room for `max_tokens`) before the first token.
+    pub fn generate_until(&mut self, max_tokens: usize, stop: &AtomicBool) -> Result<Vec<u32>> {
         if max_tokens > 0 {
-            // Validate the whole request up front rather than failing midway.
             self.logits()?;
             self.check_room(max_tokens)?;
         }
         let mut out = Vec::with_capacity(max_tokens);
-        while out.len() < max_tokens {
+        while out.len() < max_tokens && !stop.load(Ordering::Relaxed) {
             let t = self.decode_one()?;
             out.push(t);
             if self.model.is_eog(t) {

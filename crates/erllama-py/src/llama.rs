@@ -254,27 +254,7 @@ impl PyContext {
         let cancel = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&cancel);
         run(py, &self.worker, Some(cancel), move |s| {
-            if max_tokens > 0 {
-                if !s.has_logits() {
-                    return Err(LlamaError::NoLogits);
-                }
-                if s.n_past() + max_tokens > s.n_ctx() as usize {
-                    return Err(LlamaError::ContextOverflow {
-                        have: s.n_past(),
-                        adding: max_tokens,
-                        n_ctx: s.n_ctx(),
-                    });
-                }
-            }
-            let mut out = Vec::with_capacity(max_tokens);
-            while out.len() < max_tokens && !flag.load(Ordering::Relaxed) {
-                let t = s.decode_one()?;
-                out.push(t);
-                if s.model().is_eog(t) {
-                    break;
-                }
-            }
-            Ok(out)
+            s.generate_until(max_tokens, &flag)
         })
     }
 
