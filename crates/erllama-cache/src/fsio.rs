@@ -106,6 +106,23 @@ pub fn write_temp(
     header: &[u8],
     payload: &[u8],
 ) -> io::Result<PathBuf> {
+    write_temp_probed(dir, key, writer, header, payload, &|| {})
+}
+
+/// [`write_temp`] calling `between` after the header is written and before
+/// the payload (crash tests kill a writer there).
+///
+/// # Errors
+///
+/// As [`write_temp`].
+pub fn write_temp_probed(
+    dir: &Path,
+    key: &CacheKey,
+    writer: &str,
+    header: &[u8],
+    payload: &[u8],
+    between: &dyn Fn(),
+) -> io::Result<PathBuf> {
     if writer.is_empty() || writer.contains(['/', '\0']) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -127,18 +144,23 @@ pub fn write_temp(
         .create_new(true)
         .mode(0o600)
         .open(&temp)?;
-    let written = file
-        .write_all(header)
-        .and_then(|()| file.write_all(payload))
-        .and_then(|()| file.sync_all());
-    drop(file);
-    match written {
-        Ok(()) => Ok(temp),
-        Err(e) => {
-            let _ = fs::remove_file(&temp);
-            Err(e)
+    // Removes the partial temp file on an error and on unwinding out of
+    // `between`.
+    struct RemoveOnDrop(Option<PathBuf>);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            if let Some(path) = self.0.take() {
+                let _ = fs::remove_file(path);
+            }
         }
     }
+    let mut guard = RemoveOnDrop(Some(temp));
+    file.write_all(header)?;
+    between();
+    file.write_all(payload)?;
+    file.sync_all()?;
+    drop(file);
+    Ok(guard.0.take().expect("set above"))
 }
 
 /// What [`link_into_place`] did.

@@ -420,6 +420,35 @@ impl KvcMeta {
         self.payload_offset..self.payload_offset.saturating_add(self.payload_length)
     }
 
+    /// The last full-parse checks when the payload's CRC32C was computed
+    /// elsewhere (e.g. while reading the file): CRC, then the key. The
+    /// payload length must already be checked (the meta parse does that
+    /// against the file length).
+    ///
+    /// # Errors
+    ///
+    /// [`KvcError::CrcMismatch`], then [`KvcError::KeyMismatch`].
+    pub fn verify_crc_and_key(
+        &self,
+        actual_crc: u32,
+        expected_key: &CacheKey,
+    ) -> Result<(), KvcError> {
+        if actual_crc != self.payload_crc {
+            return Err(KvcError::CrcMismatch {
+                expected: self.payload_crc,
+                actual: actual_crc,
+            });
+        }
+        let actual = self.key();
+        if actual != *expected_key {
+            return Err(KvcError::KeyMismatch {
+                expected: *expected_key,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     /// The full-parse checks for a payload read separately from its
     /// header: length, CRC32C, then the key.
     ///

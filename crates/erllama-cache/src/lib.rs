@@ -7,8 +7,8 @@
 //! token ids, and a file is only trusted after its framing, CRC and
 //! recomputed key check out.
 //!
-//! Components (all pure or file-local; no async; the only global state is
-//! fsio's temp-name counter):
+//! Components (no async runtime needed: every call is synchronous and
+//! thread-safe; the only global state is fsio's temp-name counter):
 //!
 //! - **key** (SPEC §3.1): [`CacheKey`] and [`derive_key`] /
 //!   [`KeyHasher`] (incremental, cheap keys for every prefix of a
@@ -38,19 +38,44 @@
 //! - **counters** (SPEC §3.8): [`Counters`], one lock-free atomic per
 //!   [`Counter`], readable as a map and resettable (the live-byte gauges
 //!   survive a reset), with [`TimerGuard`] for the `*_ns` timings.
+//! - **tier** (SPEC §3.3): the [`Tier`] trait and its three
+//!   implementations — [`RamTier`] (in-process, zero-copy loads),
+//!   [`RamFileTier`] (tmpfs files) and [`DiskTier`] (persistent files) —
+//!   doing byte work only: stage (durable, invisible), commit (atomic
+//!   link), load (full parse), remove.
+//! - **meta** (SPEC §3.4): [`Cache`], the meta index with one writer lock
+//!   for every mutation and lock-free reads ([`Cache::peek`],
+//!   [`Cache::contains`], the probes of [`Cache::longest_prefix`]);
+//!   [`Claim`]s pin rows until dropped; exact, exact-or-wait and
+//!   longest-prefix lookups; quotas per tier with LRU eviction biased by
+//!   persisted hit counts after a restart; `gc`, `evict_bytes`, `dump`.
+//! - **writer** (SPEC §3.5): saves through the crash-safe publish protocol
+//!   — [`Cache::begin_save`] (writer-pool slot + reservation, on the
+//!   request path) then [`PendingSave::run`] (write temp + sync, check,
+//!   link, publish, off the request path) — and the reservation sweep.
+//! - **bench** (SPEC §3.9): [`microbench`] and [`raw_baseline`], behind
+//!   `cargo bench -p erllama-cache`.
 
+mod bench;
 mod counters;
 mod fsio;
 mod gguf;
 mod key;
 mod kvc;
+mod meta;
 mod policy;
 mod semaphore;
+mod tier;
+mod writer;
 
+pub use bench::{
+    microbench, raw_baseline, raw_read, raw_write_fsync, touch_pages, BaselineKind,
+    MicrobenchConfig, MicrobenchError, MicrobenchReport, RawBaseline,
+};
 pub use counters::{Counter, Counters, TimerGuard};
 pub use fsio::{
     ensure_dir, final_path, link_into_place, read_file, scan_dir, write_hit_count, write_temp,
-    FsioError, LinkOutcome, ScanReport, ScannedFile,
+    write_temp_probed, FsioError, LinkOutcome, ScanReport, ScannedFile,
 };
 pub use gguf::GgufError;
 pub use key::{
@@ -65,8 +90,17 @@ pub use kvc::{
     UnknownSaveReasonLabel, HEADER_FIXED_LEN, HIT_COUNT_OFFSET, KVC_MAGIC, KVC_VERSION,
     PAYLOAD_OFFSET_OFFSET,
 };
+pub use meta::{
+    Cache, CacheConfig, Claim, ClaimError, FileTierConfig, Lookup, OpenError, PrefixLookup,
+    RowInfo, RowStatus, DEFAULT_RESERVATION_TTL,
+};
 pub use policy::{
     cold_save_split, longest_prefix_probes, should_continued_save, should_finish_save,
     trim_boundary, validate_config, PolicyConfig, PolicyError,
 };
 pub use semaphore::{Permit, PoolError, WriterPool};
+pub use tier::{
+    Committed, DiskTier, FileLoad, LoadError, Payload, RamFileTier, RamTier, Recovered, SaveStage,
+    Staged, Tier, TierError, TierKind, UnknownTier, Visible,
+};
+pub use writer::{ModelIdentity, PendingSave, SaveError, SaveOutcome, SaveRequest};

@@ -1,0 +1,350 @@
+//! The three storage tiers behind one trait (SPEC §3.3).
+//!
+//! A tier stores whole KVC rows (header ‖ payload) under their key. It
+//! knows nothing about quotas, LRU, pins or reservations: the meta index
+//! ([`Cache`](crate::Cache)) owns those and calls the tier for the byte
+//! work only. Every tier follows the same two-step write so the publish
+//! protocol of SPEC §3.5 is tier-independent: [`Tier::stage`] makes the
+//! bytes durable but invisible (a synced temp file, or an owned buffer),
+//! [`Tier::commit`] makes them visible under the key atomically.
+//!
+//! - [`RamTier`]: an in-process store of `Arc` rows; loads hand out a
+//!   shared reference to the payload (no copy).
+//! - [`RamFileTier`]: files in a tmpfs directory read through `mmap`
+//!   (shared between processes, survives a model restart).
+//! - [`DiskTier`]: files on persistent storage, read with `pread`.
+
+mod disk;
+mod file;
+mod ram;
+mod ramfile;
+
+use std::fmt;
+use std::io;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+pub use disk::DiskTier;
+pub use file::FileLoad;
+pub use ram::RamTier;
+pub use ramfile::RamFileTier;
+
+use crate::fsio::{FsioError, LinkOutcome};
+use crate::key::CacheKey;
+use crate::kvc::{KvcError, KvcMeta};
+
+/// Which tier a row lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TierKind {
+    /// In-process slab store.
+    Ram,
+    /// Files on tmpfs, read through mmap.
+    RamFile,
+    /// Files on persistent storage.
+    Disk,
+}
+
+impl TierKind {
+    /// Every tier, fastest first.
+    pub const ALL: [TierKind; 3] = [TierKind::Ram, TierKind::RamFile, TierKind::Disk];
+
+    /// `"ram"`, `"ram_file"` or `"disk"`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            TierKind::Ram => "ram",
+            TierKind::RamFile => "ram_file",
+            TierKind::Disk => "disk",
+        }
+    }
+
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for TierKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A tier label that is not `ram`, `ram_file` or `disk`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown tier {0:?} (expected ram, ram_file or disk)")]
+pub struct UnknownTier(pub String);
+
+impl FromStr for TierKind {
+    type Err = UnknownTier;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ram" => Ok(TierKind::Ram),
+            "ram_file" => Ok(TierKind::RamFile),
+            "disk" => Ok(TierKind::Disk),
+            other => Err(UnknownTier(other.to_owned())),
+        }
+    }
+}
+
+/// A row's stored bytes as handed out by a load: the payload (the opaque
+/// sequence state) without its KVC header. Dereferences to the payload.
+#[derive(Clone)]
+pub struct Payload(PayloadRepr);
+
+#[derive(Clone)]
+enum PayloadRepr {
+    /// A RAM row, shared with the store (no copy).
+    Shared(Arc<RamRow>),
+    /// A whole file read into memory; the payload starts at `start`.
+    Owned { buf: Vec<u8>, start: usize },
+}
+
+impl Payload {
+    pub(crate) fn shared(row: Arc<RamRow>) -> Self {
+        Payload(PayloadRepr::Shared(row))
+    }
+
+    pub(crate) fn owned(buf: Vec<u8>, start: usize) -> Self {
+        debug_assert!(start <= buf.len());
+        Payload(PayloadRepr::Owned { buf, start })
+    }
+
+    /// Whether the bytes are shared with the RAM store rather than a copy.
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        matches!(self.0, PayloadRepr::Shared(_))
+    }
+}
+
+impl Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            PayloadRepr::Shared(row) => &row.payload,
+            PayloadRepr::Owned { buf, start } => &buf[*start..],
+        }
+    }
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Payload")
+            .field("len", &self.len())
+            .field("shared", &self.is_shared())
+            .finish()
+    }
+}
+
+/// One row of the RAM store: the KVC header and the payload, both owned.
+#[derive(Debug)]
+pub struct RamRow {
+    pub(crate) header: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// Bytes made durable but not yet visible under their key (SPEC §3.5
+/// step 2), produced by [`Tier::stage`] and consumed by [`Tier::commit`]
+/// or [`Tier::discard`].
+#[derive(Debug)]
+pub enum Staged {
+    /// A RAM row waiting to be inserted.
+    Ram(Arc<RamRow>),
+    /// A synced temp file next to the final path.
+    File(PathBuf),
+}
+
+/// A row found by a file tier's startup scan (or the orphan sweep).
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// The key recomputed from the file's contents.
+    pub key: CacheKey,
+    /// The parsed header.
+    pub meta: KvcMeta,
+    /// The file's length in bytes.
+    pub size: u64,
+}
+
+/// What [`Tier::validate_visible`] found under a key.
+#[derive(Debug, Clone)]
+pub enum Visible {
+    /// Nothing.
+    Absent,
+    /// A fully valid row.
+    Valid(Box<Recovered>),
+    /// An invalid row, now removed.
+    RemovedInvalid,
+}
+
+/// A stage of a save, reported to the probe of
+/// [`PendingSave::run_with_probe`](crate::PendingSave::run_with_probe) so
+/// crash tests can kill a writer at each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveStage {
+    /// The reservation is held; nothing is written yet.
+    Reserved,
+    /// File tiers: the temp file holds the header but not the payload.
+    TempPartial,
+    /// The staged bytes are complete and synced.
+    Staged,
+    /// The reservation check passed.
+    Checked,
+    /// The bytes are visible under the key (linked or inserted).
+    Linked,
+    /// The row is published and available.
+    Published,
+}
+
+/// Why a tier operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// A file operation failed.
+    #[error(transparent)]
+    Fsio(#[from] FsioError),
+    /// An I/O call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TierError {
+    pub(crate) fn io(op: &'static str, source: io::Error) -> Self {
+        TierError::Io { op, source }
+    }
+}
+
+/// Why a load failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The row's bytes are gone (file removed or truncated underneath, RAM
+    /// row evicted).
+    #[error("row {key} is gone from tier {tier}: {reason}")]
+    Missing {
+        /// The key.
+        key: CacheKey,
+        /// The tier.
+        tier: TierKind,
+        /// What was found instead.
+        reason: String,
+    },
+    /// The bytes failed the full parse (CRC, key, framing).
+    #[error("row {key} in tier {tier} is corrupt: {error}")]
+    Corrupt {
+        /// The key.
+        key: CacheKey,
+        /// The tier.
+        tier: TierKind,
+        /// The parse error.
+        error: KvcError,
+    },
+    /// An I/O call failed.
+    #[error("reading row {key} from tier {tier}: {source}")]
+    Io {
+        /// The key.
+        key: CacheKey,
+        /// The tier.
+        tier: TierKind,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What [`Tier::commit`] did and how many bytes the visible row holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Link outcome (RAM rows are always [`LinkOutcome::Linked`]).
+    pub outcome: LinkOutcome,
+    /// Size of the row now visible (the existing file's when adopted).
+    pub size: u64,
+}
+
+/// One storage tier: byte work only (see the module docs).
+///
+/// Implementations must be safe to call from many threads at once; the
+/// index guarantees that at most one save per key is in flight and that
+/// a key is not removed while it is being loaded.
+pub trait Tier: Send + Sync + fmt::Debug {
+    /// Which tier this is.
+    fn kind(&self) -> TierKind;
+
+    /// The directory of a file tier.
+    fn dir(&self) -> Option<&std::path::Path> {
+        None
+    }
+
+    /// Startup recovery: file tiers scan their directory (SPEC §3.3); the
+    /// RAM tier starts empty. Returns the registered rows and how many
+    /// files were deleted as invalid.
+    ///
+    /// # Errors
+    ///
+    /// [`TierError`] when the directory cannot be created, listed or
+    /// cleaned.
+    fn recover(&self) -> Result<(Vec<Recovered>, usize), TierError>;
+
+    /// SPEC §3.5 step 2: makes `header ‖ payload` durable but invisible.
+    /// `probe` is called with [`SaveStage::TempPartial`] between header
+    /// and payload by file tiers.
+    ///
+    /// # Errors
+    ///
+    /// [`TierError`] on a failed write or sync (nothing is left behind).
+    fn stage(
+        &self,
+        key: &CacheKey,
+        header: Vec<u8>,
+        payload: Vec<u8>,
+        probe: &dyn Fn(SaveStage),
+    ) -> Result<Staged, TierError>;
+
+    /// SPEC §3.5 step 4: makes staged bytes visible under `key`
+    /// atomically (create-if-absent; adopt a valid existing row, replace
+    /// an invalid one).
+    ///
+    /// # Errors
+    ///
+    /// [`TierError`] when the link fails (the staged bytes are removed).
+    fn commit(&self, key: &CacheKey, staged: Staged) -> Result<Committed, TierError>;
+
+    /// Drops staged bytes that will not be committed.
+    fn discard(&self, staged: Staged);
+
+    /// Reads `key`'s payload, running the full parse for files.
+    /// `expected_size` is the row's size as registered.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`]; a corrupt row is reported as such and left for the
+    /// index to remove.
+    fn load(&self, key: &CacheKey, expected_size: u64) -> Result<Payload, LoadError>;
+
+    /// Removes `key`'s bytes; absent bytes are not an error.
+    ///
+    /// # Errors
+    ///
+    /// [`TierError`] when a file cannot be removed.
+    fn remove(&self, key: &CacheKey) -> Result<(), TierError>;
+
+    /// Persists a new hit count (file tiers: 4 bytes at offset 12,
+    /// advisory, not synced).
+    fn record_hits(&self, key: &CacheKey, hits: u32);
+
+    /// The orphan sweep: is there a visible, fully valid row for `key`?
+    /// An invalid one is removed.
+    fn validate_visible(&self, key: &CacheKey) -> Visible;
+}
