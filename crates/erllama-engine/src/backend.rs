@@ -6,6 +6,8 @@
 //! that will drive it. Optional capabilities default to
 //! [`BackendError::NotSupported`].
 
+use erllama_cache::{CtxParams, FingerprintMode, QuantType};
+
 /// Errors a backend reports; the engine maps them to one exception each.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -28,9 +30,98 @@ pub enum BackendError {
     /// The backend does not implement this capability.
     #[error("{0} is not supported by this backend")]
     NotSupported(&'static str),
+    /// A sampling grammar did not parse.
+    #[error("invalid grammar: {0}")]
+    Grammar(String),
     /// Anything else the backend reports.
     #[error("{0}")]
     Other(String),
+}
+
+/// How the next token is chosen (SPEC §2 sampling). The chain order is
+/// grammar → repetition penalty → top-k → top-p → min-p → (temperature > 0
+/// ? temperature → seeded sampling : greedy); it is reset after every
+/// request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    /// 1.0 disables top-p.
+    pub top_p: f32,
+    /// 0.0 disables min-p.
+    pub min_p: f32,
+    /// 1.0 disables the penalty.
+    pub repetition_penalty: f32,
+    /// Seed of the sampling RNG (`None`: a fixed default, so runs repeat).
+    pub seed: Option<u64>,
+    /// A GBNF grammar the output must follow (root rule `root`).
+    pub grammar: Option<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+            grammar: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Whether this is plain greedy decoding.
+    #[must_use]
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 && self.grammar.is_none() && self.repetition_penalty == 1.0
+    }
+
+    /// Checks the values are sane before any backend sees them.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidInput`] naming the first bad value.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let bad = |what: String| Err(BackendError::InvalidInput(what));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if self.grammar.as_deref().is_some_and(|g| g.trim().is_empty()) {
+            return bad("grammar is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// What identifies a backend's weights for the cache key (SPEC §3.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFingerprint {
+    /// 32-byte fingerprint of the weights (before adapters).
+    pub bytes: [u8; 32],
+    /// How it was computed.
+    pub mode: FingerprintMode,
+    /// The weights' quant type.
+    pub quant: QuantType,
 }
 
 /// Options for a new context.
@@ -58,6 +149,49 @@ impl Default for ContextParams {
 pub trait Backend: Send + Sync {
     /// Backend name (`llama`, `stub`, ...).
     fn name(&self) -> &str;
+    /// The weights' fingerprint, mode and quant type for cache keys.
+    fn fingerprint(&self) -> ModelFingerprint;
+    /// The context parameters that shape the KV layout, hashed into every
+    /// cache key. The default covers n_ctx and n_batch with an f16 KV cache
+    /// in one unified sequence.
+    fn ctx_params(&self, params: &ContextParams) -> CtxParams {
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        CtxParams {
+            n_ctx: n(params.n_ctx),
+            n_batch: n(params.n_batch),
+            n_ubatch: n(params.n_batch),
+            type_k: "f16".into(),
+            type_v: "f16".into(),
+            n_seq_max: 1,
+            kv_unified: true,
+            flash_attn: false,
+            extra: vec![("backend".into(), self.name().to_owned())],
+        }
+    }
+    /// The bytes of one token's text (pieces of a multi-byte character
+    /// may split across tokens).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidInput`] for an id outside the vocabulary.
+    fn token_bytes(&self, token: u32) -> Result<Vec<u8>, BackendError> {
+        self.detokenize(&[token]).map(String::into_bytes)
+    }
+    /// Renders `(role, content)` messages through the model's chat
+    /// template and tokenizes the result (markup as control tokens, the
+    /// contents as plain text).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::NotSupported`] without a template.
+    fn chat_tokens(
+        &self,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<Vec<u32>, BackendError> {
+        let _ = (messages, add_assistant);
+        Err(BackendError::NotSupported("chat_template"))
+    }
     /// Vocabulary size; valid token ids are `0..n_vocab`.
     fn n_vocab(&self) -> u32;
     /// Tokenizes text (`add_bos`: the model's start token if it wants one).
@@ -93,6 +227,21 @@ pub trait Backend: Send + Sync {
 /// One live token sequence. Invariant: its KV state holds exactly
 /// [`BackendContext::tokens`].
 pub trait BackendContext {
+    /// Configures how [`BackendContext::decode_one`] chooses tokens until
+    /// the next call (the engine sets it at the start of every request).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidInput`] for a grammar that does not parse;
+    /// [`BackendError::NotSupported`] for anything but greedy decoding
+    /// unless the backend implements sampling.
+    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+        if params.is_greedy() {
+            Ok(())
+        } else {
+            Err(BackendError::NotSupported("sampling"))
+        }
+    }
     /// The tokens in the sequence.
     fn tokens(&self) -> &[u32];
     /// Appends tokens and computes the logits of the last one.

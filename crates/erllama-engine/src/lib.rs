@@ -4,18 +4,31 @@
 //! table, scheduler) must be testable in milliseconds without compiling
 //! llama.cpp, so it talks to models only through the [`Backend`] trait.
 //!
-//! Components so far:
+//! Components:
 //! - [`Backend`] / [`BackendContext`]: what a model task needs from a model
 //!   (tokenize, contexts, prefill, decode, KV pack/unpack, last-cell removal,
-//!   optional capabilities answering [`BackendError::NotSupported`]);
+//!   sampling; optional capabilities answer [`BackendError::NotSupported`]);
 //! - [`StubBackend`]: the deterministic stub of SPEC §2, a product feature
-//!   for fast cache tests.
-//!
-//! The model actor, registry, in-flight tracking and the memory-pressure
-//! scheduler build on these.
+//!   for fast cache tests;
+//! - the model actor (one thread per model owning its context; one prefill
+//!   chunk or one token per turn; cache lookups, restores and saves);
+//! - [`Engine`]: the registry of models by id, the in-flight request table
+//!   (cancel by id) and the shared [`erllama_cache::Cache`].
 
 mod backend;
+mod engine;
+mod model;
+mod request;
 mod stub;
+mod text;
 
-pub use backend::{Backend, BackendContext, BackendError, ContextParams};
+pub use backend::{
+    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+};
+pub use engine::{Engine, ModelInfo, RequestStream};
+pub use model::{ModelConfig, ModelStatus, SaveSummary};
+pub use request::{
+    Completion, EngineError, Event, FinishReason, HitKind, HitSource, Prompt, RequestId,
+    RequestOptions, RequestStats,
+};
 pub use stub::{stub_next_token, stub_word_token, StubBackend, STUB_BOS, STUB_VOCAB};

@@ -11,7 +11,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::backend::{Backend, BackendContext, BackendError, ContextParams};
+use erllama_cache::{FingerprintMode, QuantType};
+
+use crate::backend::{
+    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+};
 
 /// Vocabulary size of the stub.
 pub const STUB_VOCAB: u32 = 65_536;
@@ -83,6 +87,18 @@ fn check_ids(tokens: &[u32]) -> Result<(), BackendError> {
 impl Backend for StubBackend {
     fn name(&self) -> &str {
         "stub"
+    }
+
+    fn fingerprint(&self) -> ModelFingerprint {
+        use sha2::{Digest, Sha256};
+        let mut sha = Sha256::new();
+        sha.update(b"erllama-stub\0");
+        sha.update(self.label.as_bytes());
+        ModelFingerprint {
+            bytes: sha.finalize().into(),
+            mode: FingerprintMode::FastUnsafe,
+            quant: QuantType::F32,
+        }
     }
 
     fn n_vocab(&self) -> u32 {
@@ -164,6 +180,12 @@ impl StubContext {
 }
 
 impl BackendContext for StubContext {
+    /// The stub is deterministic: every sampling setting is accepted and
+    /// ignored (a grammar is still required to be non-empty).
+    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+        params.validate()
+    }
+
     fn tokens(&self) -> &[u32] {
         &self.tokens
     }

@@ -1,0 +1,614 @@
+//! The engine: the model registry, the in-flight request table and the
+//! shared cache.
+//!
+//! Models are found by string id (explicit, or `erllama_model_<N>`); each
+//! is an actor ([`crate::model`]) reached through a bounded mailbox.
+//! Request ids map to a cancel flag and their model so `cancel` routes
+//! without going through any mailbox; an id is forgotten when its request
+//! ends. Calls that do CPU work (tokenizing a long prompt) are plain
+//! functions: async callers run them on a blocking thread.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use erllama_cache::{
+    ctx_params_hash, validate_config, Cache, CacheKey, ModelIdentity, PolicyConfig, TierKind,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::Backend;
+use crate::model::{
+    self, ActorSetup, Command, ModelConfig, ModelStatus, SaveSummary, Shared, Submission,
+};
+use crate::request::{Completion, EngineError, Event, Prompt, RequestId, RequestOptions};
+
+/// Mailbox depth of a model actor.
+const MAILBOX: usize = 1024;
+
+/// What `info` reports about a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The model id.
+    pub id: String,
+    /// The backend name.
+    pub backend: String,
+    /// Its status now.
+    pub status: ModelStatus,
+    /// Context size.
+    pub n_ctx: usize,
+    /// Vocabulary size.
+    pub n_vocab: u32,
+    /// Quant type label.
+    pub quant_type: String,
+    /// Nominal bits per weight.
+    pub quant_bits: u8,
+    /// The tier its saves go to.
+    pub tier: TierKind,
+    /// Hex of the base fingerprint.
+    pub fingerprint: String,
+    /// Fingerprint mode label.
+    pub fingerprint_mode: String,
+}
+
+struct ModelEntry {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    backend: Arc<dyn Backend>,
+    config: ModelConfig,
+    identity: Arc<ModelIdentity>,
+}
+
+impl ModelEntry {
+    fn gone(&self, id: &str) -> EngineError {
+        let why = self
+            .shared
+            .stop_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "the model task stopped".into());
+        EngineError::ModelGone(id.to_owned(), why)
+    }
+}
+
+struct Inflight {
+    model: String,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Inner {
+    cache: Cache,
+    policy: PolicyConfig,
+    models: Mutex<HashMap<String, Arc<ModelEntry>>>,
+    inflight: Arc<Mutex<HashMap<RequestId, Inflight>>>,
+    next_model: AtomicU64,
+    next_request: AtomicU64,
+}
+
+/// The engine; cheap to clone (a shared handle).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("models", &self.models())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A started request: its id, then its events.
+#[derive(Debug)]
+pub struct RequestStream {
+    /// The request id (known before the first token).
+    pub id: RequestId,
+    /// The model serving it.
+    pub model: String,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    /// The next event; after [`Event::Done`] this returns `None`. A model
+    /// task that died without answering yields a `ModelGone` error.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Blocking [`RequestStream::next`] (not from inside a runtime).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+
+    /// Waits for the end, ignoring token events.
+    ///
+    /// # Errors
+    ///
+    /// The request's error, or `ModelGone` if the model died.
+    pub async fn collect(mut self) -> Result<Completion, EngineError> {
+        while let Some(ev) = self.next().await {
+            if let Event::Done(r) = ev {
+                return r;
+            }
+        }
+        Err(EngineError::ModelGone(
+            self.model.clone(),
+            "the model task stopped without answering".into(),
+        ))
+    }
+}
+
+impl Engine {
+    /// An engine over `cache` with the global save `policy`.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::InvalidInput`] for an invalid policy.
+    pub fn new(cache: Cache, policy: PolicyConfig) -> Result<Self, EngineError> {
+        validate_config(&policy).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cache,
+                policy,
+                models: Mutex::new(HashMap::new()),
+                inflight: Arc::new(Mutex::new(HashMap::new())),
+                next_model: AtomicU64::new(1),
+                next_request: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The shared cache.
+    #[must_use]
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// The global save policy.
+    #[must_use]
+    pub fn policy(&self) -> &PolicyConfig {
+        &self.inner.policy
+    }
+
+    fn models_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ModelEntry>>> {
+        self.inner
+            .models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn entry(&self, id: &str) -> Result<Arc<ModelEntry>, EngineError> {
+        self.models_lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
+    }
+
+    /// Loads a model: registers `id` (or `erllama_model_<N>`), starts its
+    /// actor and waits until its context exists. `config.policy` is the
+    /// model's policy (pass [`Engine::policy`] for the global one).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::AlreadyLoaded`], [`EngineError::UnknownTier`] for a
+    /// tier the cache lacks, [`EngineError::InvalidInput`] for a bad
+    /// policy, or the backend's context error.
+    pub async fn load_model(
+        &self,
+        backend: Arc<dyn Backend>,
+        id: Option<String>,
+        config: ModelConfig,
+    ) -> Result<String, EngineError> {
+        if !self.inner.cache.has_tier(config.tier) {
+            return Err(EngineError::UnknownTier(config.tier.label().to_owned()));
+        }
+        validate_config(&config.policy).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        if config.context.n_ctx == 0 || config.context.n_batch == 0 {
+            return Err(EngineError::InvalidInput(
+                "n_ctx and n_batch must be positive".into(),
+            ));
+        }
+        let fp = backend.fingerprint();
+        let identity = Arc::new(ModelIdentity {
+            fingerprint: fp.bytes,
+            fingerprint_mode: fp.mode,
+            quant_type: fp.quant,
+            ctx_params_hash: ctx_params_hash(&backend.ctx_params(&config.context)),
+            context_size: u32::try_from(config.context.n_ctx).unwrap_or(u32::MAX),
+        });
+        let (tx, rx) = mpsc::channel(MAILBOX);
+        let shared = Arc::new(Shared {
+            status: AtomicU8::new(ModelStatus::Prefilling as u8),
+            stop_reason: Mutex::new(None),
+        });
+        let id = {
+            let mut models = self.models_lock();
+            let id = match id {
+                Some(id) if id.is_empty() => {
+                    return Err(EngineError::InvalidInput("model id is empty".into()))
+                }
+                Some(id) => id,
+                None => loop {
+                    let n = self.inner.next_model.fetch_add(1, Ordering::Relaxed);
+                    let candidate = format!("erllama_model_{n}");
+                    if !models.contains_key(&candidate) {
+                        break candidate;
+                    }
+                },
+            };
+            if models.contains_key(&id) {
+                return Err(EngineError::AlreadyLoaded(id));
+            }
+            models.insert(
+                id.clone(),
+                Arc::new(ModelEntry {
+                    tx,
+                    shared: Arc::clone(&shared),
+                    backend: Arc::clone(&backend),
+                    config: config.clone(),
+                    identity: Arc::clone(&identity),
+                }),
+            );
+            id
+        };
+        let inflight = Arc::clone(&self.inner.inflight);
+        let setup = ActorSetup {
+            model_id: id.clone(),
+            backend,
+            config,
+            identity,
+            cache: self.inner.cache.clone(),
+            shared,
+            on_done: Arc::new(move |rid| {
+                inflight
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&rid);
+            }),
+        };
+        let ready = match model::spawn(setup, rx) {
+            Ok(r) => r,
+            Err(e) => {
+                self.models_lock().remove(&id);
+                return Err(e);
+            }
+        };
+        match ready.await {
+            Ok(Ok(())) => Ok(id),
+            Ok(Err(e)) => {
+                self.models_lock().remove(&id);
+                Err(e)
+            }
+            Err(_) => {
+                self.models_lock().remove(&id);
+                Err(EngineError::ModelLoad(
+                    "the model task crashed while starting".into(),
+                ))
+            }
+        }
+    }
+
+    /// Tokenizes and checks a prompt for `model` (CPU work: call it off
+    /// the async runtime for long text).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`], [`EngineError::EmptyPrompt`],
+    /// [`EngineError::TokenOutOfRange`], [`EngineError::ContextOverflow`],
+    /// [`EngineError::InvalidInput`] for bad sampling values.
+    pub fn prepare(
+        &self,
+        model: &str,
+        prompt: &Prompt,
+        options: &RequestOptions,
+    ) -> Result<Vec<u32>, EngineError> {
+        let entry = self.entry(model)?;
+        options.sampling.validate()?;
+        let tokens = match prompt {
+            Prompt::Text(t) => {
+                if t.is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                entry.backend.tokenize(t, true)?
+            }
+            Prompt::Tokens(t) => t.clone(),
+        };
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let n_vocab = entry.backend.n_vocab();
+        if let Some(index) = tokens.iter().position(|&t| t >= n_vocab) {
+            return Err(EngineError::TokenOutOfRange {
+                token: i64::from(tokens[index]),
+                index,
+                n_vocab,
+            });
+        }
+        let n_ctx = entry.config.context.n_ctx;
+        if tokens.len().saturating_add(options.max_tokens) > n_ctx {
+            return Err(EngineError::ContextOverflow {
+                prompt: tokens.len(),
+                max_tokens: options.max_tokens,
+                n_ctx,
+            });
+        }
+        Ok(tokens)
+    }
+
+    /// Queues a prepared request on `model`; its events arrive on the
+    /// returned stream.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`]; `ModelGone` when the model task stopped.
+    pub fn submit(
+        &self,
+        model: &str,
+        tokens: Vec<u32>,
+        prompt_text: String,
+        options: RequestOptions,
+    ) -> Result<RequestStream, EngineError> {
+        let id = self.reserve_request(model)?;
+        self.submit_reserved(id, model, tokens, prompt_text, options)
+    }
+
+    /// Allocates a request id for `model` before the request is ready, so
+    /// a caller can hand the id out (and cancel it) before the first
+    /// token. Pass it to [`Engine::submit_reserved`]; a cancel before that
+    /// makes the request end `cancelled` as soon as it is admitted.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`].
+    pub fn reserve_request(&self, model: &str) -> Result<RequestId, EngineError> {
+        self.entry(model)?;
+        let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                Inflight {
+                    model: model.to_owned(),
+                    cancel: Arc::new(AtomicBool::new(false)),
+                },
+            );
+        Ok(id)
+    }
+
+    /// Releases a reserved id that will not be submitted.
+    pub fn release_request(&self, id: RequestId) {
+        self.forget(id);
+    }
+
+    /// [`Engine::submit`] with an id from [`Engine::reserve_request`].
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`] (also for an id that is not reserved for
+    /// `model`); `ModelGone` when the model task stopped.
+    pub fn submit_reserved(
+        &self,
+        id: RequestId,
+        model: &str,
+        tokens: Vec<u32>,
+        prompt_text: String,
+        options: RequestOptions,
+    ) -> Result<RequestStream, EngineError> {
+        let entry = match self.entry(model) {
+            Ok(e) => e,
+            Err(e) => {
+                self.forget(id);
+                return Err(e);
+            }
+        };
+        let cancel = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .filter(|f| f.model == model)
+            .map(|f| Arc::clone(&f.cancel))
+            .ok_or_else(|| EngineError::NotFound(format!("request {id}")))?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let sub = Submission {
+            id,
+            tokens,
+            prompt_text,
+            options,
+            cancel,
+            events: events_tx,
+            submitted: Instant::now(),
+        };
+        if entry.tx.try_send(Command::Submit(Box::new(sub))).is_err() {
+            self.forget(id);
+            return Err(entry.gone(model));
+        }
+        Ok(RequestStream {
+            id,
+            model: model.to_owned(),
+            events,
+        })
+    }
+
+    fn forget(&self, id: RequestId) {
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// [`Engine::prepare`] + [`Engine::submit`] + collect.
+    ///
+    /// # Errors
+    ///
+    /// As those.
+    pub async fn complete(
+        &self,
+        model: &str,
+        prompt: Prompt,
+        options: RequestOptions,
+    ) -> Result<Completion, EngineError> {
+        let tokens = self.prepare(model, &prompt, &options)?;
+        let text = match prompt {
+            Prompt::Text(t) => t,
+            Prompt::Tokens(_) => String::new(),
+        };
+        self.submit(model, tokens, text, options)?.collect().await
+    }
+
+    /// Cancels a request by id: idempotent, and an unknown or finished id
+    /// is fine. Observed between tokens. Returns whether the id was live.
+    pub fn cancel(&self, id: RequestId) -> bool {
+        match self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            Some(f) => {
+                f.cancel.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ids of live requests, with their model.
+    #[must_use]
+    pub fn inflight(&self) -> Vec<(RequestId, String)> {
+        let mut v: Vec<_> = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(id, f)| (*id, f.model.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Ids of loaded models, sorted.
+    #[must_use]
+    pub fn models(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.models_lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// A model's status (read without the mailbox: prompt mid-generation).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`].
+    pub fn status(&self, model: &str) -> Result<ModelStatus, EngineError> {
+        Ok(self.entry(model)?.shared.status())
+    }
+
+    /// A model's description.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`].
+    pub fn info(&self, model: &str) -> Result<ModelInfo, EngineError> {
+        let e = self.entry(model)?;
+        Ok(ModelInfo {
+            id: model.to_owned(),
+            backend: e.backend.name().to_owned(),
+            status: e.shared.status(),
+            n_ctx: e.config.context.n_ctx,
+            n_vocab: e.backend.n_vocab(),
+            quant_type: e.identity.quant_type.label().to_owned(),
+            quant_bits: e.identity.quant_type.nominal_bits(),
+            tier: e.config.tier,
+            fingerprint: CacheKey(e.identity.fingerprint).to_hex(),
+            fingerprint_mode: e.identity.fingerprint_mode.label().to_owned(),
+        })
+    }
+
+    /// The backend of a model (tokenize, detokenize, chat templates,
+    /// embeddings run on it directly, off the actor).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`].
+    pub fn backend(&self, model: &str) -> Result<Arc<dyn Backend>, EngineError> {
+        Ok(Arc::clone(&self.entry(model)?.backend))
+    }
+
+    /// The model's cache identity (key parts).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`].
+    pub fn identity(&self, model: &str) -> Result<Arc<ModelIdentity>, EngineError> {
+        Ok(Arc::clone(&self.entry(model)?.identity))
+    }
+
+    async fn ask(
+        &self,
+        model: &str,
+        make: impl FnOnce(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>) -> Command,
+    ) -> Result<Option<SaveSummary>, EngineError> {
+        let entry = self.entry(model)?;
+        let (tx, rx) = oneshot::channel();
+        if entry.tx.send(make(tx)).await.is_err() {
+            return Err(entry.gone(model));
+        }
+        rx.await.map_err(|_| entry.gone(model))?
+    }
+
+    /// Asks a model to save its live context (reason `evict`) and release
+    /// it; waits for the save (bounded by `evict_save_timeout_ms`). A
+    /// running request finishes first. `None` for an empty context.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`], a save error or timeout.
+    pub async fn evict(&self, model: &str) -> Result<Option<SaveSummary>, EngineError> {
+        self.ask(model, Command::Evict).await
+    }
+
+    /// Saves a model's live context now (reason `shutdown`), keeping it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::evict`].
+    pub async fn shutdown_save(&self, model: &str) -> Result<Option<SaveSummary>, EngineError> {
+        self.ask(model, Command::SaveNow).await
+    }
+
+    /// Unloads a model: its running request is cancelled (finish save
+    /// fired), queued ones fail, the live context is saved (reason
+    /// `shutdown`), then the model is freed and its id released.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`]; the save's error (the model is unloaded
+    /// anyway).
+    pub async fn unload(&self, model: &str) -> Result<Option<SaveSummary>, EngineError> {
+        let entry = self.entry(model)?;
+        let (tx, rx) = oneshot::channel();
+        let sent = entry.tx.send(Command::Stop(tx)).await.is_ok();
+        self.models_lock().remove(model);
+        if !sent {
+            return Ok(None);
+        }
+        rx.await.unwrap_or(Ok(None))
+    }
+
+    /// Unloads every model.
+    pub async fn shutdown(&self) {
+        for id in self.models() {
+            let _ = self.unload(&id).await;
+        }
+    }
+}

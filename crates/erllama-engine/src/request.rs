@@ -1,0 +1,282 @@
+//! Requests, their results and errors.
+
+use std::fmt;
+
+use erllama_cache::{CacheKey, TierKind};
+
+use crate::backend::{BackendError, SamplingParams};
+
+/// A request id, unique within an engine.
+pub type RequestId = u64;
+
+/// What to complete: text (tokenized by the model, with its start token)
+/// or token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Text; user text never yields control tokens.
+    Text(String),
+    /// Token ids, checked against the vocabulary.
+    Tokens(Vec<u32>),
+}
+
+/// Per-request options.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestOptions {
+    /// Generate at most this many tokens.
+    pub max_tokens: usize,
+    /// How tokens are chosen.
+    pub sampling: SamplingParams,
+    /// Generation stops before the first occurrence of any of these.
+    pub stop: Vec<String>,
+    /// The `finish_key` of an earlier turn to resume from.
+    pub parent_key: Option<CacheKey>,
+}
+
+impl Default for RequestOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            parent_key: None,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// Cancelled by the caller (or the model was unloaded).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// `"stop"`, `"length"` or `"cancelled"`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// How the cache served a request's prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitKind {
+    /// The whole prompt was cached.
+    Exact,
+    /// A prefix was cached (resume or longest prefix).
+    Partial,
+    /// Nothing was cached.
+    Cold,
+}
+
+impl HitKind {
+    /// `"exact"`, `"partial"` or `"cold"`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            HitKind::Exact => "exact",
+            HitKind::Partial => "partial",
+            HitKind::Cold => "cold",
+        }
+    }
+}
+
+/// Which lookup served a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitSource {
+    /// The exact key of the prompt.
+    Exact,
+    /// The request's `parent_key`.
+    Resume,
+    /// The longest-prefix walk.
+    LongestPrefix,
+}
+
+/// Statistics of one request (SPEC §2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestStats {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Milliseconds from admission to the first generated token's logits
+    /// (lookup, restore and prefill).
+    pub prefill_ms: f64,
+    /// Milliseconds spent generating.
+    pub generation_ms: f64,
+    /// Milliseconds restoring from the cache (claim, read, unpack).
+    pub restore_ms: f64,
+    /// How the cache served the prompt.
+    pub cache_hit_kind: HitKind,
+    /// Which lookup hit, if any.
+    pub hit_source: Option<HitSource>,
+    /// Prompt tokens whose KV state came from the cache.
+    pub cached_tokens: usize,
+    /// The tier that served them.
+    pub cache_tier: Option<TierKind>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// Whether the request was cancelled.
+    pub cancelled: bool,
+    /// Milliseconds the request waited in the model's queue.
+    pub queue_ms: f64,
+}
+
+/// A finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The request id.
+    pub request_id: RequestId,
+    /// The generated text (stop string excluded).
+    pub text: String,
+    /// The generated token ids.
+    pub tokens: Vec<u32>,
+    /// Statistics.
+    pub stats: RequestStats,
+    /// The key of the finish save (pass it as the next turn's
+    /// `parent_key`), when one was made or already present.
+    pub finish_key: Option<CacheKey>,
+}
+
+/// What a request reports while it runs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty while a
+    /// multi-byte character or a possible stop string is pending).
+    Token {
+        /// The token id.
+        id: u32,
+        /// Newly final text.
+        text: String,
+    },
+    /// The request ended.
+    Done(Result<Completion, EngineError>),
+}
+
+/// Errors of engine calls; each maps to one Python exception.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// Bad input (sampler values, options, …).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// A token id outside the vocabulary.
+    #[error("token id {token} at index {index} is out of range (vocabulary size {n_vocab})")]
+    TokenOutOfRange {
+        /// The id.
+        token: i64,
+        /// Its position.
+        index: usize,
+        /// The vocabulary size.
+        n_vocab: u32,
+    },
+    /// Prompt plus generation would not fit the context.
+    #[error("{prompt} prompt tokens + {max_tokens} max_tokens exceed n_ctx = {n_ctx}")]
+    ContextOverflow {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested generation.
+        max_tokens: usize,
+        /// Context size.
+        n_ctx: usize,
+    },
+    /// No model with this id.
+    #[error("no model {0:?} is loaded")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("a model {0:?} is already loaded")]
+    AlreadyLoaded(String),
+    /// The backend lacks the capability.
+    #[error("{0} is not supported by this backend")]
+    NotSupported(String),
+    /// The model has no chat template.
+    #[error("the model has no chat template")]
+    NoTemplate,
+    /// A grammar failed to parse.
+    #[error("invalid grammar: {0}")]
+    Grammar(String),
+    /// Invalid KV state bytes.
+    #[error("invalid KV state: {0}")]
+    KvState(String),
+    /// A tier that is not configured or not known.
+    #[error("tier {0} is not configured")]
+    UnknownTier(String),
+    /// The backend failed (decode error, …).
+    #[error("backend error: {0}")]
+    Backend(String),
+    /// Loading the model failed.
+    #[error("loading the model failed: {0}")]
+    ModelLoad(String),
+    /// The model's task stopped (it crashed or was unloaded).
+    #[error("model {0:?} stopped: {1}")]
+    ModelGone(String, String),
+    /// A blocking save did not finish in time.
+    #[error("the {0} save did not finish within {1} ms")]
+    SaveTimeout(&'static str, u64),
+    /// A cache operation failed.
+    #[error("cache: {0}")]
+    Cache(String),
+}
+
+impl EngineError {
+    /// A stable snake_case name for the Python mapping.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            EngineError::InvalidInput(_) => "invalid_input",
+            EngineError::EmptyPrompt => "empty_prompt",
+            EngineError::TokenOutOfRange { .. } => "token_out_of_range",
+            EngineError::ContextOverflow { .. } => "context_overflow",
+            EngineError::NotFound(_) => "not_found",
+            EngineError::AlreadyLoaded(_) => "already_loaded",
+            EngineError::NotSupported(_) => "not_supported",
+            EngineError::NoTemplate => "no_template",
+            EngineError::Grammar(_) => "grammar",
+            EngineError::KvState(_) => "kv_state",
+            EngineError::UnknownTier(_) => "unknown_tier",
+            EngineError::Backend(_) => "backend",
+            EngineError::ModelLoad(_) => "model_load",
+            EngineError::ModelGone(..) => "model_gone",
+            EngineError::SaveTimeout(..) => "save_timeout",
+            EngineError::Cache(_) => "cache",
+        }
+    }
+}
+
+impl From<BackendError> for EngineError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::InvalidInput(m) => EngineError::InvalidInput(m),
+            BackendError::ContextOverflow {
+                have,
+                adding,
+                n_ctx,
+            } => EngineError::ContextOverflow {
+                prompt: have + adding,
+                max_tokens: 0,
+                n_ctx,
+            },
+            BackendError::KvState(m) => EngineError::KvState(m),
+            BackendError::NotSupported("chat_template") => EngineError::NoTemplate,
+            BackendError::NotSupported(what) => EngineError::NotSupported(what.to_owned()),
+            BackendError::Grammar(m) => EngineError::Grammar(m),
+            BackendError::Other(m) => EngineError::Backend(m),
+        }
+    }
+}

@@ -1,0 +1,564 @@
+//! The engine over the Rust stub: request flow, cache wiring (exact,
+//! resume, longest prefix, cold saves), cancel, FIFO, concurrency, errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use erllama_cache::{Cache, CacheConfig, Counter, FileTierConfig, PolicyConfig, TierKind};
+use erllama_engine::{
+    Backend, BackendContext, BackendError, ContextParams, Engine, EngineError, Event, FinishReason,
+    HitKind, HitSource, ModelConfig, ModelFingerprint, ModelStatus, Prompt, RequestOptions,
+    SamplingParams, StubBackend,
+};
+
+/// A small policy so short stub prompts are cached.
+fn policy() -> PolicyConfig {
+    PolicyConfig {
+        min_tokens: 8,
+        cold_min_tokens: 8,
+        cold_max_tokens: 30_000,
+        continued_interval: 64,
+        boundary_trim_tokens: 2,
+        boundary_align_tokens: 16,
+        session_resume_wait_ms: 2000,
+        evict_save_timeout_ms: 5000,
+    }
+}
+
+fn engine_with(cache: CacheConfig) -> Engine {
+    Engine::new(Cache::open(cache).expect("cache"), policy()).expect("engine")
+}
+
+fn engine() -> Engine {
+    engine_with(CacheConfig::default())
+}
+
+async fn stub(engine: &Engine, id: Option<&str>, tier: TierKind) -> String {
+    engine
+        .load_model(
+            Arc::new(StubBackend::new("stub-model")),
+            id.map(str::to_owned),
+            ModelConfig {
+                context: ContextParams {
+                    n_ctx: 2048,
+                    n_batch: 8,
+                    n_threads: None,
+                },
+                tier,
+                policy: policy(),
+            },
+        )
+        .await
+        .expect("load")
+}
+
+fn words(n: usize, salt: &str) -> String {
+    (0..n)
+        .map(|i| format!("w{i}{salt}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn opts(max_tokens: usize) -> RequestOptions {
+    RequestOptions {
+        max_tokens,
+        ..RequestOptions::default()
+    }
+}
+
+/// Waits until the cache holds no reservation (async saves finished).
+async fn settle(engine: &Engine) {
+    for _ in 0..500 {
+        if TierKind::ALL
+            .iter()
+            .all(|&t| engine.cache().reserved_bytes(t) == 0)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("saves did not finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_then_repeat_is_an_exact_hit_and_longer_is_partial() {
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    assert_eq!(m, "erllama_model_1");
+    let prompt = Prompt::Text(words(40, "a"));
+    let cold = engine
+        .complete(&m, prompt.clone(), opts(12))
+        .await
+        .expect("cold");
+    assert_eq!(cold.stats.cache_hit_kind, HitKind::Cold);
+    assert_eq!(cold.stats.prompt_tokens, 41, "40 words + BOS");
+    assert_eq!(cold.tokens.len(), 12);
+    assert_eq!(cold.stats.finish_reason, FinishReason::Length);
+    assert!(cold.finish_key.is_some());
+    settle(&engine).await;
+    let c = engine.cache().counters();
+    assert_eq!(c.get(Counter::Misses), 1);
+    assert_eq!(
+        c.get(Counter::SavesCold),
+        2,
+        "the aligned prefix (32 tokens) and the whole prompt"
+    );
+    assert_eq!(c.get(Counter::SavesFinish), 1);
+
+    let warm = engine.complete(&m, prompt, opts(12)).await.expect("warm");
+    assert_eq!(warm.stats.cache_hit_kind, HitKind::Exact);
+    assert_eq!(warm.stats.hit_source, Some(HitSource::Exact));
+    assert_eq!(warm.stats.cached_tokens, 41);
+    assert_eq!(warm.stats.cache_tier, Some(TierKind::Ram));
+    assert_eq!(c.get(Counter::HitsExact), 1);
+    assert_eq!(warm.tokens, cold.tokens, "a restore changes nothing");
+    assert_eq!(warm.text, cold.text);
+    // A longer prompt sharing the first 32+ tokens: longest prefix.
+    let longer = engine
+        .complete(
+            &m,
+            Prompt::Text(words(40, "a") + " more words here"),
+            opts(3),
+        )
+        .await
+        .expect("longer");
+    assert_eq!(longer.stats.cache_hit_kind, HitKind::Partial);
+    assert_eq!(longer.stats.hit_source, Some(HitSource::LongestPrefix));
+    assert_eq!(longer.stats.cached_tokens, 32);
+    assert_eq!(c.get(Counter::HitsLongestPrefix), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_prompt_row_is_an_exact_hit() {
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    let first = engine
+        .complete(&m, Prompt::Text(words(30, "x")), opts(5))
+        .await
+        .expect("first");
+    settle(&engine).await;
+    // The finish row holds prompt + output: asking for exactly those
+    // tokens is an exact hit.
+    let backend = engine.backend(&m).expect("backend");
+    let mut tokens = backend.tokenize(&words(30, "x"), true).expect("tok");
+    tokens.extend(&first.tokens);
+    let exact = engine
+        .complete(&m, Prompt::Tokens(tokens.clone()), opts(5))
+        .await
+        .expect("exact");
+    assert_eq!(exact.stats.cache_hit_kind, HitKind::Exact);
+    assert_eq!(exact.stats.hit_source, Some(HitSource::Exact));
+    assert_eq!(exact.stats.cached_tokens, tokens.len());
+    assert_eq!(engine.cache().counters().get(Counter::HitsExact), 1);
+    let mut fresh = engine_cold_output(&tokens, 5).await;
+    assert_eq!(exact.tokens, std::mem::take(&mut fresh));
+}
+
+/// The output of a model with an empty cache.
+async fn engine_cold_output(tokens: &[u32], n: usize) -> Vec<u32> {
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    let r = engine
+        .complete(&m, Prompt::Tokens(tokens.to_vec()), opts(n))
+        .await
+        .expect("cold");
+    assert_eq!(r.stats.cache_hit_kind, HitKind::Cold);
+    r.tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_key_resumes_the_previous_turn() {
+    let root = tempfile::tempdir().expect("tmp");
+    let engine = engine_with(CacheConfig {
+        disk: Some(FileTierConfig::new(root.path().join("disk"), 1 << 30)),
+        ..CacheConfig::default()
+    });
+    let m = stub(&engine, Some("chat"), TierKind::Disk).await;
+    let backend = engine.backend(&m).expect("backend");
+    let turn1 = backend.tokenize(&words(20, "t1"), true).expect("tok");
+    let r1 = engine
+        .complete(&m, Prompt::Tokens(turn1.clone()), opts(6))
+        .await
+        .expect("turn 1");
+    let parent = r1.finish_key.expect("finish key");
+    // Turn 2 = turn 1 + its answer + new text; no settle: the resume waits
+    // for the row being written.
+    let mut turn2 = turn1.clone();
+    turn2.extend(&r1.tokens);
+    turn2.extend(backend.tokenize(&words(5, "t2"), false).expect("tok"));
+    let r2 = engine
+        .complete(
+            &m,
+            Prompt::Tokens(turn2.clone()),
+            RequestOptions {
+                parent_key: Some(parent),
+                ..opts(6)
+            },
+        )
+        .await
+        .expect("turn 2");
+    assert_eq!(r2.stats.cache_hit_kind, HitKind::Partial);
+    assert_eq!(r2.stats.hit_source, Some(HitSource::Resume));
+    assert_eq!(r2.stats.cached_tokens, turn1.len() + r1.tokens.len());
+    assert_eq!(r2.stats.cache_tier, Some(TierKind::Disk));
+    assert_eq!(engine.cache().counters().get(Counter::HitsResume), 1);
+    assert_eq!(r2.tokens, engine_cold_output(&turn2, 6).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_engine_over_the_disk_dir_gets_hits() {
+    let root = tempfile::tempdir().expect("tmp");
+    let cfg = || CacheConfig {
+        disk: Some(FileTierConfig::new(root.path().join("disk"), 1 << 30)),
+        ..CacheConfig::default()
+    };
+    let prompt = Prompt::Text(words(50, "p"));
+    let first = {
+        let engine = engine_with(cfg());
+        let m = stub(&engine, None, TierKind::Disk).await;
+        let r = engine
+            .complete(&m, prompt.clone(), opts(4))
+            .await
+            .expect("cold");
+        settle(&engine).await;
+        engine.shutdown().await;
+        r
+    };
+    let engine = engine_with(cfg());
+    let m = stub(&engine, None, TierKind::Disk).await;
+    let r = engine.complete(&m, prompt, opts(4)).await.expect("warm");
+    assert_eq!(r.stats.cache_hit_kind, HitKind::Exact);
+    assert_eq!(r.stats.cache_tier, Some(TierKind::Disk));
+    assert_eq!(r.tokens, first.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_stream_ends_cancelled_and_still_saves() {
+    let engine = engine();
+    let (m, _log) = logged_model(&engine).await;
+    let tokens = engine
+        .prepare(&m, &Prompt::Text(words(20, "c")), &opts(1000))
+        .expect("prepare");
+    let mut stream = engine
+        .submit(&m, tokens, String::new(), opts(1000))
+        .expect("submit");
+    let id = stream.id;
+    let mut seen = 0;
+    let done = loop {
+        match stream.next().await.expect("event") {
+            Event::Token { .. } => {
+                seen += 1;
+                if seen == 3 {
+                    assert!(engine.cancel(id));
+                    assert!(engine.cancel(id), "idempotent");
+                }
+            }
+            Event::Done(r) => break r.expect("completion"),
+        }
+    };
+    assert_eq!(done.stats.finish_reason, FinishReason::Cancelled);
+    assert!(done.stats.cancelled);
+    assert!(done.tokens.len() >= 3 && done.tokens.len() < 1000);
+    assert!(done.finish_key.is_some(), "finish save fired");
+    assert!(!engine.cancel(id), "finished ids are forgotten");
+    assert!(!engine.cancel(987_654), "unknown ids are fine");
+    assert!(engine.inflight().is_empty());
+}
+
+/// A stub that logs which request's prompt each call serves and takes
+/// 1 ms per decoded token, so interleavings are observable.
+struct Logged {
+    inner: StubBackend,
+    log: Arc<std::sync::Mutex<Vec<(char, u32)>>>,
+}
+
+struct LoggedCtx {
+    inner: Box<dyn BackendContext>,
+    log: Arc<std::sync::Mutex<Vec<(char, u32)>>>,
+}
+
+impl Backend for Logged {
+    fn name(&self) -> &str {
+        "logged"
+    }
+    fn fingerprint(&self) -> ModelFingerprint {
+        self.inner.fingerprint()
+    }
+    fn n_vocab(&self) -> u32 {
+        self.inner.n_vocab()
+    }
+    fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, BackendError> {
+        self.inner.tokenize(text, add_bos)
+    }
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        self.inner.detokenize(tokens)
+    }
+    fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
+        Ok(Box::new(LoggedCtx {
+            inner: self.inner.new_context(params)?,
+            log: Arc::clone(&self.log),
+        }))
+    }
+}
+
+impl LoggedCtx {
+    /// The request a context serves: its second prompt token (after BOS).
+    fn tag(&self) -> u32 {
+        self.inner.tokens().get(1).copied().unwrap_or(0)
+    }
+}
+
+impl BackendContext for LoggedCtx {
+    fn tokens(&self) -> &[u32] {
+        self.inner.tokens()
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        self.inner.prefill(tokens)?;
+        let tag = self.tag();
+        self.log.lock().expect("log").push(('p', tag));
+        Ok(())
+    }
+    fn decode_one(&mut self) -> Result<u32, BackendError> {
+        std::thread::sleep(Duration::from_millis(1));
+        let t = self.inner.decode_one()?;
+        let tag = self.tag();
+        self.log.lock().expect("log").push(('d', tag));
+        Ok(t)
+    }
+    fn is_eog(&self, token: u32) -> bool {
+        self.inner.is_eog(token)
+    }
+    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
+        self.inner.kv_pack()
+    }
+    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        self.inner.kv_unpack(bytes, tokens)
+    }
+    fn remove_last(&mut self) -> Result<(), BackendError> {
+        self.inner.remove_last()
+    }
+    fn clear(&mut self) {
+        self.inner.clear();
+    }
+}
+
+type Log = Arc<std::sync::Mutex<Vec<(char, u32)>>>;
+
+async fn logged_model(engine: &Engine) -> (String, Log) {
+    let log: Log = Arc::default();
+    let m = engine
+        .load_model(
+            Arc::new(Logged {
+                inner: StubBackend::new("logged"),
+                log: Arc::clone(&log),
+            }),
+            None,
+            ModelConfig {
+                policy: policy(),
+                ..ModelConfig::default()
+            },
+        )
+        .await
+        .expect("load");
+    (m, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_run_one_at_a_time_in_fifo_order_and_status_is_prompt() {
+    let engine = engine();
+    let (m, log) = logged_model(&engine).await;
+    assert_eq!(engine.status(&m).expect("status"), ModelStatus::Idle);
+    let mut streams = Vec::new();
+    let mut tags = Vec::new();
+    for i in 0..3 {
+        let o = opts(30);
+        let t = engine
+            .prepare(&m, &Prompt::Text(format!("req{i} a b c")), &o)
+            .expect("prepare");
+        tags.push(t[1]);
+        streams.push(engine.submit(&m, t, String::new(), o).expect("submit"));
+    }
+    let mut saw_generating = false;
+    for _ in 0..2000 {
+        if engine.status(&m).expect("status") == ModelStatus::Generating {
+            saw_generating = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(saw_generating, "status answered mid-generation");
+    for s in streams {
+        let r = s.collect().await.expect("done");
+        assert_eq!(r.tokens.len(), 30);
+    }
+    // The log is three unbroken blocks, in submission order.
+    let log = log.lock().expect("log").clone();
+    let mut blocks: Vec<u32> = log.iter().map(|&(_, tag)| tag).collect();
+    blocks.dedup();
+    assert_eq!(blocks, tags, "FIFO, one request at a time");
+    assert_eq!(engine.status(&m).expect("status"), ModelStatus::Idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_tasks_each_get_exactly_one_answer() {
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (engine, m) = (engine.clone(), m.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for r in 0..20 {
+                let prompt = Prompt::Text(words(12, &format!("{t}-{}", r % 3)));
+                let c = engine
+                    .complete(&m, prompt, opts(3))
+                    .await
+                    .expect("complete");
+                assert_eq!(c.tokens.len(), 3);
+                ids.push(c.request_id);
+            }
+            ids
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!((n, all.len()), (160, 160));
+    assert!(engine.inflight().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_model_keeps_serving() {
+    let engine = engine();
+    let m = stub(&engine, Some("m"), TierKind::Ram).await;
+    let check = |r: Result<Vec<u32>, EngineError>, name: &str| {
+        assert_eq!(r.expect_err(name).name(), name);
+    };
+    check(
+        engine.prepare(&m, &Prompt::Text(String::new()), &opts(1)),
+        "empty_prompt",
+    );
+    check(
+        engine.prepare(&m, &Prompt::Tokens(vec![]), &opts(1)),
+        "empty_prompt",
+    );
+    check(
+        engine.prepare(&m, &Prompt::Tokens(vec![1, 70_000]), &opts(1)),
+        "token_out_of_range",
+    );
+    check(
+        engine.prepare(&m, &Prompt::Tokens(vec![1; 2000]), &opts(100)),
+        "context_overflow",
+    );
+    let neg = RequestOptions {
+        sampling: SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::default()
+        },
+        ..opts(1)
+    };
+    check(
+        engine.prepare(&m, &Prompt::Text("a".into()), &neg),
+        "invalid_input",
+    );
+    check(
+        engine.prepare("nope", &Prompt::Text("a".into()), &opts(1)),
+        "not_found",
+    );
+    let dup = engine
+        .load_model(
+            Arc::new(StubBackend::new("x")),
+            Some("m".into()),
+            ModelConfig::default(),
+        )
+        .await;
+    assert_eq!(dup.expect_err("dup").name(), "already_loaded");
+    let bad_tier = engine
+        .load_model(
+            Arc::new(StubBackend::new("x")),
+            None,
+            ModelConfig {
+                tier: TierKind::Disk,
+                ..ModelConfig::default()
+            },
+        )
+        .await;
+    assert_eq!(bad_tier.expect_err("tier").name(), "unknown_tier");
+    let ok = engine
+        .complete(&m, Prompt::Text("still fine".into()), opts(2))
+        .await
+        .expect("serving");
+    assert_eq!(ok.tokens.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evict_saves_and_releases_the_context_and_unload_frees_the_id() {
+    let engine = engine();
+    let m = stub(&engine, Some("e"), TierKind::Ram).await;
+    assert_eq!(
+        engine.evict(&m).await.expect("empty evict"),
+        None,
+        "no-op when empty"
+    );
+    engine
+        .complete(&m, Prompt::Text(words(4, "e")), opts(2))
+        .await
+        .expect("short");
+    // 5 + 2 tokens: below min_tokens, but evict saves regardless.
+    let saved = engine.evict(&m).await.expect("evict").expect("saved");
+    assert_eq!(saved.tokens, 7);
+    assert_eq!(engine.cache().counters().get(Counter::SavesEvict), 1);
+    assert!(engine.cache().contains(&saved.key));
+    assert_eq!(
+        engine.evict(&m).await.expect("again"),
+        None,
+        "context released"
+    );
+
+    engine
+        .complete(&m, Prompt::Text(words(4, "f")), opts(2))
+        .await
+        .expect("short");
+    let summary = engine.unload(&m).await.expect("unload").expect("saved");
+    assert_eq!(summary.tokens, 7);
+    assert_eq!(engine.cache().counters().get(Counter::SavesShutdown), 1);
+    assert!(engine.models().is_empty());
+    assert_eq!(engine.status(&m).expect_err("gone").name(), "not_found");
+    assert_eq!(
+        engine.unload(&m).await.expect_err("gone").name(),
+        "not_found"
+    );
+    // The id can be reused.
+    stub(&engine, Some("e"), TierKind::Ram).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_end_generation() {
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    let free = engine
+        .complete(&m, Prompt::Text("one two".into()), opts(6))
+        .await
+        .expect("free");
+    // Stub tokens read "<id>": stop at the third token's text.
+    let stop = format!("<{}>", free.tokens[2]);
+    assert!(free.text.contains(&stop));
+    let cut = engine
+        .complete(
+            &m,
+            Prompt::Text("one two".into()),
+            RequestOptions {
+                stop: vec![stop.clone()],
+                ..opts(6)
+            },
+        )
+        .await
+        .expect("cut");
+    assert_eq!(cut.stats.finish_reason, FinishReason::Stop);
+    assert!(!cut.text.contains(&stop));
+    assert!(free.text.starts_with(&cut.text));
+}
