@@ -11,6 +11,9 @@
 //! - [`Session`]: one context and its token sequence — chunked prefill,
 //!   greedy decode, KV pack/unpack through llama.cpp's per-sequence state
 //!   API (restores go into a *cleared* sequence), removal of the last cell;
+//! - [`LlamaBackend`] / [`LlamaContextBackend`]: the engine's `Backend` /
+//!   `BackendContext` traits over a [`Model`] and a [`Session`], with the
+//!   llama.cpp sampler chain, grammars and pooled embeddings;
 //! - [`SessionWorker`]: the dedicated thread a session lives on;
 //! - [`validate_seq_state`]: the structural check every state passes before
 //!   llama.cpp reads it.
@@ -20,6 +23,7 @@
 //! validates first and answers with a [`LlamaError`] instead.
 
 mod backend;
+mod engine_backend;
 mod error;
 mod model;
 mod session;
@@ -27,6 +31,10 @@ mod state;
 mod worker;
 
 pub use backend::{backend, system_info};
+pub use engine_backend::{
+    LlamaBackend, LlamaContextBackend, DEFAULT_SAMPLING_SEED, MAX_GRAMMAR_BYTES,
+    MAX_GRAMMAR_NESTING, PENALTY_LAST_N,
+};
 pub use error::{LlamaError, Result};
 pub use model::{Model, ModelMeta, ModelParams};
 pub use session::{Session, SessionParams};

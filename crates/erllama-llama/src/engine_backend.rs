@@ -1,0 +1,748 @@
+//! The engine's [`Backend`] trait over llama.cpp.
+//!
+//! [`LlamaBackend`] is a loaded [`Model`] plus its cache fingerprint; each
+//! context it creates is a [`Session`] wrapped with a sampler chain. What
+//! the engine may hand in is validated here (or in [`Model`] / [`Session`])
+//! before llama.cpp sees it, so bad input is an error, never an abort.
+//!
+//! Choices worth knowing:
+//!
+//! - `tokenize` never lets user text spell control tokens; `detokenize` and
+//!   `token_bytes` render control tokens as nothing.
+//! - Sampling (SPEC §2): the chain is grammar → repetition penalty → top-k →
+//!   top-p → min-p → (temperature > 0 ? temperature → seeded `dist` :
+//!   greedy). It is rebuilt by every [`BackendContext::set_sampling`], so
+//!   its state (grammar position, penalty history, RNG) starts fresh with
+//!   every request. Plain greedy decoding (no grammar, no penalty,
+//!   temperature 0) takes the session's argmax path, which picks the same
+//!   token. The repetition penalty looks at the last
+//!   [`PENALTY_LAST_N`] tokens of the sequence, prompt included (like
+//!   llama.cpp's server).
+//! - Sampling is done on a copy of the logits: the grammar is applied
+//!   first and checked to leave at least one candidate, then the rest of
+//!   the chain picks, and only then is the token accepted into the
+//!   samplers. llama.cpp's own `llama_sampler_sample` would abort the
+//!   process on a grammar that allows no token.
+//! - `prefill` decodes a prompt's last token on its own, so the logits
+//!   after a prefill equal those after a KV restore + re-feed: an exact
+//!   cache hit continues bit-identically to the cold run.
+//! - `embed` runs in its own short-lived context with embeddings on:
+//!   the model's own pooling when its GGUF declares one (mean, CLS, ...),
+//!   else the last token's hidden state. The vector is L2-normalised.
+
+use std::num::NonZeroU32;
+use std::path::Path;
+
+use erllama_cache::{
+    fingerprint_file_safe, fingerprint_gguf_chunked, read_gguf_file_type, CtxParams,
+    FingerprintMode, GgufError, QuantType,
+};
+use erllama_engine::{
+    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+};
+use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::backend::backend;
+use crate::error::{LlamaError, Result};
+use crate::model::{token_i32, Model, ModelParams};
+use crate::session::{Session, SessionParams};
+
+/// How many recent tokens the repetition penalty looks at.
+pub const PENALTY_LAST_N: usize = 64;
+
+/// Seed of the sampling RNG when a request gives none, so runs repeat.
+pub const DEFAULT_SAMPLING_SEED: u32 = 0x2545_F491;
+
+/// Largest grammar text accepted, in bytes. llama.cpp's grammar parser and
+/// its stack walk are recursive; bounding the text bounds their depth.
+pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+
+/// Deepest parenthesis nesting accepted in a grammar (see
+/// [`MAX_GRAMMAR_BYTES`]).
+pub const MAX_GRAMMAR_NESTING: usize = 64;
+
+impl From<LlamaError> for BackendError {
+    fn from(e: LlamaError) -> Self {
+        match e {
+            LlamaError::InvalidParam { .. }
+            | LlamaError::EmptyInput(_)
+            | LlamaError::TokenOutOfRange { .. }
+            | LlamaError::TextTooLarge(_)
+            | LlamaError::NoLogits => BackendError::InvalidInput(e.to_string()),
+            LlamaError::ContextOverflow {
+                have,
+                adding,
+                n_ctx,
+            } => BackendError::ContextOverflow {
+                have,
+                adding,
+                n_ctx: n_ctx as usize,
+            },
+            LlamaError::KvState(msg) => BackendError::KvState(msg),
+            LlamaError::NoChatTemplate => BackendError::NotSupported("chat_template"),
+            other => BackendError::Other(other.to_string()),
+        }
+    }
+}
+
+/// A llama.cpp model as an engine [`Backend`].
+#[derive(Debug, Clone)]
+pub struct LlamaBackend {
+    model: Model,
+    fingerprint: ModelFingerprint,
+}
+
+impl LlamaBackend {
+    /// Loads the GGUF at `path` with a fingerprint the caller computed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::load`].
+    pub fn load(
+        path: impl AsRef<Path>,
+        params: &ModelParams,
+        fingerprint: ModelFingerprint,
+    ) -> Result<Self> {
+        let model = Model::load(path, params)?;
+        Ok(Self { model, fingerprint })
+    }
+
+    /// Loads the GGUF at `path` and fingerprints it: `Safe` hashes the
+    /// whole file ([`fingerprint_file_safe`]), `GgufChunked` its header and
+    /// first tensor ([`fingerprint_gguf_chunked`]). The quant type comes
+    /// from the file's `general.file_type`, else the loaded model's label
+    /// (and `f32` for a file type the cache has no row for, with a
+    /// warning).
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::load`]; [`LlamaError::InvalidParam`] for `FastUnsafe`
+    /// (it needs a caller-supplied digest: use [`LlamaBackend::load`]);
+    /// [`LlamaError::ModelUnreadable`] / [`LlamaError::NotGguf`] when
+    /// fingerprinting fails.
+    pub fn open(
+        path: impl AsRef<Path>,
+        params: &ModelParams,
+        mode: FingerprintMode,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        if mode == FingerprintMode::FastUnsafe {
+            return Err(LlamaError::InvalidParam {
+                name: "fingerprint_mode",
+                reason: "fast_unsafe needs a caller-supplied digest".into(),
+            });
+        }
+        let model = Model::load(path, params)?;
+        let gguf_err = |e: GgufError| match e {
+            GgufError::Io { source, .. } => LlamaError::ModelUnreadable {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => LlamaError::NotGguf {
+                path: path.to_path_buf(),
+                reason: other.to_string(),
+            },
+        };
+        let bytes = match mode {
+            FingerprintMode::Safe => {
+                fingerprint_file_safe(path, &mut |_, _| {}).map_err(|source| {
+                    LlamaError::ModelUnreadable {
+                        path: path.to_path_buf(),
+                        source,
+                    }
+                })?
+            }
+            _ => fingerprint_gguf_chunked(path).map_err(gguf_err)?,
+        };
+        let quant = match read_gguf_file_type(path).map_err(gguf_err)? {
+            Some(q) => q,
+            None => QuantType::from_label(&model.meta().quant_type).unwrap_or_else(|_| {
+                tracing::warn!(
+                    path = %path.display(),
+                    label = %model.meta().quant_type,
+                    "unknown quant type; recording f32 in cache keys"
+                );
+                QuantType::F32
+            }),
+        };
+        Ok(Self {
+            model,
+            fingerprint: ModelFingerprint { bytes, mode, quant },
+        })
+    }
+
+    /// The loaded model.
+    #[must_use]
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    fn session_params(params: &ContextParams) -> Result<SessionParams> {
+        let to_u32 = |name: &'static str, v: usize| {
+            u32::try_from(v).map_err(|_| LlamaError::InvalidParam {
+                name,
+                reason: format!("{v} is too large"),
+            })
+        };
+        Ok(SessionParams {
+            n_ctx: to_u32("n_ctx", params.n_ctx)?,
+            n_batch: to_u32("n_batch", params.n_batch)?,
+            n_threads: params.n_threads,
+            n_seq_max: 1,
+        })
+    }
+
+    /// The pooling an embeddings context uses: the model's own when its
+    /// GGUF declares one, else the last token.
+    fn embed_pooling(&self) -> LlamaPoolingType {
+        let arch = &self.model.meta().architecture;
+        let declared = self
+            .model
+            .inner
+            .model
+            .meta_val_str(&format!("{arch}.pooling_type"))
+            .ok()
+            .and_then(|v| v.trim().parse::<i32>().ok());
+        match declared {
+            Some(p) if p > 0 => LlamaPoolingType::Unspecified,
+            _ => LlamaPoolingType::Last,
+        }
+    }
+}
+
+impl Backend for LlamaBackend {
+    fn name(&self) -> &str {
+        "llama"
+    }
+
+    fn fingerprint(&self) -> ModelFingerprint {
+        self.fingerprint.clone()
+    }
+
+    /// The layout [`Session`] creates: `n_batch` clamped to `n_ctx`,
+    /// `n_ubatch = n_batch`, f16 K and V, one sequence in a unified KV
+    /// cache, llama.cpp's default flash-attention policy (`auto`, recorded
+    /// in `extra` since it decides whether V is stored transposed).
+    fn ctx_params(&self, params: &ContextParams) -> CtxParams {
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let n_ctx = n(params.n_ctx);
+        let n_batch = n(params.n_batch).min(n_ctx);
+        CtxParams {
+            n_ctx,
+            n_batch,
+            n_ubatch: n_batch,
+            type_k: "f16".into(),
+            type_v: "f16".into(),
+            n_seq_max: 1,
+            kv_unified: true,
+            flash_attn: false,
+            extra: vec![
+                ("backend".into(), "llama".into()),
+                ("flash_attn".into(), "auto".into()),
+            ],
+        }
+    }
+
+    /// Control tokens render as nothing.
+    fn token_bytes(&self, token: u32) -> Result<Vec<u8>, BackendError> {
+        Ok(self.model.token_bytes(token, false)?)
+    }
+
+    fn chat_tokens(
+        &self,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<Vec<u32>, BackendError> {
+        Ok(self.model.chat_tokens(messages, add_assistant)?)
+    }
+
+    fn n_vocab(&self) -> u32 {
+        self.model.n_vocab()
+    }
+
+    /// User text never yields control tokens.
+    fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, BackendError> {
+        Ok(self.model.tokenize(text, add_bos, false)?)
+    }
+
+    /// Control tokens render as nothing.
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        Ok(self.model.detokenize(tokens, false)?)
+    }
+
+    fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
+        let session = Session::new(&self.model, &Self::session_params(params)?)?;
+        Ok(Box::new(LlamaContextBackend {
+            session,
+            sampler: None,
+        }))
+    }
+
+    /// A pooled, L2-normalised embedding of `tokens` (`n_embd` floats),
+    /// computed in a fresh context: the model's declared pooling, else
+    /// the last token's hidden state.
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+        Ok(self.embed_impl(tokens)?)
+    }
+}
+
+impl LlamaBackend {
+    fn embed_impl(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return Err(LlamaError::EmptyInput("embed"));
+        }
+        self.model.check_tokens(tokens)?;
+        let train = self.model.meta().n_ctx_train;
+        let limit = if train > 0 { train as usize } else { 1 << 16 };
+        if tokens.len() > limit {
+            return Err(LlamaError::ContextOverflow {
+                have: 0,
+                adding: tokens.len(),
+                n_ctx: u32::try_from(limit).unwrap_or(u32::MAX),
+            });
+        }
+        let n = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+        // Small contexts still get a sane minimum size.
+        let n_ctx = n.max(8);
+        let threads = i32::try_from(SessionParams::default().threads()).unwrap_or(1);
+        let cparams = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx)
+            .with_n_seq_max(1)
+            .with_embeddings(true)
+            .with_pooling_type(self.embed_pooling())
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let backend = backend()?;
+        let mut ctx = {
+            let _guard = self
+                .model
+                .inner
+                .new_context_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.model
+                .inner
+                .model
+                .new_context(backend, cparams)
+                .map_err(|e| LlamaError::ContextCreate(e.to_string()))?
+        };
+        let mut batch = LlamaBatch::new(tokens.len(), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = i32::try_from(i).unwrap_or(i32::MAX);
+            batch
+                .add(LlamaToken(token_i32(t)), pos, &[0], true)
+                .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        let raw = ctx
+            .embeddings_seq_ith(0)
+            .map_err(|e| LlamaError::Decode(format!("no pooled embedding: {e}")))?;
+        let mut out = raw.to_vec();
+        let norm = out
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>()
+            .sqrt();
+        if !norm.is_finite() {
+            return Err(LlamaError::Decode("the embedding is not finite".into()));
+        }
+        if norm > 0.0 {
+            for v in &mut out {
+                *v = (f64::from(*v) / norm) as f32;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks grammar text before llama.cpp parses it.
+fn check_grammar(text: &str) -> Result<(), BackendError> {
+    let bad = |m: String| Err(BackendError::Grammar(m));
+    if text.trim().is_empty() {
+        return bad("the grammar is empty".into());
+    }
+    if text.len() > MAX_GRAMMAR_BYTES {
+        return bad(format!(
+            "the grammar is {} bytes, more than {MAX_GRAMMAR_BYTES}",
+            text.len()
+        ));
+    }
+    if text.contains('\0') {
+        return bad("the grammar contains a NUL character".into());
+    }
+    // Parenthesis depth outside string literals and character classes.
+    let mut depth = 0usize;
+    let mut max_depth = 0usize;
+    let mut chars = text.chars();
+    let mut in_quote = false;
+    let mut in_class = false;
+    let mut in_comment = false;
+    while let Some(c) = chars.next() {
+        if in_comment {
+            in_comment = c != '\n';
+            continue;
+        }
+        match c {
+            '\\' if in_quote || in_class => {
+                chars.next();
+            }
+            '"' if !in_class => in_quote = !in_quote,
+            '[' if !in_quote => in_class = true,
+            ']' if in_class => in_class = false,
+            '#' if !in_quote && !in_class => in_comment = true,
+            '(' if !in_quote && !in_class => {
+                depth += 1;
+                max_depth = max_depth.max(depth);
+            }
+            ')' if !in_quote && !in_class => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if max_depth > MAX_GRAMMAR_NESTING {
+        return bad(format!(
+            "the grammar nests parentheses {max_depth} deep, more than {MAX_GRAMMAR_NESTING}"
+        ));
+    }
+    let has_root = text.lines().any(|l| {
+        l.trim_start()
+            .strip_prefix("root")
+            .is_some_and(|r| r.trim_start().starts_with("::="))
+    });
+    if !has_root {
+        return bad("the grammar has no `root ::= ...` rule".into());
+    }
+    Ok(())
+}
+
+/// Folds a 64-bit seed into llama.cpp's 32 bits, avoiding
+/// `LLAMA_DEFAULT_SEED` (`u32::MAX`), which would mean "random".
+fn seed32(seed: Option<u64>) -> u32 {
+    match seed {
+        None => DEFAULT_SAMPLING_SEED,
+        Some(s) => {
+            let folded = (s ^ (s >> 32)) as u32;
+            if folded == u32::MAX {
+                u32::MAX - 1
+            } else {
+                folded
+            }
+        }
+    }
+}
+
+/// The sampler state of one request.
+struct Sampler {
+    /// The grammar, applied first and checked separately.
+    grammar: Option<LlamaSampler>,
+    /// penalty → top-k → top-p → min-p → temp → dist, or … → greedy.
+    chain: LlamaSampler,
+    /// The penalty still has to see the sequence's recent tokens.
+    prime_penalty: bool,
+}
+
+impl std::fmt::Debug for Sampler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampler")
+            .field("grammar", &self.grammar.is_some())
+            .field("chain", &self.chain)
+            .finish()
+    }
+}
+
+impl Sampler {
+    fn build(model: &Model, params: &SamplingParams) -> Result<Self, BackendError> {
+        let grammar = match params.grammar.as_deref() {
+            None => None,
+            Some(text) => {
+                check_grammar(text)?;
+                let g = LlamaSampler::grammar(&model.inner.model, text, "root").map_err(|e| {
+                    BackendError::Grammar(match e {
+                        llama_cpp_2::GrammarError::NullGrammar => "llama.cpp could not parse the \
+                             grammar (syntax error, undefined rule, missing `root` rule or left \
+                             recursion)"
+                            .into(),
+                        other => other.to_string(),
+                    })
+                })?;
+                Some(g)
+            }
+        };
+        let mut stages = Vec::new();
+        let penalty = params.repetition_penalty != 1.0;
+        if penalty {
+            stages.push(LlamaSampler::penalties(
+                i32::try_from(model.n_vocab()).unwrap_or(i32::MAX),
+                PENALTY_LAST_N as i32,
+                params.repetition_penalty,
+                0.0,
+                0.0,
+            ));
+        }
+        if params.top_k > 0 {
+            stages.push(LlamaSampler::top_k(
+                i32::try_from(params.top_k).unwrap_or(i32::MAX),
+            ));
+        }
+        if params.top_p < 1.0 {
+            stages.push(LlamaSampler::top_p(params.top_p, 1));
+        }
+        if params.min_p > 0.0 {
+            stages.push(LlamaSampler::min_p(params.min_p, 1));
+        }
+        if params.temperature > 0.0 {
+            stages.push(LlamaSampler::temp(params.temperature));
+            stages.push(LlamaSampler::dist(seed32(params.seed)));
+        } else {
+            stages.push(LlamaSampler::greedy());
+        }
+        Ok(Self {
+            grammar,
+            chain: LlamaSampler::chain(stages, true),
+            prime_penalty: penalty,
+        })
+    }
+}
+
+/// A [`Session`] as an engine [`BackendContext`], with the request's
+/// sampler. `!Send`: created by [`LlamaBackend::new_context`] on the thread
+/// that drives it.
+#[derive(Debug)]
+pub struct LlamaContextBackend {
+    session: Session,
+    /// `None`: plain greedy decoding through the session's argmax.
+    sampler: Option<Sampler>,
+}
+
+impl LlamaContextBackend {
+    /// Wraps an existing session (greedy until [`BackendContext::set_sampling`]).
+    #[must_use]
+    pub fn new(session: Session) -> Self {
+        Self {
+            session,
+            sampler: None,
+        }
+    }
+
+    /// The session underneath.
+    #[must_use]
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    fn sample(&mut self) -> Result<u32, BackendError> {
+        let Some(s) = self.sampler.as_mut() else {
+            return Ok(self.session.decode_one()?);
+        };
+        let logits = self.session.logits()?;
+        let have = self.session.n_past();
+        let n_ctx = self.session.n_ctx() as usize;
+        if have >= n_ctx {
+            return Err(BackendError::ContextOverflow {
+                have,
+                adding: 1,
+                n_ctx,
+            });
+        }
+        let mut cands = LlamaTokenDataArray::new(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| {
+                    LlamaTokenData::new(LlamaToken(i32::try_from(i).unwrap_or(i32::MAX)), l, 0.0)
+                })
+                .collect(),
+            false,
+        );
+        if s.prime_penalty {
+            let toks = self.session.tokens();
+            let tail = &toks[toks.len().saturating_sub(PENALTY_LAST_N)..];
+            for &t in tail {
+                s.chain.accept(LlamaToken(token_i32(t)));
+            }
+            s.prime_penalty = false;
+        }
+        if let Some(g) = s.grammar.as_mut() {
+            cands.apply_sampler(g);
+            if !cands.data.iter().any(|d| d.logit() > f32::NEG_INFINITY) {
+                return Err(BackendError::Grammar(
+                    "the grammar allows no next token".into(),
+                ));
+            }
+        }
+        cands.apply_sampler(&mut s.chain);
+        let chosen = cands
+            .selected
+            .and_then(|i| cands.data.get(i))
+            .copied()
+            .ok_or_else(|| BackendError::Other("the sampler selected no token".into()))?;
+        if chosen.logit() == f32::NEG_INFINITY || chosen.logit().is_nan() {
+            return Err(BackendError::Grammar(
+                "the grammar allows no next token".into(),
+            ));
+        }
+        let token = u32::try_from(chosen.id().0)
+            .ok()
+            .filter(|&t| t < self.session.model().n_vocab())
+            .ok_or_else(|| {
+                BackendError::Other(format!("sampled token {} is invalid", chosen.id().0))
+            })?;
+        self.session.accept(token)?;
+        // Only now that the token is in the sequence: the samplers advance.
+        if let Some(g) = s.grammar.as_mut() {
+            g.accept(chosen.id());
+        }
+        s.chain.accept(chosen.id());
+        Ok(token)
+    }
+}
+
+impl BackendContext for LlamaContextBackend {
+    /// Checks the grammar text ([`BackendError::Grammar`], also for an
+    /// empty one), validates `params` and builds a fresh sampler chain (grammar →
+    /// repetition penalty → top-k → top-p → min-p → temperature → seeded
+    /// dist, or greedy). On error the context falls back to greedy.
+    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+        self.sampler = None;
+        // The grammar first, so an empty one is a grammar error too.
+        if let Some(text) = params.grammar.as_deref() {
+            check_grammar(text)?;
+        }
+        params.validate()?;
+        if params.is_greedy() {
+            // top-k/p and min-p never remove the most likely token, so
+            // temperature 0 without grammar or penalty is plain argmax.
+            return Ok(());
+        }
+        self.sampler = Some(Sampler::build(self.session.model(), params)?);
+        Ok(())
+    }
+
+    fn tokens(&self) -> &[u32] {
+        self.session.tokens()
+    }
+
+    /// Prefills all but the last token in `n_batch` chunks, then the last
+    /// token in a decode of its own. The logits `decode_one` reads thus
+    /// always come from a one-token decode — as after a restore (remove
+    /// the last cell, re-feed its token) and after every generated token —
+    /// so a cache hit continues bit-identically to the cold run (a token's
+    /// logits computed inside a larger batch can differ in the last bits,
+    /// enough to flip a sampled token). On failure the sequence is rolled
+    /// back to its state before the call.
+    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        let Some((last, head)) = tokens.split_last() else {
+            return Ok(self.session.prefill(tokens)?);
+        };
+        if head.is_empty() {
+            return Ok(self.session.prefill(tokens)?);
+        }
+        // Check everything first so nothing runs for an input that fails.
+        let model = self.session.model();
+        model.check_tokens(tokens)?;
+        let have = self.session.n_past();
+        let n_ctx = self.session.n_ctx() as usize;
+        if have + tokens.len() > n_ctx {
+            return Err(BackendError::ContextOverflow {
+                have,
+                adding: tokens.len(),
+                n_ctx,
+            });
+        }
+        self.session.prefill(head)?;
+        if let Err(e) = self.session.prefill(std::slice::from_ref(last)) {
+            // Cannot fail: `have` tokens were there before the call.
+            let _ = self.session.truncate(have);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn decode_one(&mut self) -> Result<u32, BackendError> {
+        self.sample()
+    }
+
+    fn is_eog(&self, token: u32) -> bool {
+        self.session.model().is_eog(token)
+    }
+
+    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
+        Ok(self.session.kv_pack()?)
+    }
+
+    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        Ok(self.session.kv_unpack(bytes, tokens)?)
+    }
+
+    fn remove_last(&mut self) -> Result<(), BackendError> {
+        Ok(self.session.remove_last()?)
+    }
+
+    fn clear(&mut self) {
+        self.session.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grammar_precheck() {
+        assert!(check_grammar("root ::= \"yes\" | \"no\"").is_ok());
+        assert!(check_grammar("  ").is_err());
+        assert!(check_grammar("root ::= \"a\0\"").is_err());
+        assert!(check_grammar("start ::= \"a\"").is_err());
+        let deep = format!("root ::= {}\"a\"{}", "(".repeat(100), ")".repeat(100));
+        assert!(matches!(
+            check_grammar(&deep),
+            Err(BackendError::Grammar(_))
+        ));
+        // Parentheses inside literals and classes do not count.
+        let lit = format!("root ::= \"{}\" [(]", "(".repeat(100));
+        assert!(check_grammar(&lit).is_ok());
+    }
+
+    #[test]
+    fn seeds_avoid_the_random_seed() {
+        assert_eq!(seed32(None), DEFAULT_SAMPLING_SEED);
+        assert_eq!(seed32(Some(42)), 42);
+        assert_ne!(seed32(Some(u64::from(u32::MAX))), u32::MAX);
+        assert_ne!(seed32(Some(42)), seed32(Some(43)));
+    }
+
+    #[test]
+    fn errors_map_to_backend_errors() {
+        let e: BackendError = LlamaError::EmptyInput("prefill").into();
+        assert!(matches!(e, BackendError::InvalidInput(_)));
+        let e: BackendError = LlamaError::ContextOverflow {
+            have: 1,
+            adding: 2,
+            n_ctx: 3,
+        }
+        .into();
+        assert!(matches!(
+            e,
+            BackendError::ContextOverflow {
+                have: 1,
+                adding: 2,
+                n_ctx: 3
+            }
+        ));
+        let e: BackendError = LlamaError::NoChatTemplate.into();
+        assert!(matches!(e, BackendError::NotSupported("chat_template")));
+        let e: BackendError = LlamaError::KvState("x".into()).into();
+        assert!(matches!(e, BackendError::KvState(_)));
+        let e: BackendError = LlamaError::NoLogits.into();
+        assert!(matches!(e, BackendError::InvalidInput(_)));
+        let e: BackendError = LlamaError::Decode("x".into()).into();
+        assert!(matches!(e, BackendError::Other(_)));
+    }
+}
