@@ -1,31 +1,55 @@
 """erllama: local LLM inference over llama.cpp with a token-exact KV cache.
 
-The engine is written in Rust; this package is its typed Python face. For now
-it exposes the llama.cpp model and context (:class:`Model`, :class:`Context`),
-the exception hierarchy and a helper that fetches a tiny test model::
+The engine is written in Rust; this package is its typed Python face::
 
-    import erllama
+    import asyncio, erllama
     from erllama.testmodel import fetch_test_model
 
-    model = erllama.Model(str(fetch_test_model()))
-    ctx = model.new_context(n_ctx=2048)
-    ctx.prefill(model.tokenize("The capital of France is"))
-    print(model.detokenize(ctx.generate(16)))
+    async def main() -> None:
+        cache = erllama.CacheConfig(disk_dir="/tmp/erllama-cache")
+        async with erllama.Engine(cache=cache) as engine:
+            model = await engine.load_model(fetch_test_model(), n_ctx=4096)
+            result = await model.complete("The capital of France is", max_tokens=16)
+            print(result.text, result.stats.cache_hit_kind)
+
+    asyncio.run(main())
+
+:class:`Engine` (asyncio) and :mod:`erllama.blocking` (scripts) are the API;
+:class:`LlamaModel` and :class:`Context` give low-level access to one
+llama.cpp context.
 
 Every error erllama raises on purpose is an :class:`ErllamaError`; see
 :mod:`erllama.errors`. The command line is ``erllama`` (or
 ``python -m erllama``).
 """
 
-from erllama._erllama import Context, Model, system_info
+import atexit as _atexit
+
+from erllama._erllama import Context, system_info
+from erllama._erllama import Model as LlamaModel
 from erllama._erllama import __version__ as __version__
+from erllama._erllama import _quiesce as _quiesce
+from erllama.config import CacheConfig, Policy, SchedulerConfig
+from erllama.engine import (
+    CacheView,
+    Completion,
+    Engine,
+    Model,
+    ModelInfo,
+    SaveSummary,
+    Stats,
+    Stream,
+)
 from erllama.errors import (
     AlreadyLoadedError,
+    BackendError,
+    CacheError,
     ContextError,
     ContextOverflowError,
     DecodeError,
     EmptyInputError,
     ErllamaError,
+    GrammarError,
     InvalidInputError,
     KvStateError,
     ModelFetchError,
@@ -35,28 +59,48 @@ from erllama.errors import (
     NotFoundError,
     NotSupportedError,
     TokenOutOfRangeError,
+    UnknownTierError,
     WorkerError,
 )
 
 __all__ = [
     "AlreadyLoadedError",
+    "BackendError",
+    "CacheConfig",
+    "CacheError",
+    "CacheView",
+    "Completion",
     "Context",
     "ContextError",
     "ContextOverflowError",
     "DecodeError",
     "EmptyInputError",
+    "Engine",
     "ErllamaError",
+    "GrammarError",
     "InvalidInputError",
     "KvStateError",
+    "LlamaModel",
     "Model",
     "ModelFetchError",
     "ModelFileNotFoundError",
+    "ModelInfo",
     "ModelLoadError",
     "NoTemplateError",
     "NotFoundError",
     "NotSupportedError",
+    "Policy",
+    "SaveSummary",
+    "SchedulerConfig",
+    "Stats",
+    "Stream",
     "TokenOutOfRangeError",
+    "UnknownTierError",
     "WorkerError",
     "__version__",
     "system_info",
 ]
+
+# Let the native runtime's workers finish handing results back to asyncio
+# before the interpreter finalizes (see ``_erllama._quiesce``).
+_atexit.register(_quiesce, 5.0)

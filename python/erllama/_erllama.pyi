@@ -5,13 +5,16 @@ package. Every blocking call releases the GIL while it runs. Errors are raised
 as the classes of :mod:`erllama.errors`.
 """
 
-from collections.abc import Sequence
-from typing import Self, final
+from collections.abc import Awaitable, Sequence
+from typing import Any, Self, final
 
-__all__ = ["Context", "Model", "__version__", "system_info"]
+__all__ = ["Context", "Engine", "Model", "Stream", "__version__", "_quiesce", "system_info"]
 
 __version__: str
 """The version of the native module (the Rust crates' version)."""
+
+def _quiesce(timeout_s: float = 5.0) -> bool:
+    """Wait until no task runs on the native runtime (registered with ``atexit``)."""
 
 def system_info() -> str:
     """Return llama.cpp/ggml's system information line.
@@ -233,3 +236,106 @@ class Context:
 
     def clear(self) -> None:
         """Empty the sequence and its KV cache."""
+
+_Summary = tuple[str, int, bool] | None
+
+@final
+class Engine:
+    """The native engine behind :class:`erllama.Engine` (models, requests, cache)."""
+
+    def __new__(
+        cls,
+        *,
+        ram_quota: int,
+        ram_file_dir: str | None,
+        ram_file_quota: int,
+        disk_dir: str | None,
+        disk_quota: int,
+        writer_limit: int | None,
+        policy: dict[str, int],
+    ) -> Self: ...
+    def load_model(
+        self,
+        backend: object,
+        *,
+        path: str,
+        model_id: str | None,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int | None,
+        n_gpu_layers: int,
+        use_mmap: bool,
+        tier: str,
+        policy: dict[str, int] | None,
+        fingerprint_mode: str,
+    ) -> Awaitable[str]:
+        """Load a model (``backend``: ``"llama"``, ``"stub"`` or an object); resolves to its id."""
+
+    def reserve_request(self, model_id: str) -> int:
+        """Allocate a request id (cancellable before the request starts)."""
+
+    def release_request(self, request_id: int) -> None:
+        """Release a reserved id that will not be submitted."""
+
+    def submit(
+        self,
+        request_id: int,
+        model_id: str,
+        prompt: str | list[int],
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        repetition_penalty: float,
+        seed: int | None,
+        grammar: str | None,
+        stop: list[str] | None,
+        parent_key: str | None,
+    ) -> Awaitable[Stream]:
+        """Validate, tokenize and queue a request; resolves to its :class:`Stream`."""
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel a request; True when it was live."""
+
+    def models(self) -> list[str]:
+        """Ids of the loaded models."""
+
+    def status(self, model_id: str) -> str:
+        """``idle``, ``prefilling``, ``generating`` or ``stopped``."""
+
+    def info(self, model_id: str) -> dict[str, Any]:
+        """A model's description."""
+
+    def inflight(self) -> list[tuple[int, str]]:
+        """(request id, model id) of the live requests."""
+
+    def tokenize(self, model_id: str, text: str, add_bos: bool) -> Awaitable[list[int]]: ...
+    def detokenize(self, model_id: str, tokens: list[int]) -> Awaitable[str]: ...
+    def chat_tokens(
+        self, model_id: str, messages: list[tuple[str, str]], add_assistant: bool
+    ) -> Awaitable[list[int]]: ...
+    def embed(self, model_id: str, tokens: list[int]) -> Awaitable[list[float]]: ...
+    def evict(self, model_id: str) -> Awaitable[_Summary]: ...
+    def save_now(self, model_id: str) -> Awaitable[_Summary]: ...
+    def unload(self, model_id: str) -> Awaitable[_Summary]: ...
+    def shutdown(self) -> Awaitable[None]: ...
+    def cache_counters(self) -> dict[str, int]: ...
+    def cache_reset_counters(self) -> None: ...
+    def cache_dump(self) -> list[dict[str, Any]]: ...
+    def cache_gc(self) -> int: ...
+    def cache_evict_bytes(self, n: int, tiers: list[str] | None = None) -> tuple[int, int]: ...
+    def cache_bytes(self) -> dict[str, int]: ...
+    def cache_settle(self, timeout_s: float = 30.0) -> bool: ...
+
+@final
+class Stream:
+    """A running request's events."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def model_id(self) -> str: ...
+    def next(self) -> Awaitable[tuple[str, int, str] | tuple[str, dict[str, Any]]]:
+        """Resolve to the next event; raises StopAsyncIteration after the end."""

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyLoadedError",
+    "BackendError",
+    "CacheError",
     "ContextError",
     "ContextOverflowError",
     "DecodeError",
     "EmptyInputError",
     "ErllamaError",
+    "GrammarError",
     "InvalidInputError",
     "KvStateError",
     "ModelFetchError",
@@ -34,6 +37,7 @@ __all__ = [
     "NotFoundError",
     "NotSupportedError",
     "TokenOutOfRangeError",
+    "UnknownTierError",
     "WorkerError",
 ]
 
@@ -72,6 +76,15 @@ class ContextOverflowError(InvalidInputError):
 
 class EmptyInputError(InvalidInputError):
     """Raised when an empty prompt or token list is given where one is needed."""
+
+
+class GrammarError(InvalidInputError):
+    """Raised when a GBNF ``grammar`` given for sampling does not parse."""
+
+
+class UnknownTierError(InvalidInputError):
+    """Raised when a cache tier name is not ``ram``, ``ram_file`` or ``disk``,
+    or names a tier the engine's cache was not configured with."""
 
 
 # --- models -------------------------------------------------------------------
@@ -147,4 +160,21 @@ class WorkerError(ErllamaError):
 
     The request that hit this gets the error instead of hanging; the model
     must be loaded again to be used.
+    """
+
+
+class BackendError(ErllamaError):
+    """Raised when a backend failed while serving a request.
+
+    For example a Python backend raised an unexpected exception inside
+    ``decode_one``. Only the request that hit it fails; the model keeps
+    serving the next one.
+    """
+
+
+class CacheError(ErllamaError):
+    """Raised when the KV cache could not be opened or a blocking save failed.
+
+    A cache directory could not be created or read, or an ``evict`` /
+    ``shutdown`` save did not finish within ``evict_save_timeout_ms``.
     """

@@ -4,8 +4,11 @@
 //! blocking call releases the GIL; errors become the exception classes of
 //! `erllama.errors` in one place ([`error`]).
 
+mod bridge;
+mod engine;
 mod error;
 mod llama;
+mod pybackend;
 
 use pyo3::prelude::*;
 
@@ -24,5 +27,8 @@ fn init_logging() {
 fn _erllama(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_logging();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(bridge::_quiesce, m)?)?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyStream>()?;
     llama::register(m)
 }

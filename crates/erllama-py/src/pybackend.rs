@@ -1,0 +1,334 @@
+//! A backend written in Python, driven by the Rust model actor through the
+//! engine's `Backend` trait (the proof that a backend can be Python; see
+//! `erllama.backends.stub`).
+//!
+//! The Python object provides `name`, `n_vocab`, `tokenize(text, add_bos)`,
+//! `detokenize(tokens)`, `new_context(n_ctx, n_batch)` and optionally
+//! `fingerprint()`, `embed(tokens)`, `chat_tokens(messages,
+//! add_assistant)`, `token_bytes(token)`, `is_eog(token)`. A context object
+//! provides `prefill(tokens)`, `decode_one()`, `kv_pack()`,
+//! `kv_unpack(data, tokens)`, `remove_last()`, `clear()` and optionally
+//! `set_sampling(params: dict)`. Every call takes the GIL for its duration
+//! only; the token list is mirrored on the Rust side so `tokens()` needs no
+//! call. Exceptions become backend errors by class (an `erllama.errors`
+//! class keeps its meaning), so one failing call fails one request.
+
+use erllama_cache::{FingerprintMode, QuantType};
+use erllama_engine::{
+    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+};
+use pyo3::prelude::*;
+
+use crate::bridge::enter_python;
+use pyo3::types::PyDict;
+use sha2::{Digest, Sha256};
+
+/// Maps a Python exception raised by backend code to a backend error.
+fn backend_err(py: Python<'_>, e: &PyErr) -> BackendError {
+    let name = e
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
+    let msg = e.value(py).to_string();
+    let is = |class: &str| {
+        py.import("erllama.errors")
+            .and_then(|m| m.getattr(class))
+            .is_ok_and(|c| e.get_type(py).is_subclass(&c).unwrap_or(false))
+    };
+    if is("ContextOverflowError")
+        || is("TokenOutOfRangeError")
+        || is("EmptyInputError")
+        || is("InvalidInputError")
+    {
+        BackendError::InvalidInput(msg)
+    } else if is("KvStateError") {
+        BackendError::KvState(msg)
+    } else if is("NoTemplateError") {
+        BackendError::NotSupported("chat_template")
+    } else if is("NotSupportedError") {
+        BackendError::NotSupported("this capability")
+    } else {
+        BackendError::Other(format!("{name}: {msg}"))
+    }
+}
+
+fn call<T>(
+    obj: &Py<PyAny>,
+    method: &str,
+    args: impl for<'py> pyo3::call::PyCallArgs<'py>,
+) -> Result<T, BackendError>
+where
+    T: for<'a, 'py> FromPyObject<'a, 'py>,
+{
+    enter_python(|py| {
+        obj.bind(py)
+            .call_method1(method, args)
+            .and_then(|r| r.extract::<T>().map_err(Into::into))
+            .map_err(|e| backend_err(py, &e))
+    })
+    .unwrap_or_else(|| Err(gone()))
+}
+
+fn gone() -> BackendError {
+    BackendError::Other("the Python interpreter is shutting down".into())
+}
+
+/// A call whose result is ignored.
+fn call_unit(
+    obj: &Py<PyAny>,
+    method: &str,
+    args: impl for<'py> pyo3::call::PyCallArgs<'py>,
+) -> Result<(), BackendError> {
+    enter_python(|py| {
+        obj.bind(py)
+            .call_method1(method, args)
+            .map(|_| ())
+            .map_err(|e| backend_err(py, &e))
+    })
+    .unwrap_or_else(|| Err(gone()))
+}
+
+/// A Python object used as a backend.
+#[derive(Debug)]
+pub struct PyBackend {
+    obj: Py<PyAny>,
+    name: String,
+    n_vocab: u32,
+    fingerprint: ModelFingerprint,
+    has: Has,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Has {
+    embed: bool,
+    chat: bool,
+    token_bytes: bool,
+}
+
+impl PyBackend {
+    /// Wraps `obj`, reading its name, vocabulary size and fingerprint now.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInputError` when a required attribute is missing.
+    pub fn new(obj: &Bound<'_, PyAny>, label: &str) -> PyResult<Self> {
+        let missing = |what: &str| {
+            crate::error::erllama_err(
+                "InvalidInputError",
+                format!("a backend object needs {what}"),
+            )
+        };
+        for m in ["tokenize", "detokenize", "new_context"] {
+            if !obj.hasattr(m)? {
+                return Err(missing(m));
+            }
+        }
+        let name: String = obj
+            .getattr("name")
+            .and_then(|n| n.extract())
+            .unwrap_or_else(|_| "python".into());
+        let n_vocab: u32 = obj
+            .getattr("n_vocab")
+            .and_then(|n| n.extract())
+            .map_err(|_| missing("an int n_vocab"))?;
+        let fingerprint = match obj.hasattr("fingerprint")? {
+            true => {
+                let b: Vec<u8> = obj.call_method0("fingerprint")?.extract()?;
+                <[u8; 32]>::try_from(b.as_slice()).map_err(|_| {
+                    crate::error::erllama_err(
+                        "InvalidInputError",
+                        "fingerprint() must return 32 bytes".into(),
+                    )
+                })?
+            }
+            false => {
+                let mut sha = Sha256::new();
+                sha.update(b"erllama-python-backend\0");
+                sha.update(name.as_bytes());
+                sha.update(b"\0");
+                sha.update(label.as_bytes());
+                sha.finalize().into()
+            }
+        };
+        Ok(Self {
+            obj: obj.clone().unbind(),
+            name,
+            n_vocab,
+            fingerprint: ModelFingerprint {
+                bytes: fingerprint,
+                mode: FingerprintMode::FastUnsafe,
+                quant: QuantType::F32,
+            },
+            has: Has {
+                embed: obj.hasattr("embed")?,
+                chat: obj.hasattr("chat_tokens")?,
+                token_bytes: obj.hasattr("token_bytes")?,
+            },
+        })
+    }
+}
+
+impl Backend for PyBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn fingerprint(&self) -> ModelFingerprint {
+        self.fingerprint.clone()
+    }
+
+    fn n_vocab(&self) -> u32 {
+        self.n_vocab
+    }
+
+    fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, BackendError> {
+        call(&self.obj, "tokenize", (text, add_bos))
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        call(&self.obj, "detokenize", (tokens.to_vec(),))
+    }
+
+    fn token_bytes(&self, token: u32) -> Result<Vec<u8>, BackendError> {
+        if self.has.token_bytes {
+            call(&self.obj, "token_bytes", (token,))
+        } else {
+            self.detokenize(&[token]).map(String::into_bytes)
+        }
+    }
+
+    fn chat_tokens(
+        &self,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<Vec<u32>, BackendError> {
+        if !self.has.chat {
+            return Err(BackendError::NotSupported("chat_template"));
+        }
+        call(&self.obj, "chat_tokens", (messages.to_vec(), add_assistant))
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+        if !self.has.embed {
+            return Err(BackendError::NotSupported("embed"));
+        }
+        call(&self.obj, "embed", (tokens.to_vec(),))
+    }
+
+    fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
+        let ctx: Py<PyAny> = call(&self.obj, "new_context", (params.n_ctx, params.n_batch))?;
+        let (has_sampling, has_eog, backend) = enter_python(|py| {
+            (
+                ctx.bind(py).hasattr("set_sampling").unwrap_or(false),
+                self.obj.bind(py).hasattr("is_eog").unwrap_or(false),
+                self.obj.clone_ref(py),
+            )
+        })
+        .ok_or_else(gone)?;
+        Ok(Box::new(PyContext {
+            ctx,
+            backend,
+            tokens: Vec::new(),
+            has_sampling,
+            has_eog,
+        }))
+    }
+}
+
+/// A Python context object; `tokens` mirrors what it holds.
+struct PyContext {
+    ctx: Py<PyAny>,
+    backend: Py<PyAny>,
+    tokens: Vec<u32>,
+    has_sampling: bool,
+    has_eog: bool,
+}
+
+impl BackendContext for PyContext {
+    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+        params.validate()?;
+        if !self.has_sampling {
+            return if params.is_greedy() {
+                Ok(())
+            } else {
+                Err(BackendError::NotSupported("sampling"))
+            };
+        }
+        enter_python(|py| {
+            let d = PyDict::new(py);
+            let set = || -> PyResult<()> {
+                d.set_item("temperature", params.temperature)?;
+                d.set_item("top_k", params.top_k)?;
+                d.set_item("top_p", params.top_p)?;
+                d.set_item("min_p", params.min_p)?;
+                d.set_item("repetition_penalty", params.repetition_penalty)?;
+                d.set_item("seed", params.seed)?;
+                d.set_item("grammar", params.grammar.as_deref())?;
+                self.ctx
+                    .bind(py)
+                    .call_method1("set_sampling", (d.clone(),))?;
+                Ok(())
+            };
+            set().map_err(|e| backend_err(py, &e))
+        })
+        .unwrap_or_else(|| Err(gone()))
+    }
+
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        call_unit(&self.ctx, "prefill", (tokens.to_vec(),))?;
+        self.tokens.extend_from_slice(tokens);
+        Ok(())
+    }
+
+    fn decode_one(&mut self) -> Result<u32, BackendError> {
+        let t: u32 = call(&self.ctx, "decode_one", ())?;
+        self.tokens.push(t);
+        Ok(t)
+    }
+
+    fn is_eog(&self, token: u32) -> bool {
+        self.has_eog && call::<bool>(&self.backend, "is_eog", (token,)).unwrap_or(false)
+    }
+
+    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
+        call(&self.ctx, "kv_pack", ())
+    }
+
+    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        let result = enter_python(|py| {
+            let data = pyo3::types::PyBytes::new(py, bytes);
+            self.ctx
+                .bind(py)
+                .call_method1("kv_unpack", (data, tokens.to_vec()))
+                .map(|_| ())
+                .map_err(|e| backend_err(py, &e))
+        })
+        .unwrap_or_else(|| Err(gone()));
+        match result {
+            Ok(()) => {
+                self.tokens = tokens.to_vec();
+                Ok(())
+            }
+            Err(e) => {
+                self.clear();
+                Err(e)
+            }
+        }
+    }
+
+    fn remove_last(&mut self) -> Result<(), BackendError> {
+        call_unit(&self.ctx, "remove_last", ())?;
+        self.tokens.pop();
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        let _ = call_unit(&self.ctx, "clear", ());
+        self.tokens.clear();
+    }
+}

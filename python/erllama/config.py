@@ -1,0 +1,109 @@
+"""Configuration of an :class:`erllama.Engine`: cache tiers, save policy, scheduler.
+
+All three are frozen dataclasses with keyword-only fields, so a configuration
+is a value that can be shared, compared and printed:
+
+>>> from erllama import CacheConfig, Policy
+>>> Policy(min_tokens=256).min_tokens
+256
+>>> CacheConfig().ram_quota == 1 << 30
+True
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CacheConfig", "Policy", "SchedulerConfig"]
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """The cache tiers and their byte quotas.
+
+    ``ram`` (in-process) is always on. ``ram_file`` (files on tmpfs, e.g. a
+    directory under ``/dev/shm``; shared between processes, survives a model
+    restart) and ``disk`` (persistent files; survives restarts) are on when a
+    directory is given. Each tier has its own quota and LRU; a save that does
+    not fit evicts the tier's least recently used rows first, or is dropped.
+    """
+
+    ram_quota: int = GIB
+    """Bytes the in-process tier may hold."""
+    ram_file_dir: str | os.PathLike[str] | None = None
+    """Directory of the ``ram_file`` tier (created 0700 if missing)."""
+    ram_file_quota: int = 4 * GIB
+    """Bytes the ``ram_file`` tier may hold."""
+    disk_dir: str | os.PathLike[str] | None = None
+    """Directory of the ``disk`` tier (created 0700 if missing)."""
+    disk_quota: int = 16 * GIB
+    """Bytes the ``disk`` tier may hold."""
+    writer_limit: int | None = None
+    """Concurrent background saves (default 2 x cores + 1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ram_quota", "ram_file_quota", "disk_quota"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                from erllama.errors import InvalidInputError
+
+                raise InvalidInputError(f"{name} must be an int >= 0, got {value!r}")
+        if self.writer_limit is not None and self.writer_limit < 1:
+            from erllama.errors import InvalidInputError
+
+            raise InvalidInputError(f"writer_limit must be >= 1, got {self.writer_limit!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """When states are saved and how prefixes are probed (SPEC §3.6).
+
+    The defaults suit long prompts: nothing under 512 tokens is saved, cold
+    saves and longest-prefix probes use multiples of 2048 tokens. Lower
+    ``boundary_align_tokens`` (e.g. 256) to reuse shorter shared prefixes.
+    Validation happens when an engine or model is created with it.
+    """
+
+    min_tokens: int = 512
+    """Continued and finish saves need at least this many live tokens."""
+    cold_min_tokens: int = 512
+    """Cold (prompt) saves need a prompt of at least this many tokens."""
+    cold_max_tokens: int = 30000
+    """Cold saves skip prompts longer than this."""
+    continued_interval: int = 2048
+    """A continued save every this many generated tokens."""
+    boundary_trim_tokens: int = 32
+    """Tokens dropped from a prompt's end before aligning its cold save."""
+    boundary_align_tokens: int = 2048
+    """Cold saves and longest-prefix probes use multiples of this."""
+    session_resume_wait_ms: int = 500
+    """How long a ``parent_key`` resume waits for a row still being written."""
+    evict_save_timeout_ms: int = 30000
+    """Bound on the blocking ``evict`` and ``shutdown`` saves."""
+
+    def to_dict(self) -> dict[str, int]:
+        """The policy as the name -> int map the engine validates."""
+        return {k: int(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """The memory-pressure scheduler (off by default).
+
+    When enabled, it samples memory use every ``interval_ms`` and, when
+    ``used / total >= high_watermark``, evicts least-recently-used cache rows
+    of ``evict_tiers`` until usage is back near ``low_watermark``.
+    """
+
+    enabled: bool = False
+    pressure_source: Any = "system"
+    """``"system"``, ``"nvml"``, ``"noop"`` or an object with ``sample()``."""
+    interval_ms: int = 1000
+    high_watermark: float = 0.85
+    low_watermark: float = 0.75
+    min_evict_bytes: int = 0
+    evict_tiers: tuple[str, ...] = field(default=("ram", "ram_file"))
