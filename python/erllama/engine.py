@@ -19,6 +19,7 @@ prefix) and saved after, off the request path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -187,6 +188,12 @@ class Stream:
         self._native_stream: _erllama.Stream | None = None
         self._done = False
         self.completion: Completion | None = None
+
+    def __del__(self) -> None:
+        # A stream that was never iterated gives its reserved id back.
+        if getattr(self, "_native_stream", True) is None:
+            with contextlib.suppress(Exception):  # nothing to report to at GC time
+                self._model._native.release_request(self.request_id)
 
     @property
     def stats(self) -> Stats | None:

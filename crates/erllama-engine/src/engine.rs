@@ -102,25 +102,49 @@ impl std::fmt::Debug for Engine {
 }
 
 /// A started request: its id, then its events.
-#[derive(Debug)]
+///
+/// Dropping the stream before the request ends cancels the request (no
+/// one is listening any more) and forgets its id.
 pub struct RequestStream {
     /// The request id (known before the first token).
     pub id: RequestId,
     /// The model serving it.
     pub model: String,
     events: mpsc::UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+    inflight: Arc<Mutex<HashMap<RequestId, Inflight>>>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for RequestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestStream")
+            .field("id", &self.id)
+            .field("model", &self.model)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RequestStream {
-    /// The next event; after [`Event::Done`] this returns `None`. A model
-    /// task that died without answering yields a `ModelGone` error.
+    fn seen(&mut self, ev: Option<Event>) -> Option<Event> {
+        if !matches!(ev, Some(Event::Token { .. })) {
+            self.ended = true;
+        }
+        ev
+    }
+
+    /// The next event; after [`Event::Done`] this returns `None`, and so
+    /// it does when the model task died without answering.
     pub async fn next(&mut self) -> Option<Event> {
-        self.events.recv().await
+        let ev = self.events.recv().await;
+        self.seen(ev)
     }
 
     /// Blocking [`RequestStream::next`] (not from inside a runtime).
     pub fn blocking_next(&mut self) -> Option<Event> {
-        self.events.blocking_recv()
+        let ev = self.events.blocking_recv();
+        self.seen(ev)
     }
 
     /// Waits for the end, ignoring token events.
@@ -138,6 +162,20 @@ impl RequestStream {
             self.model.clone(),
             "the model task stopped without answering".into(),
         ))
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+        // Finished ids are forgotten by the model; this covers a model
+        // that died, or a request abandoned before it ended.
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
     }
 }
 
@@ -255,6 +293,8 @@ impl Engine {
             id
         };
         let inflight = Arc::clone(&self.inner.inflight);
+        let crashed = Arc::clone(&self.inner.inflight);
+        let crashed_id = id.clone();
         let setup = ActorSetup {
             model_id: id.clone(),
             backend,
@@ -267,6 +307,14 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&rid);
+            }),
+            // The task's requests died with it (their streams report
+            // `model_gone`): forget their ids.
+            on_crash: Arc::new(move || {
+                crashed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|_, f| f.model != crashed_id);
             }),
         };
         let ready = match model::spawn(setup, rx) {
@@ -421,7 +469,7 @@ impl Engine {
             tokens,
             prompt_text,
             options,
-            cancel,
+            cancel: Arc::clone(&cancel),
             events: events_tx,
             submitted: Instant::now(),
         };
@@ -433,6 +481,9 @@ impl Engine {
             id,
             model: model.to_owned(),
             events,
+            cancel,
+            inflight: Arc::clone(&self.inner.inflight),
+            ended: false,
         })
     }
 

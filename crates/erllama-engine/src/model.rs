@@ -156,6 +156,8 @@ pub(crate) struct ActorSetup {
     pub(crate) cache: Cache,
     pub(crate) shared: Arc<Shared>,
     pub(crate) on_done: OnDone,
+    /// Called once if the task panics: its requests are lost with it.
+    pub(crate) on_crash: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// Starts the actor thread; resolves once the context exists.
@@ -166,20 +168,25 @@ pub(crate) fn spawn(
     let (ready_tx, ready_rx) = oneshot::channel();
     let name = format!("erllama-model-{}", setup.model_id);
     let shared = Arc::clone(&setup.shared);
+    let on_crash = Arc::clone(&setup.on_crash);
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             let model_id = setup.model_id.clone();
-            let result = catch_unwind(AssertUnwindSafe(|| run(setup, rx, ready_tx)));
-            shared.set(ModelStatus::Stopped);
-            if result.is_err() {
+            let crashed = move || {
+                // Runs before the actor's state (and with it the event
+                // senders of its requests) is dropped, so a request that
+                // sees its stream close also sees the model stopped.
+                shared.set(ModelStatus::Stopped);
                 tracing::error!(model = %model_id, "model task panicked; its requests fail");
                 *shared
                     .stop_reason
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some("the model task crashed".into());
-            }
+                on_crash();
+            };
+            run(setup, rx, ready_tx, crashed);
         })
         .map_err(|e| EngineError::Backend(format!("cannot start the model thread: {e}")))?;
     Ok(ready_rx)
@@ -189,14 +196,29 @@ fn run(
     setup: ActorSetup,
     mut rx: mpsc::Receiver<Command>,
     ready: oneshot::Sender<Result<(), EngineError>>,
+    crashed: impl FnOnce(),
 ) {
-    let ctx = match setup.backend.new_context(&setup.config.context) {
+    let shared = Arc::clone(&setup.shared);
+    let ctx = match catch_unwind(AssertUnwindSafe(|| {
+        setup.backend.new_context(&setup.config.context)
+    })) {
+        Ok(ctx) => ctx,
+        Err(_) => {
+            let _ = ready.send(Err(EngineError::ModelLoad(
+                "the backend panicked while creating its context".into(),
+            )));
+            shared.set(ModelStatus::Stopped);
+            return;
+        }
+    };
+    let ctx = match ctx {
         Ok(ctx) => {
             let _ = ready.send(Ok(()));
             ctx
         }
         Err(e) => {
             let _ = ready.send(Err(EngineError::from(e)));
+            shared.set(ModelStatus::Stopped);
             return;
         }
     };
@@ -208,6 +230,17 @@ fn run(
         deferred: Vec::new(),
     };
     actor.setup.shared.set(ModelStatus::Idle);
+    let served = catch_unwind(AssertUnwindSafe(|| serve(&mut actor, &mut rx)));
+    if served.is_err() {
+        crashed();
+    }
+    shared.set(ModelStatus::Stopped);
+    // `actor` and `rx` drop here: pending requests' streams close.
+}
+
+/// The actor loop; returns when the model is stopped or every handle is
+/// gone.
+fn serve(actor: &mut Actor, rx: &mut mpsc::Receiver<Command>) {
     loop {
         if actor.active.is_none() && actor.queue.is_empty() {
             match rx.blocking_recv() {

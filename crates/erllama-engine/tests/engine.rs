@@ -562,3 +562,115 @@ async fn stop_strings_end_generation() {
     assert!(!cut.text.contains(&stop));
     assert!(free.text.starts_with(&cut.text));
 }
+
+/// A stub whose context panics when it decodes after the word "panic".
+struct Panicky(StubBackend);
+
+struct PanickyCtx(Box<dyn BackendContext>, u32);
+
+impl Backend for Panicky {
+    fn name(&self) -> &str {
+        "panicky"
+    }
+    fn fingerprint(&self) -> ModelFingerprint {
+        self.0.fingerprint()
+    }
+    fn n_vocab(&self) -> u32 {
+        self.0.n_vocab()
+    }
+    fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, BackendError> {
+        self.0.tokenize(text, add_bos)
+    }
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        self.0.detokenize(tokens)
+    }
+    fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
+        Ok(Box::new(PanickyCtx(
+            self.0.new_context(params)?,
+            erllama_engine::stub_word_token("panic"),
+        )))
+    }
+}
+
+impl BackendContext for PanickyCtx {
+    fn tokens(&self) -> &[u32] {
+        self.0.tokens()
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        self.0.prefill(tokens)
+    }
+    fn decode_one(&mut self) -> Result<u32, BackendError> {
+        assert!(!self.0.tokens().contains(&self.1), "the backend crashed");
+        self.0.decode_one()
+    }
+    fn is_eog(&self, token: u32) -> bool {
+        self.0.is_eog(token)
+    }
+    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
+        self.0.kv_pack()
+    }
+    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        self.0.kv_unpack(bytes, tokens)
+    }
+    fn remove_last(&mut self) -> Result<(), BackendError> {
+        self.0.remove_last()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_model_fails_its_requests_and_spares_the_others() {
+    let engine = engine();
+    let healthy = stub(&engine, Some("healthy"), TierKind::Ram).await;
+    let crashy = engine
+        .load_model(
+            Arc::new(Panicky(StubBackend::new("p"))),
+            Some("crashy".into()),
+            ModelConfig::default(),
+        )
+        .await
+        .expect("load");
+    // One request that crashes the model task, two queued behind it.
+    let o = opts(5);
+    let mut streams = Vec::new();
+    for text in ["please panic now", "queued one", "queued two"] {
+        let t = engine
+            .prepare(&crashy, &Prompt::Text(text.into()), &o)
+            .expect("prepare");
+        streams.push(
+            engine
+                .submit(&crashy, t, String::new(), o.clone())
+                .expect("submit"),
+        );
+    }
+    for s in streams {
+        let err = s.collect().await.expect_err("the model crashed");
+        assert_eq!(err.name(), "model_gone", "{err}");
+    }
+    assert_eq!(
+        engine.status(&crashy).expect("status"),
+        ModelStatus::Stopped
+    );
+    let err = engine
+        .complete(&crashy, Prompt::Text("after".into()), opts(1))
+        .await
+        .expect_err("stopped");
+    assert_eq!(err.name(), "model_gone");
+    // The other model and the engine are untouched.
+    let ok = engine
+        .complete(&healthy, Prompt::Text("still here".into()), opts(3))
+        .await
+        .expect("healthy");
+    assert_eq!(ok.tokens.len(), 3);
+    assert!(
+        engine.inflight().is_empty(),
+        "crashed requests are forgotten"
+    );
+    engine
+        .unload(&crashy)
+        .await
+        .expect("unload a stopped model");
+    assert_eq!(engine.models(), vec!["healthy".to_owned()]);
+}
