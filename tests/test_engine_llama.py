@@ -177,3 +177,29 @@ async def test_concurrent_requests_on_one_model(engine: erllama.Engine, model_pa
     )
     assert len({r.request_id for r in results}) == 6
     assert all(len(r.tokens) == 4 or r.stats.finish_reason == "stop" for r in results)
+
+
+async def test_lora_adapters_change_output_and_isolate_the_cache(
+    engine: erllama.Engine, model_path: Path, tmp_path: Path
+) -> None:
+    from lora_fixture import make_lora
+
+    adapter = tmp_path / "adapter.gguf"
+    make_lora(adapter, model_path)
+    model = await load(engine, model_path)
+    prompt = SYSTEM + " Question: which planet is number 2?"
+    base = await model.complete(prompt, max_tokens=8)
+    assert engine.cache.settle()
+    info = await model.load_adapter(adapter, scale=1.0)
+    assert [a.id for a in await model.adapters()] == [info.id]
+    tuned = await model.complete(prompt, max_tokens=8)
+    assert tuned.stats.cache_hit_kind != "exact", "base-model rows must not serve the adapter"
+    assert tuned.tokens != base.tokens
+    await model.set_adapter_scale(info.id, 0.0)
+    off = await model.complete(prompt, max_tokens=8)
+    assert off.stats.cache_hit_kind == "exact"
+    assert off.tokens == base.tokens
+    await model.unload_adapter(info.id)
+    with pytest.raises(ModelLoadError):
+        await model.load_adapter(model_path)  # a model, not an adapter
+    assert (await model.complete(prompt, max_tokens=8)).tokens == base.tokens

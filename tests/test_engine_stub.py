@@ -334,3 +334,29 @@ async def test_cache_inspection() -> None:
         assert engine.cache.bytes()["ram"] == 0
         engine.cache.reset_counters()
         assert engine.cache.counters()["misses"] == 0
+
+
+async def test_adapters_isolate_cache_rows(tmp_path: Path, backend: Any) -> None:
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"an adapter")
+    async with erllama.Engine(policy=POLICY) as engine:
+        model = await engine.load_model("m", backend=backend)
+        prompt = words(40, "lora")
+        await model.complete(prompt, max_tokens=3)
+        assert engine.cache.settle()
+        info = await model.load_adapter(adapter, scale=1.0)
+        assert info.id == "adapter_1"
+        assert len(info.sha256) == 64
+        assert [a.id for a in await model.adapters()] == ["adapter_1"]
+        with_adapter = await model.complete(prompt, max_tokens=3)
+        assert with_adapter.stats.cache_hit_kind == "cold"
+        await model.unload_adapter("adapter_1")
+        assert await model.adapters() == []
+        again = await model.complete(prompt, max_tokens=3)
+        assert again.stats.cache_hit_kind == "exact"
+        with pytest.raises(erllama.ModelFileNotFoundError):
+            await model.load_adapter(tmp_path / "missing.gguf")
+        with pytest.raises(NotFoundError):
+            await model.unload_adapter("nope")
+        with pytest.raises(NotFoundError):
+            await model.set_adapter_scale("nope", 0.5)

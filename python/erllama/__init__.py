@@ -31,12 +31,16 @@ from erllama._erllama import __version__ as __version__
 from erllama._erllama import _quiesce as _quiesce
 from erllama.config import CacheConfig, Policy, SchedulerConfig
 from erllama.engine import (
+    AdapterInfo,
     CacheView,
+    CheckResult,
     Completion,
     Engine,
     Model,
     ModelInfo,
     SaveSummary,
+    SchedulerStatus,
+    SchedulerView,
     Stats,
     Stream,
 )
@@ -64,11 +68,13 @@ from erllama.errors import (
 )
 
 __all__ = [
+    "AdapterInfo",
     "AlreadyLoadedError",
     "BackendError",
     "CacheConfig",
     "CacheError",
     "CacheView",
+    "CheckResult",
     "Completion",
     "Context",
     "ContextError",
@@ -92,6 +98,8 @@ __all__ = [
     "Policy",
     "SaveSummary",
     "SchedulerConfig",
+    "SchedulerStatus",
+    "SchedulerView",
     "Stats",
     "Stream",
     "TokenOutOfRangeError",

@@ -8,13 +8,25 @@ as the classes of :mod:`erllama.errors`.
 from collections.abc import Awaitable, Sequence
 from typing import Any, Self, final
 
-__all__ = ["Context", "Engine", "Model", "Stream", "__version__", "_quiesce", "system_info"]
+__all__ = [
+    "Context",
+    "Engine",
+    "Model",
+    "Stream",
+    "__version__",
+    "_quiesce",
+    "sample_pressure",
+    "system_info",
+]
 
 __version__: str
 """The version of the native module (the Rust crates' version)."""
 
 def _quiesce(timeout_s: float = 5.0) -> bool:
     """Wait until no task runs on the native runtime (registered with ``atexit``)."""
+
+def sample_pressure(source: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """Sample a built-in pressure source once (``system``, ``nvml``, ``noop``)."""
 
 def system_info() -> str:
     """Return llama.cpp/ggml's system information line.
@@ -253,6 +265,8 @@ class Engine:
         disk_quota: int,
         writer_limit: int | None,
         policy: dict[str, int],
+        scheduler: dict[str, object],
+        pressure_source: object,
     ) -> Self: ...
     def load_model(
         self,
@@ -317,6 +331,14 @@ class Engine:
         self, model_id: str, messages: list[tuple[str, str]], add_assistant: bool
     ) -> Awaitable[list[int]]: ...
     def embed(self, model_id: str, tokens: list[int]) -> Awaitable[list[float]]: ...
+    def load_adapter(
+        self, model_id: str, path: str, scale: float, adapter_id: str | None = None
+    ) -> Awaitable[tuple[str, str, str, float]]: ...
+    def set_adapter_scale(
+        self, model_id: str, adapter_id: str, scale: float
+    ) -> Awaitable[tuple[str, str, str, float]]: ...
+    def unload_adapter(self, model_id: str, adapter_id: str) -> Awaitable[None]: ...
+    def adapters(self, model_id: str) -> Awaitable[list[tuple[str, str, str, float]]]: ...
     def evict(self, model_id: str) -> Awaitable[_Summary]: ...
     def save_now(self, model_id: str) -> Awaitable[_Summary]: ...
     def unload(self, model_id: str) -> Awaitable[_Summary]: ...
@@ -328,6 +350,13 @@ class Engine:
     def cache_evict_bytes(self, n: int, tiers: list[str] | None = None) -> tuple[int, int]: ...
     def cache_bytes(self) -> dict[str, int]: ...
     def cache_settle(self, timeout_s: float = 30.0) -> bool: ...
+    def scheduler_status(self) -> dict[str, Any]: ...
+    def scheduler_force_check(self) -> tuple[str, int, int, int]: ...
+    def scheduler_enable(self, on: bool) -> None: ...
+    def scheduler_set_thresholds(
+        self, high: float, low: float, min_evict_bytes: int | None = None
+    ) -> None: ...
+    def scheduler_set_interval(self, interval_ms: int) -> None: ...
 
 @final
 class Stream:

@@ -13,8 +13,7 @@ True
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 __all__ = ["CacheConfig", "Policy", "SchedulerConfig"]
 
@@ -92,18 +91,38 @@ class Policy:
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    """The memory-pressure scheduler (off by default).
+    """The memory-pressure scheduler (SPEC §4; off by default).
 
-    When enabled, it samples memory use every ``interval_ms`` and, when
-    ``used / total >= high_watermark``, evicts least-recently-used cache rows
-    of ``evict_tiers`` until usage is back near ``low_watermark``.
+    When enabled it samples ``pressure_source`` every ``interval_ms`` and,
+    when ``used / total >= high_watermark``, evicts
+    ``max((high - low) * total, min_evict_bytes)`` bytes of least recently
+    used cache rows from ``evict_tiers`` (pinned rows never). With
+    ``evict_idle_models``, when that is not enough, idle models are asked to
+    save and release their live contexts, largest first.
     """
 
     enabled: bool = False
-    pressure_source: Any = "system"
-    """``"system"``, ``"nvml"``, ``"noop"`` or an object with ``sample()``."""
-    interval_ms: int = 1000
+    pressure_source: object = "system"
+    """``"system"`` (host memory, or the cgroup v2 limit when one applies),
+    ``"nvml"`` (VRAM of every NVIDIA GPU), ``"noop"``, or any object with
+    ``sample() -> (used_bytes, total_bytes)`` (see :mod:`erllama.pressure`)."""
+    interval_ms: int = 5000
     high_watermark: float = 0.85
     low_watermark: float = 0.75
-    min_evict_bytes: int = 0
-    evict_tiers: tuple[str, ...] = field(default=("ram", "ram_file"))
+    min_evict_bytes: int = 1 << 20
+    evict_tiers: tuple[str, ...] | str = ("ram", "ram_file")
+    """Tiers evicted from; ``"all"`` includes ``disk``."""
+    evict_idle_models: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        """The settings the native scheduler takes (``pressure_source`` aside)."""
+        tiers = [self.evict_tiers] if isinstance(self.evict_tiers, str) else list(self.evict_tiers)
+        return {
+            "enabled": bool(self.enabled),
+            "interval_ms": int(self.interval_ms),
+            "high_watermark": float(self.high_watermark),
+            "low_watermark": float(self.low_watermark),
+            "min_evict_bytes": int(self.min_evict_bytes),
+            "evict_tiers": tiers,
+            "evict_idle_models": bool(self.evict_idle_models),
+        }

@@ -31,7 +31,9 @@ from erllama.config import CacheConfig, Policy, SchedulerConfig
 from erllama.errors import InvalidInputError, WorkerError
 
 __all__ = [
+    "AdapterInfo",
     "CacheView",
+    "CheckResult",
     "Completion",
     "CompletionOptions",
     "Engine",
@@ -39,6 +41,8 @@ __all__ = [
     "Model",
     "ModelInfo",
     "SaveSummary",
+    "SchedulerStatus",
+    "SchedulerView",
     "Stats",
     "Stream",
 ]
@@ -98,6 +102,22 @@ class ModelInfo:
     tier: str
     fingerprint: str
     fingerprint_mode: str
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A LoRA adapter loaded on a model."""
+
+    id: str
+    path: str
+    sha256: str
+    """SHA-256 of the adapter file; with the scale it enters the model's
+    effective fingerprint, so cache rows of different adapter sets never mix."""
+    scale: float
+
+
+def _adapter(t: tuple[str, str, str, float]) -> AdapterInfo:
+    return AdapterInfo(id=t[0], path=t[1], sha256=t[2], scale=t[3])
 
 
 @dataclass(frozen=True)
@@ -404,6 +424,38 @@ class Model:
         """A pooled embedding of ``tokens`` (last-token fallback)."""
         return list(await self._native.embed(self.id, [int(t) for t in tokens]))
 
+    async def load_adapter(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        scale: float = 1.0,
+        adapter_id: str | None = None,
+    ) -> AdapterInfo:
+        """Loads a LoRA adapter (GGUF) and applies it with ``scale``.
+
+        The model's effective fingerprint changes with its adapter set, so
+        cache rows made under other adapters are never restored; requests
+        already admitted finish under the set they started with. Raises
+        :class:`~erllama.errors.ModelFileNotFoundError`,
+        :class:`~erllama.errors.ModelLoadError` (not an adapter of this
+        model), :class:`~erllama.errors.AlreadyLoadedError` (id taken) or
+        :class:`~erllama.errors.NotSupportedError`.
+        """
+        t = await self._native.load_adapter(self.id, os.fspath(path), float(scale), adapter_id)
+        return _adapter(t)
+
+    async def set_adapter_scale(self, adapter_id: str, scale: float) -> AdapterInfo:
+        """Changes an adapter's scale (0 keeps it loaded but inactive)."""
+        return _adapter(await self._native.set_adapter_scale(self.id, adapter_id, float(scale)))
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """Unloads an adapter (:class:`~erllama.errors.NotFoundError` if unknown)."""
+        await self._native.unload_adapter(self.id, adapter_id)
+
+    async def adapters(self) -> list[AdapterInfo]:
+        """The loaded adapters, in load order."""
+        return [_adapter(t) for t in await self._native.adapters(self.id)]
+
     async def evict(self) -> SaveSummary | None:
         """Saves the live context (reason ``evict``) and releases it."""
         return _summary(await self._native.evict(self.id))
@@ -458,6 +510,93 @@ class CacheView:
         return bool(self._native.cache_settle(timeout_s))
 
 
+@dataclass(frozen=True)
+class CheckResult:
+    """What one scheduler check did."""
+
+    outcome: Literal[
+        "skipped(disabled)",
+        "skipped(below_watermark)",
+        "skipped(nothing_to_evict)",
+        "skipped(unavailable)",
+        "evicted",
+    ]
+    count: int = 0
+    """Cache rows evicted."""
+    bytes: int = 0
+    """Bytes those rows held."""
+    contexts: int = 0
+    """Idle model contexts saved and released (``evict_idle_models``)."""
+
+
+@dataclass(frozen=True)
+class SchedulerStatus:
+    """The scheduler's settings and its last readings."""
+
+    enabled: bool
+    interval_ms: int
+    high_watermark: float
+    low_watermark: float
+    min_evict_bytes: int
+    evict_tiers: tuple[str, ...]
+    evict_idle_models: bool
+    pressure_source: str
+    available: bool | None
+    """Whether the last sample worked (None before the first check)."""
+    unavailable_reason: str | None
+    sampler_details: tuple[tuple[str, str], ...]
+    last_used: int
+    last_total: int
+    last_ratio: float
+    last_evicted_bytes: int
+    sampled_at: float | None
+    """Unix time of the last sample."""
+    last_evicted_at: float | None
+    checks: int
+    last_outcome: str | None
+    tier_bytes: dict[str, int]
+    """Bytes held per cache tier now."""
+
+
+class SchedulerView:
+    """Inspection and control of the memory-pressure scheduler (plain calls)."""
+
+    def __init__(self, native: _erllama.Engine) -> None:
+        self._native = native
+
+    def status(self) -> SchedulerStatus:
+        """Settings, the last sample and eviction, bytes per tier."""
+        d = dict(self._native.scheduler_status())
+        d["evict_tiers"] = tuple(d["evict_tiers"])
+        d["sampler_details"] = tuple(tuple(p) for p in d["sampler_details"])
+        return SchedulerStatus(**d)
+
+    def force_check(self) -> CheckResult:
+        """Runs one check now (``skipped(disabled)`` when disabled)."""
+        outcome, count, nbytes, contexts = self._native.scheduler_force_check()
+        return CheckResult(outcome=outcome, count=count, bytes=nbytes, contexts=contexts)  # type: ignore[arg-type]
+
+    def enable(self, on: bool = True) -> None:
+        """Starts (or, with ``False``, stops) the periodic checks."""
+        self._native.scheduler_enable(on)
+
+    def set_thresholds(
+        self, high_watermark: float, low_watermark: float, min_evict_bytes: int | None = None
+    ) -> None:
+        """Changes the watermarks live (high > low, high <= 1, low >= 0).
+
+        Raises :class:`~erllama.errors.InvalidInputError` otherwise (nothing
+        changes then).
+        """
+        self._native.scheduler_set_thresholds(
+            float(high_watermark), float(low_watermark), min_evict_bytes
+        )
+
+    def set_interval(self, interval_ms: int) -> None:
+        """Changes the check interval live (must be positive)."""
+        self._native.scheduler_set_interval(int(interval_ms))
+
+
 class Engine:
     """The erllama engine: a cache and the models that share it.
 
@@ -477,6 +616,8 @@ class Engine:
         self.scheduler_config = scheduler or SchedulerConfig()
         c = self.cache_config
         self._native = _erllama.Engine(
+            scheduler=self.scheduler_config.to_dict(),
+            pressure_source=self.scheduler_config.pressure_source,
             ram_quota=c.ram_quota,
             ram_file_dir=None if c.ram_file_dir is None else os.fspath(c.ram_file_dir),
             ram_file_quota=c.ram_file_quota,
@@ -486,6 +627,7 @@ class Engine:
             policy=self.policy.to_dict(),
         )
         self.cache = CacheView(self._native)
+        self.scheduler = SchedulerView(self._native)
         self._models: dict[str, Model] = {}
 
     async def __aenter__(self) -> Engine:

@@ -113,6 +113,10 @@ impl SamplingParams {
     }
 }
 
+/// A loaded LoRA adapter, opaque to the engine (each backend downcasts its
+/// own type).
+pub type AdapterHandle = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
 /// What identifies a backend's weights for the cache key (SPEC §3.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFingerprint {
@@ -213,6 +217,18 @@ pub trait Backend: Send + Sync {
     /// [`BackendError::InvalidInput`] for bad parameters,
     /// [`BackendError::Other`] when the backend cannot allocate it.
     fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError>;
+    /// Loads a LoRA adapter file for this model (it is applied per context
+    /// with [`BackendContext::set_adapters`]).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::NotSupported`] unless the backend implements it;
+    /// [`BackendError::InvalidInput`] for a file that is not an adapter of
+    /// this model.
+    fn load_adapter(&self, path: &std::path::Path) -> Result<AdapterHandle, BackendError> {
+        let _ = path;
+        Err(BackendError::NotSupported("lora"))
+    }
     /// A pooled embedding of `tokens`.
     ///
     /// # Errors
@@ -244,6 +260,23 @@ pub trait BackendContext {
     }
     /// The tokens in the sequence.
     fn tokens(&self) -> &[u32];
+    /// Applies exactly these adapters with these scales from now on (an
+    /// empty list removes all). The engine calls it between requests and
+    /// clears the sequence afterwards: KV computed under other adapters is
+    /// never reused.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::NotSupported`] for a non-empty list unless the
+    /// backend implements adapters (or for more adapters than it can apply
+    /// at once).
+    fn set_adapters(&mut self, adapters: &[(AdapterHandle, f32)]) -> Result<(), BackendError> {
+        if adapters.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::NotSupported("lora"))
+        }
+    }
     /// Appends tokens and computes the logits of the last one.
     ///
     /// # Errors

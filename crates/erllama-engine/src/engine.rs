@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use erllama_cache::{
-    ctx_params_hash, validate_config, Cache, CacheKey, ModelIdentity, PolicyConfig, TierKind,
+    ctx_params_hash, effective_fingerprint, fingerprint_file_safe, validate_config, Cache,
+    CacheKey, ModelIdentity, PolicyConfig, TierKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::Backend;
+use crate::backend::{AdapterHandle, Backend, BackendError};
 use crate::model::{
-    self, ActorSetup, Command, ModelConfig, ModelStatus, SaveSummary, Shared, Submission,
+    self, ActorSetup, AdapterChange, Command, ModelConfig, ModelStatus, SaveSummary, Shared,
+    Submission,
 };
 use crate::request::{Completion, EngineError, Event, Prompt, RequestId, RequestOptions};
 
@@ -57,7 +59,29 @@ struct ModelEntry {
     shared: Arc<Shared>,
     backend: Arc<dyn Backend>,
     config: ModelConfig,
+    /// The identity without adapters.
     identity: Arc<ModelIdentity>,
+    /// Loaded adapters; the async lock serialises changes end to end
+    /// (load, actor round trip, bookkeeping).
+    adapters: tokio::sync::Mutex<Vec<Adapter>>,
+}
+
+struct Adapter {
+    info: AdapterInfo,
+    handle: AdapterHandle,
+}
+
+/// A LoRA adapter loaded on a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterInfo {
+    /// Its id (given, or `adapter_<N>`).
+    pub id: String,
+    /// The adapter file.
+    pub path: std::path::PathBuf,
+    /// SHA-256 of the file (hex).
+    pub sha256: String,
+    /// The scale it is applied with (0 = loaded but inactive).
+    pub scale: f32,
 }
 
 impl ModelEntry {
@@ -260,6 +284,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(MAILBOX);
         let shared = Arc::new(Shared {
             status: AtomicU8::new(ModelStatus::Prefilling as u8),
+            live_tokens: std::sync::atomic::AtomicUsize::new(0),
             stop_reason: Mutex::new(None),
         });
         let id = {
@@ -288,6 +313,7 @@ impl Engine {
                     backend: Arc::clone(&backend),
                     config: config.clone(),
                     identity: Arc::clone(&identity),
+                    adapters: tokio::sync::Mutex::new(Vec::new()),
                 }),
             );
             id
@@ -547,6 +573,21 @@ impl Engine {
         v
     }
 
+    /// Idle models with a live context, largest context first, with its
+    /// token count (the scheduler's candidates for an `evict`).
+    #[must_use]
+    pub fn idle_models_by_size(&self) -> Vec<(String, usize)> {
+        let mut v: Vec<(String, usize)> = self
+            .models_lock()
+            .iter()
+            .filter(|(_, e)| e.shared.status() == ModelStatus::Idle)
+            .map(|(id, e)| (id.clone(), e.shared.live_tokens.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+
     /// Ids of loaded models, sorted.
     #[must_use]
     pub fn models(&self) -> Vec<String> {
@@ -602,6 +643,186 @@ impl Engine {
     /// [`EngineError::NotFound`].
     pub fn identity(&self, model: &str) -> Result<Arc<ModelIdentity>, EngineError> {
         Ok(Arc::clone(&self.entry(model)?.identity))
+    }
+
+    /// Applies `adapters` on the model's actor (between requests) under
+    /// the effective fingerprint they give.
+    async fn apply_adapters(
+        &self,
+        model: &str,
+        entry: &ModelEntry,
+        adapters: &[Adapter],
+    ) -> Result<(), EngineError> {
+        let pairs: Vec<([u8; 32], f64)> = adapters
+            .iter()
+            .filter(|a| a.info.scale != 0.0)
+            .map(|a| {
+                let sha = CacheKey::from_hex(&a.info.sha256)
+                    .map(|k| k.0)
+                    .unwrap_or([0; 32]);
+                (sha, f64::from(a.info.scale))
+            })
+            .collect();
+        let fingerprint = effective_fingerprint(&entry.identity.fingerprint, &pairs)
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        let identity = Arc::new(ModelIdentity {
+            fingerprint,
+            ..(*entry.identity).clone()
+        });
+        let (reply, rx) = oneshot::channel();
+        let change = AdapterChange {
+            identity,
+            adapters: adapters
+                .iter()
+                .filter(|a| a.info.scale != 0.0)
+                .map(|a| (Arc::clone(&a.handle), a.info.scale))
+                .collect(),
+            reply,
+        };
+        if entry.tx.send(Command::Adapters(change)).await.is_err() {
+            return Err(entry.gone(model));
+        }
+        rx.await.map_err(|_| entry.gone(model))?
+    }
+
+    /// Loads a LoRA adapter on `model` and applies it with `scale`. The
+    /// effective fingerprint changes (cache rows of different adapter sets
+    /// never mix); requests already admitted finish under the old set.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`]; [`EngineError::FileNotFound`];
+    /// [`EngineError::AlreadyLoaded`] for a taken adapter id;
+    /// [`EngineError::InvalidInput`] for a non-finite scale;
+    /// [`EngineError::ModelLoad`] when the file is not an adapter of this
+    /// model; [`EngineError::NotSupported`] when the backend cannot apply
+    /// it (the adapter is not kept then).
+    pub async fn load_adapter(
+        &self,
+        model: &str,
+        path: std::path::PathBuf,
+        scale: f32,
+        id: Option<String>,
+    ) -> Result<AdapterInfo, EngineError> {
+        let entry = self.entry(model)?;
+        if !scale.is_finite() {
+            return Err(EngineError::InvalidInput(format!(
+                "adapter scale must be finite, got {scale}"
+            )));
+        }
+        if !path.is_file() {
+            return Err(EngineError::FileNotFound(path.display().to_string()));
+        }
+        let mut adapters = entry.adapters.lock().await;
+        let id = match id {
+            Some(id) if id.is_empty() => {
+                return Err(EngineError::InvalidInput("adapter id is empty".into()))
+            }
+            Some(id) => id,
+            None => (1..)
+                .map(|n| format!("adapter_{n}"))
+                .find(|c| adapters.iter().all(|a| &a.info.id != c))
+                .expect("an unused id exists"),
+        };
+        if adapters.iter().any(|a| a.info.id == id) {
+            return Err(EngineError::AlreadyLoaded(format!("adapter {id}")));
+        }
+        let backend = Arc::clone(&entry.backend);
+        let p = path.clone();
+        let (sha, handle) = tokio::task::spawn_blocking(move || {
+            let sha = fingerprint_file_safe(&p, &mut |_, _| {}).map_err(|e| {
+                EngineError::ModelLoad(format!("reading adapter {}: {e}", p.display()))
+            })?;
+            let handle = backend.load_adapter(&p).map_err(|e| match e {
+                BackendError::NotSupported(w) => EngineError::NotSupported(w.to_owned()),
+                other => EngineError::ModelLoad(format!("adapter {}: {other}", p.display())),
+            })?;
+            Ok::<_, EngineError>((sha, handle))
+        })
+        .await
+        .map_err(|e| EngineError::Backend(format!("adapter loading task failed: {e}")))??;
+        let adapter = Adapter {
+            info: AdapterInfo {
+                id,
+                path,
+                sha256: CacheKey(sha).to_hex(),
+                scale,
+            },
+            handle,
+        };
+        let info = adapter.info.clone();
+        adapters.push(adapter);
+        if let Err(e) = self.apply_adapters(model, &entry, &adapters).await {
+            adapters.pop();
+            // Best effort back to the previous set.
+            let _ = self.apply_adapters(model, &entry, &adapters).await;
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    /// Changes an adapter's scale (0 deactivates it without unloading).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`] for an unknown model or adapter id;
+    /// [`EngineError::InvalidInput`]; the backend's error (the old scale is
+    /// kept then).
+    pub async fn set_adapter_scale(
+        &self,
+        model: &str,
+        id: &str,
+        scale: f32,
+    ) -> Result<AdapterInfo, EngineError> {
+        let entry = self.entry(model)?;
+        if !scale.is_finite() {
+            return Err(EngineError::InvalidInput(format!(
+                "adapter scale must be finite, got {scale}"
+            )));
+        }
+        let mut adapters = entry.adapters.lock().await;
+        let i = adapters
+            .iter()
+            .position(|a| a.info.id == id)
+            .ok_or_else(|| EngineError::NotFound(format!("adapter {id}")))?;
+        let old = std::mem::replace(&mut adapters[i].info.scale, scale);
+        if let Err(e) = self.apply_adapters(model, &entry, &adapters).await {
+            adapters[i].info.scale = old;
+            let _ = self.apply_adapters(model, &entry, &adapters).await;
+            return Err(e);
+        }
+        Ok(adapters[i].info.clone())
+    }
+
+    /// Unloads an adapter.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`] for an unknown model or adapter id.
+    pub async fn unload_adapter(&self, model: &str, id: &str) -> Result<(), EngineError> {
+        let entry = self.entry(model)?;
+        let mut adapters = entry.adapters.lock().await;
+        let i = adapters
+            .iter()
+            .position(|a| a.info.id == id)
+            .ok_or_else(|| EngineError::NotFound(format!("adapter {id}")))?;
+        let removed = adapters.remove(i);
+        if let Err(e) = self.apply_adapters(model, &entry, &adapters).await {
+            adapters.insert(i, removed);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The adapters loaded on `model`, in load order.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::NotFound`].
+    pub async fn adapters(&self, model: &str) -> Result<Vec<AdapterInfo>, EngineError> {
+        let entry = self.entry(model)?;
+        let adapters = entry.adapters.lock().await;
+        Ok(adapters.iter().map(|a| a.info.clone()).collect())
     }
 
     async fn ask(

@@ -13,22 +13,33 @@
 //! - the model actor (one thread per model owning its context; one prefill
 //!   chunk or one token per turn; cache lookups, restores and saves);
 //! - [`Engine`]: the registry of models by id, the in-flight request table
-//!   (cancel by id) and the shared [`erllama_cache::Cache`].
+//!   (cancel by id), LoRA adapter sets and the shared
+//!   [`erllama_cache::Cache`];
+//! - [`Scheduler`] and the [`PressureSampler`]s (`noop`, `system` with
+//!   cgroup v2 limits, `nvml`): evict LRU cache rows, and optionally idle
+//!   models' contexts, when memory runs high.
 
 mod backend;
 mod engine;
 mod model;
+mod pressure;
 mod request;
+mod scheduler;
 mod stub;
 mod text;
 
 pub use backend::{
-    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
+    SamplingParams,
 };
-pub use engine::{Engine, ModelInfo, RequestStream};
+pub use engine::{AdapterInfo, Engine, ModelInfo, RequestStream};
 pub use model::{ModelConfig, ModelStatus, SaveSummary};
+pub use pressure::{
+    NoopSampler, NvmlSampler, PressureSampler, Sample, SamplerError, SystemSampler,
+};
 pub use request::{
     Completion, EngineError, Event, FinishReason, HitKind, HitSource, Prompt, RequestId,
     RequestOptions, RequestStats,
 };
+pub use scheduler::{CheckOutcome, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
 pub use stub::{stub_next_token, stub_word_token, StubBackend, STUB_BOS, STUB_VOCAB};

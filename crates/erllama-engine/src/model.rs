@@ -33,7 +33,7 @@ use erllama_cache::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{Backend, BackendContext, ContextParams};
+use crate::backend::{AdapterHandle, Backend, BackendContext, ContextParams};
 use crate::request::{
     Completion, EngineError, Event, FinishReason, HitKind, HitSource, RequestId, RequestOptions,
     RequestStats,
@@ -126,12 +126,16 @@ pub(crate) enum Command {
     SaveNow(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>),
     /// Cancel everything, save (reason shutdown) and stop.
     Stop(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>),
+    /// Apply a new adapter set (between requests) and clear the context.
+    Adapters(AdapterChange),
 }
 
 /// Shared between the handle and the actor.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) status: AtomicU8,
+    /// Tokens in the live context (for the scheduler's idle-model evict).
+    pub(crate) live_tokens: std::sync::atomic::AtomicUsize,
     pub(crate) stop_reason: std::sync::Mutex<Option<String>>,
 }
 
@@ -213,6 +217,7 @@ fn run(
     };
     let ctx = match ctx {
         Ok(ctx) => {
+            shared.set(ModelStatus::Idle);
             let _ = ready.send(Ok(()));
             ctx
         }
@@ -223,13 +228,13 @@ fn run(
         }
     };
     let mut actor = Actor {
+        identity: Arc::clone(&setup.identity),
         setup,
         ctx,
         queue: VecDeque::new(),
         active: None,
         deferred: Vec::new(),
     };
-    actor.setup.shared.set(ModelStatus::Idle);
     let served = catch_unwind(AssertUnwindSafe(|| serve(&mut actor, &mut rx)));
     if served.is_err() {
         crashed();
@@ -293,11 +298,27 @@ struct Active {
 
 struct Actor {
     setup: ActorSetup,
+    /// The cache identity of what the context computes now (the base
+    /// fingerprint with the active adapters). Changes only between
+    /// requests, so a request keeps the identity it was admitted with.
+    identity: Arc<ModelIdentity>,
     ctx: Box<dyn BackendContext>,
     queue: VecDeque<Box<Submission>>,
     active: Option<Active>,
-    /// Evicts asked for mid-request, answered when it ends.
-    deferred: Vec<oneshot::Sender<Result<Option<SaveSummary>, EngineError>>>,
+    /// Evicts and adapter changes asked for mid-request, done when it ends.
+    deferred: Vec<Deferred>,
+}
+
+enum Deferred {
+    Evict(SaveReply),
+    Adapters(AdapterChange),
+}
+
+/// A new adapter set and the identity it gives.
+pub(crate) struct AdapterChange {
+    pub(crate) identity: Arc<ModelIdentity>,
+    pub(crate) adapters: Vec<(AdapterHandle, f32)>,
+    pub(crate) reply: oneshot::Sender<Result<(), EngineError>>,
 }
 
 type SaveReply = oneshot::Sender<Result<Option<SaveSummary>, EngineError>>;
@@ -319,15 +340,35 @@ impl Actor {
         &self.setup.config.policy
     }
 
+    fn publish_live(&self) {
+        self.setup
+            .shared
+            .live_tokens
+            .store(self.ctx.tokens().len(), Ordering::Relaxed);
+    }
+
     /// Handles a command; true when the actor must exit.
     fn handle(&mut self, cmd: Command) -> bool {
+        let exit = self.handle_inner(cmd);
+        self.publish_live();
+        exit
+    }
+
+    fn handle_inner(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(sub) => self.queue.push_back(sub),
             Command::Evict(reply) => {
                 if self.active.is_some() {
-                    self.deferred.push(reply);
+                    self.deferred.push(Deferred::Evict(reply));
                 } else {
                     self.evict(reply);
+                }
+            }
+            Command::Adapters(change) => {
+                if self.active.is_some() {
+                    self.deferred.push(Deferred::Adapters(change));
+                } else {
+                    self.apply_adapters(change);
                 }
             }
             Command::SaveNow(reply) => {
@@ -342,9 +383,34 @@ impl Actor {
         false
     }
 
+    /// Switches adapters: the live context was computed under the old set,
+    /// so it is dropped (never saved or reused under the new identity).
+    fn apply_adapters(&mut self, change: AdapterChange) {
+        let result = self
+            .ctx
+            .set_adapters(&change.adapters)
+            .map_err(EngineError::from);
+        if result.is_ok() {
+            self.identity = change.identity;
+        }
+        self.ctx.clear();
+        self.publish_live();
+        let _ = change.reply.send(result);
+    }
+
+    fn run_deferred(&mut self) {
+        for d in std::mem::take(&mut self.deferred) {
+            match d {
+                Deferred::Evict(reply) => self.evict(reply),
+                Deferred::Adapters(change) => self.apply_adapters(change),
+            }
+        }
+    }
+
     fn evict(&mut self, reply: SaveReply) {
         let r = self.save_blocking(SaveReason::Evict);
         self.ctx.clear();
+        self.publish_live();
         let _ = reply.send(r);
     }
 
@@ -365,7 +431,17 @@ impl Actor {
         }
         let r = self.save_blocking(SaveReason::Shutdown);
         for d in self.deferred.drain(..) {
-            let _ = d.send(Ok(None));
+            match d {
+                Deferred::Evict(reply) => {
+                    let _ = reply.send(Ok(None));
+                }
+                Deferred::Adapters(change) => {
+                    let _ = change.reply.send(Err(EngineError::ModelGone(
+                        self.setup.model_id.clone(),
+                        "the model was unloaded".into(),
+                    )));
+                }
+            }
         }
         if let Some(reply) = reply {
             let _ = reply.send(r);
@@ -373,10 +449,13 @@ impl Actor {
     }
 
     fn turn(&mut self) {
+        self.turn_inner();
+        self.publish_live();
+    }
+
+    fn turn_inner(&mut self) {
         if self.active.is_none() {
-            for reply in std::mem::take(&mut self.deferred) {
-                self.evict(reply);
-            }
+            self.run_deferred();
             if let Some(sub) = self.queue.pop_front() {
                 self.active = self.admit(sub);
             }
@@ -391,9 +470,7 @@ impl Actor {
             Err(e) => self.fail(a, e),
         }
         if self.active.is_none() && self.queue.is_empty() {
-            for reply in std::mem::take(&mut self.deferred) {
-                self.evict(reply);
-            }
+            self.run_deferred();
             self.setup.shared.set(ModelStatus::Idle);
         }
     }
@@ -409,6 +486,7 @@ impl Actor {
         // The sequence may be half-written: start the next request clean.
         self.ctx.clear();
         (self.setup.on_done)(a.sub.id);
+        self.publish_live();
         self.idle_if_done();
         let _ = a.sub.events.send(Event::Done(Err(e)));
     }
@@ -494,7 +572,7 @@ impl Actor {
         parent: Option<&CacheKey>,
     ) -> Option<(usize, HitSource, TierKind)> {
         let cache = self.cache().clone();
-        let identity = Arc::clone(&self.setup.identity);
+        let identity = Arc::clone(&self.identity);
         let key = identity.key(tokens);
         if let Lookup::Hit(claim) = cache.lookup(&key) {
             if let Some(r) = self.unpack(&claim, HitSource::Exact) {
@@ -649,6 +727,7 @@ impl Actor {
             finish_key,
         };
         (self.setup.on_done)(a.sub.id);
+        self.publish_live();
         self.idle_if_done();
         let _ = a.sub.events.send(Event::Done(Ok(completion)));
     }
@@ -718,7 +797,7 @@ impl Actor {
         if tokens.is_empty() {
             return Ok(Begun::Empty);
         }
-        let key = self.setup.identity.key(tokens);
+        let key = self.identity.key(tokens);
         if self.cache().contains(&key) {
             self.counters().incr(Counter::DuplicateDropped);
             return Ok(Begun::Present(key));
@@ -728,7 +807,7 @@ impl Actor {
             self.ctx.kv_pack()?
         };
         let request = SaveRequest {
-            identity: Arc::clone(&self.setup.identity),
+            identity: Arc::clone(&self.identity),
             tier: self.setup.config.tier,
             tokens: tokens.into(),
             payload,

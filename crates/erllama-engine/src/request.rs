@@ -220,9 +220,12 @@ pub enum EngineError {
     /// The backend failed (decode error, …).
     #[error("backend error: {0}")]
     Backend(String),
-    /// Loading the model failed.
-    #[error("loading the model failed: {0}")]
+    /// Loading the model (or an adapter) failed.
+    #[error("loading failed: {0}")]
     ModelLoad(String),
+    /// A file to load does not exist.
+    #[error("no such file: {0}")]
+    FileNotFound(String),
     /// The model's task stopped (it crashed or was unloaded).
     #[error("model {0:?} stopped: {1}")]
     ModelGone(String, String),
@@ -252,6 +255,7 @@ impl EngineError {
             EngineError::UnknownTier(_) => "unknown_tier",
             EngineError::Backend(_) => "backend",
             EngineError::ModelLoad(_) => "model_load",
+            EngineError::FileNotFound(_) => "file_not_found",
             EngineError::ModelGone(..) => "model_gone",
             EngineError::SaveTimeout(..) => "save_timeout",
             EngineError::Cache(_) => "cache",

@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use erllama_cache::{FingerprintMode, QuantType};
 
 use crate::backend::{
-    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
+    SamplingParams,
 };
 
 /// Vocabulary size of the stub.
@@ -105,6 +106,14 @@ impl Backend for StubBackend {
         STUB_VOCAB
     }
 
+    /// Any readable file is an "adapter" (it changes the fingerprint, not
+    /// the output).
+    fn load_adapter(&self, path: &std::path::Path) -> Result<AdapterHandle, BackendError> {
+        std::fs::metadata(path)
+            .map_err(|e| BackendError::InvalidInput(format!("{}: {e}", path.display())))?;
+        Ok(std::sync::Arc::new(path.to_path_buf()))
+    }
+
     fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, BackendError> {
         let mut words = self
             .words
@@ -184,6 +193,18 @@ impl BackendContext for StubContext {
     /// ignored (a grammar is still required to be non-empty).
     fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
         params.validate()
+    }
+
+    fn set_adapters(&mut self, adapters: &[(AdapterHandle, f32)]) -> Result<(), BackendError> {
+        if adapters
+            .iter()
+            .any(|(h, _)| h.downcast_ref::<std::path::PathBuf>().is_none())
+        {
+            return Err(BackendError::InvalidInput(
+                "not an adapter of the stub backend".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn tokens(&self) -> &[u32] {

@@ -674,3 +674,120 @@ async fn a_crashing_model_fails_its_requests_and_spares_the_others() {
         .expect("unload a stopped model");
     assert_eq!(engine.models(), vec!["healthy".to_owned()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_change_the_fingerprint_so_rows_never_mix() {
+    let root = tempfile::tempdir().expect("tmp");
+    let file_a = root.path().join("a.gguf");
+    let file_b = root.path().join("b.gguf");
+    std::fs::write(&file_a, b"adapter a").expect("write");
+    std::fs::write(&file_b, b"adapter b").expect("write");
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    let prompt = Prompt::Text(words(40, "lora"));
+    let base = engine
+        .complete(&m, prompt.clone(), opts(3))
+        .await
+        .expect("base");
+    assert_eq!(base.stats.cache_hit_kind, HitKind::Cold);
+    settle(&engine).await;
+    let base_fp = engine.info(&m).expect("info").fingerprint;
+
+    let a = engine
+        .load_adapter(&m, file_a.clone(), 1.0, None)
+        .await
+        .expect("load a");
+    assert_eq!(a.id, "adapter_1");
+    assert_eq!(a.sha256.len(), 64);
+    // Same prompt, other adapter set: a miss, not the base model's row.
+    let with_a = engine
+        .complete(&m, prompt.clone(), opts(3))
+        .await
+        .expect("a");
+    assert_eq!(with_a.stats.cache_hit_kind, HitKind::Cold);
+    settle(&engine).await;
+    assert_eq!(
+        engine
+            .complete(&m, prompt.clone(), opts(3))
+            .await
+            .expect("a again")
+            .stats
+            .cache_hit_kind,
+        HitKind::Exact
+    );
+    // The scale is part of the fingerprint too.
+    engine
+        .set_adapter_scale(&m, "adapter_1", 0.5)
+        .await
+        .expect("scale");
+    assert_eq!(
+        engine
+            .complete(&m, prompt.clone(), opts(3))
+            .await
+            .expect("half")
+            .stats
+            .cache_hit_kind,
+        HitKind::Cold
+    );
+    // Scale 0 is the base model again: its row hits.
+    engine
+        .set_adapter_scale(&m, "adapter_1", 0.0)
+        .await
+        .expect("scale 0");
+    assert_eq!(
+        engine
+            .complete(&m, prompt.clone(), opts(3))
+            .await
+            .expect("off")
+            .stats
+            .cache_hit_kind,
+        HitKind::Exact
+    );
+    let b = engine
+        .load_adapter(&m, file_b, 1.0, Some("b".into()))
+        .await
+        .expect("load b");
+    assert_eq!(b.id, "b");
+    let listed: Vec<String> = engine
+        .adapters(&m)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(listed, ["adapter_1", "b"]);
+    let dup = engine
+        .load_adapter(&m, file_a.clone(), 1.0, Some("b".into()))
+        .await;
+    assert_eq!(dup.expect_err("dup").name(), "already_loaded");
+    let missing = engine
+        .load_adapter(&m, root.path().join("nope.gguf"), 1.0, None)
+        .await;
+    assert_eq!(missing.expect_err("missing").name(), "file_not_found");
+    let nan = engine.load_adapter(&m, file_a, f32::NAN, None).await;
+    assert_eq!(nan.expect_err("nan").name(), "invalid_input");
+    assert_eq!(
+        engine
+            .unload_adapter(&m, "zzz")
+            .await
+            .expect_err("unknown")
+            .name(),
+        "not_found"
+    );
+    engine.unload_adapter(&m, "b").await.expect("unload b");
+    engine
+        .unload_adapter(&m, "adapter_1")
+        .await
+        .expect("unload a");
+    assert!(engine.adapters(&m).await.expect("list").is_empty());
+    assert_eq!(engine.info(&m).expect("info").fingerprint, base_fp);
+    assert_eq!(
+        engine
+            .complete(&m, prompt, opts(3))
+            .await
+            .expect("base again")
+            .stats
+            .cache_hit_kind,
+        HitKind::Exact
+    );
+}

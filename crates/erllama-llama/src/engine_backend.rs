@@ -26,19 +26,25 @@
 //! - `prefill` decodes a prompt's last token on its own, so the logits
 //!   after a prefill equal those after a KV restore + re-feed: an exact
 //!   cache hit continues bit-identically to the cold run.
+//! - LoRA: [`Backend::load_adapter`] loads a [`LoraAdapter`] (the handle
+//!   downcasts to it); [`BackendContext::set_adapters`] applies at most one
+//!   adapter with a non-zero scale at a time, since llama-cpp-2 0.1.160
+//!   applies one at a time ([`BackendError::NotSupported`] for more).
 //! - `embed` runs in its own short-lived context with embeddings on:
 //!   the model's own pooling when its GGUF declares one (mean, CLS, ...),
 //!   else the last token's hidden state. The vector is L2-normalised.
 
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::Arc;
 
 use erllama_cache::{
     fingerprint_file_safe, fingerprint_gguf_chunked, read_gguf_file_type, CtxParams,
     FingerprintMode, GgufError, QuantType,
 };
 use erllama_engine::{
-    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
+    SamplingParams,
 };
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -49,6 +55,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::backend;
 use crate::error::{LlamaError, Result};
+use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model, ModelParams};
 use crate::session::{Session, SessionParams};
 
@@ -73,7 +80,8 @@ impl From<LlamaError> for BackendError {
             | LlamaError::EmptyInput(_)
             | LlamaError::TokenOutOfRange { .. }
             | LlamaError::TextTooLarge(_)
-            | LlamaError::NoLogits => BackendError::InvalidInput(e.to_string()),
+            | LlamaError::NoLogits
+            | LlamaError::LoraLoad { .. } => BackendError::InvalidInput(e.to_string()),
             LlamaError::ContextOverflow {
                 have,
                 adding,
@@ -281,6 +289,15 @@ impl Backend for LlamaBackend {
             session,
             sampler: None,
         }))
+    }
+
+    /// Loads a LoRA adapter for this model; the handle is an
+    /// `Arc<`[`LoraAdapter`]`>`. A file that is missing, not GGUF, not a
+    /// LoRA adapter or not one of this model is
+    /// [`BackendError::InvalidInput`].
+    fn load_adapter(&self, path: &Path) -> Result<AdapterHandle, BackendError> {
+        let adapter = self.model.load_lora(path)?;
+        Ok(Arc::new(adapter))
     }
 
     /// A pooled, L2-normalised embedding of `tokens` (`n_embd` floats),
@@ -627,6 +644,52 @@ impl BackendContext for LlamaContextBackend {
 
     fn tokens(&self) -> &[u32] {
         self.session.tokens()
+    }
+
+    /// Entries with scale 0 are skipped; at most one may remain (applied
+    /// with its scale), none removes the applied adapter. Changing what is
+    /// applied clears the sequence.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidInput`] for a handle that is not a
+    /// [`LoraAdapter`] of this model or a scale that is not finite;
+    /// [`BackendError::NotSupported`] for more than one active adapter.
+    /// On error nothing changes.
+    fn set_adapters(&mut self, adapters: &[(AdapterHandle, f32)]) -> Result<(), BackendError> {
+        let mut active: Option<(&LoraAdapter, f32)> = None;
+        let mut n_active = 0usize;
+        for (i, (handle, scale)) in adapters.iter().enumerate() {
+            let adapter = handle
+                .as_ref()
+                .downcast_ref::<LoraAdapter>()
+                .ok_or_else(|| {
+                    BackendError::InvalidInput(format!(
+                        "adapter {i} was not loaded by the llama backend"
+                    ))
+                })?;
+            if !scale.is_finite() {
+                return Err(BackendError::InvalidInput(format!(
+                    "adapter {i}: the scale must be finite, got {scale}"
+                )));
+            }
+            if !adapter.belongs_to(self.session.model()) {
+                return Err(BackendError::InvalidInput(format!(
+                    "adapter {i} ({}) was loaded for another model",
+                    adapter.path().display()
+                )));
+            }
+            if *scale != 0.0 {
+                n_active += 1;
+                active = Some((adapter, *scale));
+            }
+        }
+        if n_active > 1 {
+            return Err(BackendError::NotSupported(
+                "several active LoRA adapters (llama-cpp-2 0.1.160 applies one at a time)",
+            ));
+        }
+        Ok(self.session.set_lora(active)?)
     }
 
     /// Prefills all but the last token in `n_batch` chunks, then the last

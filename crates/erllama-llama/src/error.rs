@@ -109,6 +109,19 @@ pub enum LlamaError {
     #[error("invalid KV state: {0}")]
     KvState(String),
 
+    /// A LoRA adapter could not be loaded for the model.
+    #[error("cannot load LoRA adapter {}: {reason}", path.display())]
+    LoraLoad {
+        /// The path that was given.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// llama.cpp could not apply or remove a LoRA adapter on a context.
+    #[error("cannot apply LoRA adapter: {0}")]
+    LoraApply(String),
+
     /// The thread owning a context is gone (it panicked or was shut down).
     #[error("the context worker thread is gone: {0}")]
     WorkerGone(String),

@@ -14,6 +14,8 @@
 //! - [`LlamaBackend`] / [`LlamaContextBackend`]: the engine's `Backend` /
 //!   `BackendContext` traits over a [`Model`] and a [`Session`], with the
 //!   llama.cpp sampler chain, grammars and pooled embeddings;
+//! - [`LoraAdapter`]: a LoRA adapter loaded with [`Model::load_lora`] and
+//!   applied per session ([`Session::set_lora`]; one at a time);
 //! - [`SessionWorker`]: the dedicated thread a session lives on;
 //! - [`validate_seq_state`]: the structural check every state passes before
 //!   llama.cpp reads it.
@@ -25,6 +27,7 @@
 mod backend;
 mod engine_backend;
 mod error;
+mod lora;
 mod model;
 mod session;
 mod state;
@@ -36,6 +39,7 @@ pub use engine_backend::{
     MAX_GRAMMAR_NESTING, PENALTY_LAST_N,
 };
 pub use error::{LlamaError, Result};
+pub use lora::LoraAdapter;
 pub use model::{Model, ModelMeta, ModelParams};
 pub use session::{Session, SessionParams};
 pub use state::{validate_seq_state, StateExpectation, SEQ_STATE_MAGIC};

@@ -63,8 +63,10 @@ pub(crate) struct ModelInner {
     pub(crate) model: LlamaModel,
     path: PathBuf,
     meta: ModelMeta,
-    /// llama.cpp's context constructor mutates the model in some cases, so
-    /// contexts of one model are created one at a time.
+    /// Serialises what touches llama.cpp's mutable per-model state (the
+    /// set of loaded LoRA adapters, which context creation and a context's
+    /// first decode after an adapter change read): context creation,
+    /// adapter load and free, and that first decode.
     pub(crate) new_context_lock: Mutex<()>,
 }
 
@@ -85,7 +87,7 @@ impl std::fmt::Debug for Model {
 }
 
 /// Checks that `path` names a readable GGUF file before llama.cpp sees it.
-fn check_gguf(path: &Path) -> Result<()> {
+pub(crate) fn check_gguf(path: &Path) -> Result<()> {
     let mut file = File::open(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => LlamaError::ModelNotFound(path.to_path_buf()),
         _ => LlamaError::ModelUnreadable {

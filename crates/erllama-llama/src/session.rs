@@ -12,6 +12,7 @@ use llama_cpp_2::LlamaStateSeqFlags;
 
 use crate::backend::backend;
 use crate::error::{LlamaError, Result};
+use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model};
 use crate::state::{validate_seq_state, StateExpectation};
 
@@ -90,10 +91,18 @@ impl SessionParams {
 /// [`crate::SessionWorker`]). Invariant: the KV cache holds exactly
 /// [`Session::tokens`], at positions `0..len`, in sequence 0.
 pub struct Session {
-    // Field order matters: `batch` and `ctx` must drop before `model`, whose
-    // weights the context points into.
+    // Field order matters: `batch` and `ctx` must drop before `lora` (the
+    // context points at the adapter it applies) and `model`, whose weights
+    // the context points into.
     batch: LlamaBatch<'static>,
     ctx: LlamaContext<'static>,
+    /// The adapter applied to the context and its scale; holding it keeps
+    /// the adapter alive while llama.cpp points at it.
+    lora: Option<(LoraAdapter, f32)>,
+    /// The adapters changed since the last decode: llama.cpp re-plans its
+    /// compute graph on the next decode and reads the model's adapter set
+    /// while doing so, so that decode holds the model's lock.
+    adapters_changed: bool,
     model: Model,
     tokens: Vec<u32>,
     /// Batch index of the logits for the next token, when there are any.
@@ -151,6 +160,8 @@ impl Session {
         Ok(Self {
             batch: LlamaBatch::new(n_batch as usize, 1),
             ctx,
+            lora: None,
+            adapters_changed: false,
             model: model.clone(),
             tokens: Vec::new(),
             logits_at: None,
@@ -248,9 +259,19 @@ impl Session {
                 .add(LlamaToken(token_i32(t)), pos, &[SEQ], logits)
                 .map_err(|e| LlamaError::Decode(e.to_string()))?;
         }
-        self.ctx
-            .decode(&mut self.batch)
-            .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        let decoded = if self.adapters_changed {
+            let _guard = self
+                .model
+                .inner
+                .new_context_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.ctx.decode(&mut self.batch)
+        } else {
+            self.ctx.decode(&mut self.batch)
+        };
+        decoded.map_err(|e| LlamaError::Decode(e.to_string()))?;
+        self.adapters_changed = false;
         self.tokens.extend_from_slice(chunk);
         if want_logits {
             self.logits_at = Some(self.batch.n_tokens() - 1);
@@ -368,6 +389,77 @@ impl Session {
     /// Empties the sequence.
     pub fn clear(&mut self) {
         self.truncate_to(0);
+    }
+
+    /// The LoRA adapter applied to this context and its scale, if any.
+    #[must_use]
+    pub fn lora(&self) -> Option<(&LoraAdapter, f32)> {
+        self.lora.as_ref().map(|(a, s)| (a, *s))
+    }
+
+    /// Applies `adapter` with `scale` to every later decode, replacing the
+    /// one applied before; `None` (or a scale of 0) removes it. When this
+    /// changes what is applied, the sequence is cleared: KV computed under
+    /// other weights is never reused. The session keeps the adapter alive
+    /// while it is applied.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for a scale that is not finite or an
+    /// adapter loaded for another model (nothing changes then);
+    /// [`LlamaError::LoraApply`] if llama.cpp refuses.
+    pub fn set_lora(&mut self, adapter: Option<(&LoraAdapter, f32)>) -> Result<()> {
+        if let Some((a, scale)) = adapter {
+            if !scale.is_finite() {
+                return Err(LlamaError::InvalidParam {
+                    name: "scale",
+                    reason: format!("LoRA scale must be finite, got {scale}"),
+                });
+            }
+            if !a.belongs_to(&self.model) {
+                return Err(LlamaError::InvalidParam {
+                    name: "adapter",
+                    reason: format!(
+                        "the LoRA adapter {} was loaded for another model",
+                        a.path().display()
+                    ),
+                });
+            }
+        }
+        let wanted = adapter.filter(|&(_, scale)| scale != 0.0);
+        let unchanged = match (&self.lora, wanted) {
+            (None, None) => true,
+            (Some((cur, cur_scale)), Some((a, scale))) => {
+                cur.same_as(a) && cur_scale.to_bits() == scale.to_bits()
+            }
+            _ => false,
+        };
+        if unchanged {
+            return Ok(());
+        }
+        // From here on the context's adapters may differ from before:
+        // whatever happens, the old KV is stale and the next decode
+        // re-plans.
+        self.clear();
+        self.adapters_changed = true;
+        // llama.cpp's `llama_set_adapters_lora` always returns 0 (bad
+        // arguments assert instead); the error arms are defensive.
+        let ctx = &mut self.ctx;
+        match wanted {
+            Some((a, scale)) => {
+                a.with_raw(|raw| ctx.lora_adapter_set(raw, scale))
+                    .map_err(|e| LlamaError::LoraApply(e.to_string()))?;
+                self.lora = Some((a.clone(), scale));
+            }
+            None => {
+                if let Some((cur, _)) = &self.lora {
+                    cur.with_raw(|raw| ctx.lora_adapter_remove(raw))
+                        .map_err(|e| LlamaError::LoraApply(e.to_string()))?;
+                }
+                self.lora = None;
+            }
+        }
+        Ok(())
     }
 
     /// Size in bytes of the packed state of the sequence.

@@ -15,8 +15,9 @@ use erllama_cache::{
     Cache, CacheConfig, CacheKey, FileTierConfig, FingerprintMode, PolicyConfig, RowInfo, TierKind,
 };
 use erllama_engine::{
-    Backend, Completion, ContextParams, Engine, Event, ModelConfig, Prompt, RequestOptions,
-    RequestStats, SamplingParams, StubBackend,
+    Backend, CheckOutcome, Completion, ContextParams, Engine, Event, ModelConfig, NoopSampler,
+    NvmlSampler, PressureSampler, Prompt, RequestOptions, RequestStats, SamplingParams, Scheduler,
+    SchedulerConfig, StubBackend, SystemSampler,
 };
 use erllama_llama::{LlamaBackend, ModelParams};
 use pyo3::exceptions::PyStopAsyncIteration;
@@ -143,12 +144,13 @@ fn row_dict<'py>(py: Python<'py>, r: &RowInfo) -> PyResult<Bound<'py, PyDict>> {
 #[pyclass(name = "Engine", module = "erllama._erllama", frozen)]
 pub struct PyEngine {
     engine: Engine,
+    scheduler: Scheduler,
 }
 
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (*, ram_quota, ram_file_dir, ram_file_quota, disk_dir, disk_quota, writer_limit, policy))]
+    #[pyo3(signature = (*, ram_quota, ram_file_dir, ram_file_quota, disk_dir, disk_quota, writer_limit, policy, scheduler, pressure_source))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -159,6 +161,8 @@ impl PyEngine {
         disk_quota: u64,
         writer_limit: Option<usize>,
         policy: BTreeMap<String, i64>,
+        scheduler: SchedulerArgs,
+        pressure_source: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let policy = policy_from(Some(policy), &PolicyConfig::default())?;
         let mut config = CacheConfig {
@@ -175,7 +179,92 @@ impl PyEngine {
             .detach(move || Cache::open(config))
             .map_err(|e| erllama_err("CacheError", e.to_string()))?;
         let engine = Engine::new(cache, policy).map_err(engine_err)?;
-        Ok(Self { engine })
+        let sampler = sampler_from(&pressure_source)?;
+        let scheduler = Scheduler::new(engine.clone(), sampler, scheduler.into_config()?)
+            .map_err(|e| erllama_err("InvalidInputError", e.to_string()))?;
+        scheduler.spawn(runtime().handle());
+        Ok(Self { engine, scheduler })
+    }
+
+    // --- scheduler (plain calls) ---
+
+    fn scheduler_status<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = py.detach(|| self.scheduler.status());
+        let d = PyDict::new(py);
+        let c = &st.config;
+        d.set_item("enabled", c.enabled)?;
+        d.set_item(
+            "interval_ms",
+            u64::try_from(c.interval.as_millis()).unwrap_or(u64::MAX),
+        )?;
+        d.set_item("high_watermark", c.high_watermark)?;
+        d.set_item("low_watermark", c.low_watermark)?;
+        d.set_item("min_evict_bytes", c.min_evict_bytes)?;
+        d.set_item(
+            "evict_tiers",
+            c.evict_tiers.iter().map(|t| t.label()).collect::<Vec<_>>(),
+        )?;
+        d.set_item("evict_idle_models", c.evict_idle_models)?;
+        d.set_item("pressure_source", st.sampler)?;
+        d.set_item("available", st.available)?;
+        d.set_item("unavailable_reason", st.sampler_error)?;
+        d.set_item("sampler_details", st.sampler_details)?;
+        d.set_item("last_used", st.last_used)?;
+        d.set_item("last_total", st.last_total)?;
+        d.set_item("last_ratio", st.last_ratio)?;
+        d.set_item("last_evicted_bytes", st.last_evicted_bytes)?;
+        let secs = |t: Option<std::time::SystemTime>| {
+            t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64())
+        };
+        d.set_item("sampled_at", secs(st.sampled_at))?;
+        d.set_item("last_evicted_at", secs(st.last_evicted_at))?;
+        d.set_item("checks", st.checks)?;
+        d.set_item("last_outcome", st.last_outcome)?;
+        d.set_item(
+            "tier_bytes",
+            st.tier_bytes
+                .iter()
+                .map(|(t, b)| (t.label(), *b))
+                .collect::<BTreeMap<_, _>>(),
+        )?;
+        Ok(d)
+    }
+
+    /// Runs one check now; (outcome label, rows, bytes, contexts).
+    fn scheduler_force_check(&self, py: Python<'_>) -> (&'static str, usize, u64, usize) {
+        let scheduler = self.scheduler.clone();
+        let outcome = py.detach(move || runtime().block_on(scheduler.force_check()));
+        match outcome {
+            CheckOutcome::Evicted {
+                count,
+                bytes,
+                contexts,
+            } => ("evicted", count, bytes, contexts),
+            other => (other.label(), 0, 0, 0),
+        }
+    }
+
+    fn scheduler_enable(&self, on: bool) {
+        self.scheduler.enable(on);
+    }
+
+    #[pyo3(signature = (high, low, min_evict_bytes=None))]
+    fn scheduler_set_thresholds(
+        &self,
+        high: f64,
+        low: f64,
+        min_evict_bytes: Option<u64>,
+    ) -> PyResult<()> {
+        self.scheduler
+            .set_thresholds(high, low, min_evict_bytes)
+            .map_err(|e| erllama_err("InvalidInputError", e.to_string()))
+    }
+
+    fn scheduler_set_interval(&self, interval_ms: u64) -> PyResult<()> {
+        self.scheduler
+            .set_interval(Duration::from_millis(interval_ms))
+            .map_err(|e| erllama_err("InvalidInputError", e.to_string()))
     }
 
     /// Loads a model; returns its id.
@@ -455,6 +544,66 @@ impl PyEngine {
         })
     }
 
+    /// Loads a LoRA adapter on a model; resolves to its info dict.
+    #[pyo3(signature = (model_id, path, scale, adapter_id=None))]
+    fn load_adapter<'py>(
+        &self,
+        py: Python<'py>,
+        model_id: String,
+        path: PathBuf,
+        scale: f32,
+        adapter_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        future_into_py(py, async move {
+            let info = engine
+                .load_adapter(&model_id, path, scale, adapter_id)
+                .await
+                .map_err(engine_err)?;
+            Ok(adapter_tuple(info))
+        })
+    }
+
+    fn set_adapter_scale<'py>(
+        &self,
+        py: Python<'py>,
+        model_id: String,
+        adapter_id: String,
+        scale: f32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        future_into_py(py, async move {
+            let info = engine
+                .set_adapter_scale(&model_id, &adapter_id, scale)
+                .await
+                .map_err(engine_err)?;
+            Ok(adapter_tuple(info))
+        })
+    }
+
+    fn unload_adapter<'py>(
+        &self,
+        py: Python<'py>,
+        model_id: String,
+        adapter_id: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        future_into_py(py, async move {
+            engine
+                .unload_adapter(&model_id, &adapter_id)
+                .await
+                .map_err(engine_err)
+        })
+    }
+
+    fn adapters<'py>(&self, py: Python<'py>, model_id: String) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        future_into_py(py, async move {
+            let list = engine.adapters(&model_id).await.map_err(engine_err)?;
+            Ok(list.into_iter().map(adapter_tuple).collect::<Vec<_>>())
+        })
+    }
+
     /// Saves the live context (reason evict) and releases it.
     fn evict<'py>(&self, py: Python<'py>, model_id: String) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.engine.clone();
@@ -619,4 +768,116 @@ fn closing_or(v: Option<PyResult<Py<PyAny>>>) -> PyResult<Py<PyAny>> {
             "the interpreter is shutting down",
         ))
     })
+}
+
+/// (id, path, sha256, scale) of an adapter.
+fn adapter_tuple(a: erllama_engine::AdapterInfo) -> (String, String, String, f32) {
+    (a.id, a.path.display().to_string(), a.sha256, a.scale)
+}
+
+/// Scheduler settings from Python (`SchedulerConfig` fields).
+#[derive(FromPyObject)]
+pub struct SchedulerArgs {
+    #[pyo3(item)]
+    enabled: bool,
+    #[pyo3(item)]
+    interval_ms: i64,
+    #[pyo3(item)]
+    high_watermark: f64,
+    #[pyo3(item)]
+    low_watermark: f64,
+    #[pyo3(item)]
+    min_evict_bytes: i64,
+    #[pyo3(item)]
+    evict_tiers: Vec<String>,
+    #[pyo3(item)]
+    evict_idle_models: bool,
+}
+
+impl SchedulerArgs {
+    fn into_config(self) -> PyResult<SchedulerConfig> {
+        let bad = |m: String| erllama_err("InvalidInputError", m);
+        let interval = u64::try_from(self.interval_ms)
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| {
+                bad(format!(
+                    "interval_ms must be positive, got {}",
+                    self.interval_ms
+                ))
+            })?;
+        let min_evict_bytes = u64::try_from(self.min_evict_bytes).map_err(|_| {
+            bad(format!(
+                "min_evict_bytes must be >= 0, got {}",
+                self.min_evict_bytes
+            ))
+        })?;
+        let evict_tiers = if self.evict_tiers.len() == 1 && self.evict_tiers[0] == "all" {
+            TierKind::ALL.to_vec()
+        } else {
+            self.evict_tiers
+                .iter()
+                .map(|t| tier(t))
+                .collect::<PyResult<_>>()?
+        };
+        let config = SchedulerConfig {
+            enabled: self.enabled,
+            interval: Duration::from_millis(interval),
+            high_watermark: self.high_watermark,
+            low_watermark: self.low_watermark,
+            min_evict_bytes,
+            evict_tiers,
+            evict_idle_models: self.evict_idle_models,
+        };
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// `"system"`, `"nvml"`, `"noop"`, or a Python object with `sample()`.
+fn sampler_from(source: &Bound<'_, PyAny>) -> PyResult<Box<dyn PressureSampler>> {
+    if let Ok(name) = source.extract::<String>() {
+        return match name.as_str() {
+            "system" => Ok(Box::new(SystemSampler::new())),
+            "nvml" => Ok(Box::new(NvmlSampler::new())),
+            "noop" => Ok(Box::new(NoopSampler)),
+            other => Err(erllama_err(
+                "InvalidInputError",
+                format!("unknown pressure source {other:?} (system, nvml, noop or an object with sample())"),
+            )),
+        };
+    }
+    if !source.hasattr("sample")? {
+        return Err(erllama_err(
+            "InvalidInputError",
+            "a pressure source object needs a sample() method returning (used_bytes, total_bytes)"
+                .into(),
+        ));
+    }
+    Ok(Box::new(crate::pybackend::PySampler::new(source)))
+}
+
+/// (used, total, details) of one pressure sample.
+type PressureReading = (u64, u64, Vec<(String, String)>);
+
+/// Samples a built-in source once: (used, total), or raises
+/// `NotSupportedError` with the reason when it is unavailable here.
+#[pyfunction]
+pub fn sample_pressure(py: Python<'_>, source: &str) -> PyResult<PressureReading> {
+    let sampler: Box<dyn PressureSampler> = match source {
+        "system" => Box::new(SystemSampler::new()),
+        "nvml" => Box::new(NvmlSampler::new()),
+        "noop" => Box::new(NoopSampler),
+        other => {
+            return Err(erllama_err(
+                "InvalidInputError",
+                format!("unknown pressure source {other:?}"),
+            ))
+        }
+    };
+    let (sample, details) = py.detach(|| (sampler.sample(), sampler.details()));
+    match sample {
+        Ok(s) => Ok((s.used, s.total, details)),
+        Err(e) => Err(erllama_err("NotSupportedError", format!("{source}: {e}"))),
+    }
 }

@@ -52,6 +52,8 @@ pub fn llama_err(e: LlamaError) -> PyErr {
         LlamaError::ChatTemplate(_) => "ErllamaError",
         LlamaError::Decode(_) => "DecodeError",
         LlamaError::KvState(_) => "KvStateError",
+        LlamaError::LoraLoad { .. } => "ModelLoadError",
+        LlamaError::LoraApply(_) => "NotSupportedError",
         LlamaError::WorkerGone(_) => "WorkerError",
     };
     erllama_err(class, e.to_string())
@@ -73,6 +75,7 @@ pub fn engine_err(e: EngineError) -> PyErr {
         EngineError::UnknownTier(_) => "UnknownTierError",
         EngineError::Backend(_) => "BackendError",
         EngineError::ModelLoad(_) => "ModelLoadError",
+        EngineError::FileNotFound(_) => "ModelFileNotFoundError",
         EngineError::ModelGone(..) => "WorkerError",
         EngineError::SaveTimeout(..) | EngineError::Cache(_) => "CacheError",
     };

@@ -30,5 +30,6 @@ fn _erllama(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bridge::_quiesce, m)?)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyStream>()?;
+    m.add_function(wrap_pyfunction!(engine::sample_pressure, m)?)?;
     llama::register(m)
 }

@@ -15,7 +15,8 @@
 
 use erllama_cache::{FingerprintMode, QuantType};
 use erllama_engine::{
-    Backend, BackendContext, BackendError, ContextParams, ModelFingerprint, SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
+    SamplingParams,
 };
 use pyo3::prelude::*;
 
@@ -101,6 +102,7 @@ pub struct PyBackend {
 
 #[derive(Debug, Clone, Copy)]
 struct Has {
+    adapters: bool,
     embed: bool,
     chat: bool,
     token_bytes: bool,
@@ -161,6 +163,7 @@ impl PyBackend {
                 quant: QuantType::F32,
             },
             has: Has {
+                adapters: obj.hasattr("load_adapter")?,
                 embed: obj.hasattr("embed")?,
                 chat: obj.hasattr("chat_tokens")?,
                 token_bytes: obj.hasattr("token_bytes")?,
@@ -207,6 +210,14 @@ impl Backend for PyBackend {
             return Err(BackendError::NotSupported("chat_template"));
         }
         call(&self.obj, "chat_tokens", (messages.to_vec(), add_assistant))
+    }
+
+    fn load_adapter(&self, path: &std::path::Path) -> Result<AdapterHandle, BackendError> {
+        if !self.has.adapters {
+            return Err(BackendError::NotSupported("lora"));
+        }
+        let handle: Py<PyAny> = call(&self.obj, "load_adapter", (path.to_path_buf(),))?;
+        Ok(std::sync::Arc::new(handle))
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
@@ -275,6 +286,35 @@ impl BackendContext for PyContext {
         .unwrap_or_else(|| Err(gone()))
     }
 
+    fn set_adapters(&mut self, adapters: &[(AdapterHandle, f32)]) -> Result<(), BackendError> {
+        let mut pairs = Vec::with_capacity(adapters.len());
+        for (h, scale) in adapters {
+            let obj = h.downcast_ref::<Py<PyAny>>().ok_or_else(|| {
+                BackendError::InvalidInput("not an adapter of this Python backend".into())
+            })?;
+            pairs.push((obj, *scale));
+        }
+        let has = enter_python(|py| self.ctx.bind(py).hasattr("set_adapters").unwrap_or(false))
+            .ok_or_else(gone)?;
+        if !has {
+            return if pairs.is_empty() {
+                Ok(())
+            } else {
+                Err(BackendError::NotSupported("lora"))
+            };
+        }
+        enter_python(|py| {
+            let list: Vec<(Py<PyAny>, f32)> =
+                pairs.iter().map(|(o, s)| (o.clone_ref(py), *s)).collect();
+            self.ctx
+                .bind(py)
+                .call_method1("set_adapters", (list,))
+                .map(|_| ())
+                .map_err(|e| backend_err(py, &e))
+        })
+        .unwrap_or_else(|| Err(gone()))
+    }
+
     fn tokens(&self) -> &[u32] {
         &self.tokens
     }
@@ -330,5 +370,58 @@ impl BackendContext for PyContext {
     fn clear(&mut self) {
         let _ = call_unit(&self.ctx, "clear", ());
         self.tokens.clear();
+    }
+}
+
+/// A Python object with `sample() -> (used_bytes, total_bytes)` as a
+/// pressure source; called from the scheduler task with the GIL held only
+/// for the call.
+pub struct PySampler {
+    obj: Py<PyAny>,
+    name: String,
+}
+
+impl PySampler {
+    /// Wraps `obj` (its `name` attribute, else its class name, names it).
+    #[must_use]
+    pub fn new(obj: &Bound<'_, PyAny>) -> Self {
+        let name = obj
+            .getattr("name")
+            .and_then(|n| n.extract::<String>())
+            .or_else(|_| obj.get_type().name().map(|n| n.to_string()))
+            .unwrap_or_else(|_| "python".into());
+        Self {
+            obj: obj.clone().unbind(),
+            name,
+        }
+    }
+}
+
+impl erllama_engine::PressureSampler for PySampler {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn sample(&self) -> Result<erllama_engine::Sample, erllama_engine::SamplerError> {
+        use erllama_engine::SamplerError;
+        enter_python(|py| {
+            let r =
+                self.obj.bind(py).call_method0("sample").map_err(|e| {
+                    SamplerError::Failed(format!("sample() raised: {}", e.value(py)))
+                })?;
+            let (used, total): (i64, i64) = r.extract().map_err(|_| {
+                SamplerError::Failed("sample() must return (used_bytes, total_bytes) ints".into())
+            })?;
+            let used = u64::try_from(used)
+                .map_err(|_| SamplerError::Failed(format!("used_bytes {used} is negative")))?;
+            let total = u64::try_from(total)
+                .map_err(|_| SamplerError::Failed(format!("total_bytes {total} is negative")))?;
+            Ok(erllama_engine::Sample { used, total })
+        })
+        .unwrap_or_else(|| {
+            Err(SamplerError::Unavailable(
+                "the interpreter is shutting down".into(),
+            ))
+        })
     }
 }

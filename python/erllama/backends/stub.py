@@ -14,10 +14,11 @@ GIL held only for the call):
 - backend: ``name``, ``n_vocab``, ``tokenize(text, add_bos)``,
   ``detokenize(tokens)``, ``new_context(n_ctx, n_batch)``; optional
   ``fingerprint() -> bytes`` (32), ``embed(tokens)``, ``is_eog(token)``,
-  ``token_bytes(token)``, ``chat_tokens(messages, add_assistant)``;
+  ``token_bytes(token)``, ``chat_tokens(messages, add_assistant)``,
+  ``load_adapter(path) -> handle``;
 - context: ``prefill(tokens)``, ``decode_one() -> int``, ``kv_pack() -> bytes``,
   ``kv_unpack(data, tokens)``, ``remove_last()``, ``clear()``; optional
-  ``set_sampling(params: dict)``.
+  ``set_sampling(params: dict)``, ``set_adapters([(handle, scale), ...])``.
 
 Raise the classes of :mod:`erllama.errors` for bad input; any other exception
 fails the request that caused it and the model keeps serving.
@@ -106,6 +107,12 @@ class StubBackend:
             out.append((h >> 8) / ((1 << 24) - 1))
         return out
 
+    def load_adapter(self, path: str) -> str:
+        """Any readable file is an "adapter": it changes the fingerprint, not the output."""
+        with open(path, "rb"):
+            pass
+        return str(path)
+
     def new_context(self, n_ctx: int, n_batch: int) -> StubContext:
         if n_ctx <= 0 or n_batch <= 0:
             raise InvalidInputError("n_ctx and n_batch must be positive")
@@ -118,7 +125,11 @@ class StubContext:
     def __init__(self, n_ctx: int) -> None:
         self.n_ctx = n_ctx
         self.tokens: list[int] = []
+        self.adapters: list[tuple[str, float]] = []
         self._logits = False
+
+    def set_adapters(self, adapters: Sequence[tuple[str, float]]) -> None:
+        self.adapters = list(adapters)
 
     def prefill(self, tokens: Sequence[int]) -> None:
         if not tokens:
