@@ -40,7 +40,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
 def test_help() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0, proc.stderr
-    for command in ("fetch-model", "generate", "info"):
+    for command in (
+        "fetch-model",
+        "generate",
+        "info",
+        "demo",
+        "complete",
+        "chat",
+        "cache",
+        "bench",
+    ):
         assert command in proc.stdout
     proc = run_cli("generate", "--help")
     assert proc.returncode == 0, proc.stderr
@@ -185,3 +194,105 @@ def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str
         main(args)
     assert info.value.code == 2
     assert "erllama" in capsys.readouterr().err
+
+
+LONG = "The lighthouse keeper climbed the stairs and wrote in the log. " * 60
+
+
+def test_complete_json_and_a_cache_dir_that_persists(model_path: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = ["complete", "--model", str(model_path), "--cache-dir", str(cache), "--threads", "2"]
+    first = run_cli(*args, "--max-tokens", "6", "--json", LONG)
+    assert first.returncode == 0, first.stderr
+    one = json.loads(first.stdout)
+    assert one["stats"]["cache_hit_kind"] == "cold"
+    assert one["finish_key"]
+    assert len(one["tokens"]) == 6
+    # A second process over the same directory: served from disk.
+    second = run_cli(*args, "--max-tokens", "6", "--json", LONG)
+    two = json.loads(second.stdout)
+    assert two["stats"]["cache_hit_kind"] == "exact"
+    assert two["stats"]["cache_tier"] == "disk"
+    assert two["tokens"] == one["tokens"]
+    streamed = run_cli(*args, "--max-tokens", "6", LONG)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == one["text"]
+    assert "exact" in streamed.stderr
+
+
+def test_cache_ls_stats_verify_gc(model_path: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    made = run_cli(
+        "complete", "--model", str(model_path), "--cache-dir", str(cache), "--max-tokens", "2", LONG
+    )
+    assert made.returncode == 0, made.stderr
+    files = sorted(p.name for p in cache.glob("*.kvc"))
+    assert files
+    ls = run_cli("cache", "ls", str(cache), "--json")
+    rows = json.loads(ls.stdout)
+    assert sorted(r["file"] for r in rows) == files
+    assert all(r["name_ok"] and r["error"] is None and r["tokens"] > 0 for r in rows)
+    assert {r["save_reason"] for r in rows} >= {"cold", "finish"}
+    text = run_cli("cache", "ls", str(cache))
+    assert text.returncode == 0
+    assert rows[0]["key"][:16] in text.stdout
+    stats = json.loads(run_cli("cache", "stats", str(cache), "--json").stdout)
+    assert stats["files"] == len(files)
+    assert stats["bytes"] == sum(p.stat().st_size for p in cache.glob("*.kvc"))
+    ok = run_cli("cache", "verify", str(cache))
+    assert ok.returncode == 0, ok.stdout
+    # Damage one file's payload: verify names it; gc (header-only) keeps it.
+    victim = cache / files[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (cache / ("ab" * 32 + ".kvc")).write_bytes(b"junk")
+    bad = run_cli("cache", "verify", str(cache))
+    assert bad.returncode == 1
+    assert f"BAD {files[0]}: crc_mismatch" in bad.stdout
+    assert "bad KVC header" in bad.stdout
+    gc = run_cli("cache", "gc", str(cache))
+    assert gc.returncode == 0
+    assert "removed 0 temp and 1 invalid" in gc.stdout
+    assert not (cache / ("ab" * 32 + ".kvc")).exists()
+    assert_one_line_error(run_cli("cache", "ls", str(tmp_path / "nope")), "no such cache directory")
+
+
+def test_chat_keeps_the_conversation_and_resumes(model_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "erllama",
+            "chat",
+            "--model",
+            str(model_path),
+            "--json",
+            "--max-tokens",
+            "12",
+            "--system",
+            LONG,
+        ],
+        input="Hello there.\nAnd what did the keeper write?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    turns = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(turns) == 2
+    assert turns[0]["stats"]["cache_hit_kind"] == "cold"
+    assert turns[1]["stats"]["cache_hit_kind"] == "partial"
+    assert turns[1]["stats"]["cached_tokens"] > turns[0]["stats"]["prompt_tokens"] // 2
+
+
+def test_demo_runs_all_four_steps(model_path: Path) -> None:
+    proc = run_cli("demo", "--model", str(model_path), "--threads", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    kinds = [s["hit_kind"] for s in out["steps"]]
+    assert kinds == ["cold", "exact", "partial", "exact"]
+    assert [s["tier"] for s in out["steps"][1:]] == ["disk", "disk", "disk"]
+    assert out["counters"]["hits_exact"] == 1
+    assert out["counters"]["hits_resume"] == 1

@@ -15,6 +15,9 @@ __all__ = [
     "Stream",
     "__version__",
     "_quiesce",
+    "kvc_gc",
+    "kvc_list",
+    "kvc_verify",
     "sample_pressure",
     "system_info",
 ]
@@ -27,6 +30,15 @@ def _quiesce(timeout_s: float = 5.0) -> bool:
 
 def sample_pressure(source: str) -> tuple[int, int, list[tuple[str, str]]]:
     """Sample a built-in pressure source once (``system``, ``nvml``, ``noop``)."""
+
+def kvc_list(dir: str) -> list[dict[str, Any]]:
+    """Header-parse every ``*.kvc`` file of ``dir`` (no CRC)."""
+
+def kvc_verify(path: str) -> str | None:
+    """Full parse of one KVC file; None when valid, else the error."""
+
+def kvc_gc(dir: str) -> tuple[int, int, list[tuple[str, str]]]:
+    """Delete temp and invalid files as a startup would; (kept, temps, invalid)."""
 
 def system_info() -> str:
     """Return llama.cpp/ggml's system information line.

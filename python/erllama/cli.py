@@ -10,6 +10,18 @@ Subcommands:
     Without ``--model`` the test model is used.
 ``info [--model PATH]``
     Print the model's metadata and llama.cpp's system information as JSON.
+``demo [--model PATH] [--threads N] [--cache-dir DIR] [--json]``
+    The cache at work: a question under a long system prompt cold, warm, a
+    follow-up turn, and a fresh process warm from the disk tier.
+``complete [--chat] [--system TEXT] [--cache-dir DIR] ... PROMPT``
+    Stream a completion through the engine (the cache on), or ``--json``.
+``chat [--system TEXT] [--cache-dir DIR] ...``
+    An interactive chat; each turn resumes from the previous one's state.
+``cache ls|stats|verify|gc DIR``
+    Inspect a cache directory's KVC files directly.
+``bench [--sizes N ...] [--tiers T ...] [--peer llama-cpp-python] [--json]``
+    Cold vs warm time to first token per tier, restore bandwidth, sharing
+    agents, a restart, and optionally the same prompts through llama-cpp-python.
 
 Errors caused by the user (a missing file, a prompt that does not fit) end
 with one line ``erllama: error: <message>`` on standard error and exit code 2.
@@ -35,6 +47,7 @@ from erllama.errors import ContextOverflowError, ErllamaError
 
 if TYPE_CHECKING:
     from erllama._erllama import Model
+    from erllama.engine import Engine
 
 __all__ = ["main"]
 
@@ -143,7 +156,238 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from erllama.demo import run_demo
+
+    return run_demo(
+        model_path=_model_path(args.model),
+        cache_dir=args.cache_dir,
+        threads=args.threads,
+        as_json=args.json,
+        keep=args.cache_dir is not None,
+    )
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    import erllama
+
+    cache = erllama.CacheConfig(disk_dir=args.cache_dir) if args.cache_dir else None
+    return erllama.Engine(cache=cache)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "stop": args.stop or None,
+    }
+
+
+def _cmd_complete(args: argparse.Namespace) -> int:
+    import asyncio
+
+    async def run() -> dict[str, Any]:
+        async with _engine(args) as engine:
+            model = await engine.load_model(
+                _model_path(args.model),
+                n_ctx=args.n_ctx,
+                n_threads=args.threads,
+                tier="disk" if args.cache_dir else "ram",
+            )
+            if args.chat:
+                prompt: Any = await model.apply_chat_template(
+                    [{"role": "user", "content": args.prompt}], system=args.system
+                )
+            else:
+                prompt = args.prompt
+            stream = model.stream(prompt, **_sampling(args))
+            async for piece in stream:
+                if not args.json:
+                    print(piece, end="", flush=True)
+            assert stream.completion is not None
+            c = stream.completion
+            return {
+                "text": c.text,
+                "tokens": list(c.tokens),
+                "finish_key": c.finish_key,
+                "stats": c.stats.__dict__,
+            }
+
+    result = asyncio.run(run())
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        st = result["stats"]
+        print(
+            f"\n[{st['prompt_tokens']} prompt tokens, {st['cache_hit_kind']}"
+            f" ({st['cached_tokens']} cached), prefill {st['prefill_ms']:.0f} ms, "
+            f"{st['completion_tokens']} tokens in {st['generation_ms']:.0f} ms, "
+            f"{st['finish_reason']}]",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    async def run() -> None:
+        async with _engine(args) as engine:
+            model = await engine.load_model(
+                _model_path(args.model),
+                n_ctx=args.n_ctx,
+                n_threads=args.threads,
+                tier="disk" if args.cache_dir else "ram",
+            )
+            messages: list[dict[str, str]] = []
+            parent: str | None = None
+            interactive = sys.stdin.isatty()
+            while True:
+                if interactive:
+                    print("> ", end="", file=sys.stderr, flush=True)
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:
+                    break
+                text = line.strip()
+                if not text:
+                    continue
+                messages.append({"role": "user", "content": text})
+                prompt = await model.apply_chat_template(messages, system=args.system)
+                stream = model.stream(prompt, parent_key=parent, **_sampling(args))
+                async for piece in stream:
+                    if not args.json:
+                        print(piece, end="", flush=True)
+                c = stream.completion
+                assert c is not None
+                messages.append({"role": "assistant", "content": c.text})
+                parent = c.finish_key
+                if args.json:
+                    print(json.dumps({"text": c.text, "stats": c.stats.__dict__}), flush=True)
+                else:
+                    print(
+                        f"\n[{c.stats.cache_hit_kind}: {c.stats.cached_tokens}/"
+                        f"{c.stats.prompt_tokens} prompt tokens cached, "
+                        f"prefill {c.stats.prefill_ms:.0f} ms]",
+                        file=sys.stderr,
+                    )
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from erllama import _erllama
+
+    directory: Path = args.dir
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such cache directory: {directory}")
+    action: str = args.action
+    if action == "gc":
+        kept, temps, invalid = _erllama.kvc_gc(os.fspath(directory))
+        for path, why in invalid:
+            print(f"removed {Path(path).name}: {why}")
+        print(f"kept {kept} valid files, removed {temps} temp and {len(invalid)} invalid files")
+        return EXIT_OK
+    rows = _erllama.kvc_list(os.fspath(directory))
+    if action == "verify":
+        bad = 0
+        for r in rows:
+            err = r["error"] or _erllama.kvc_verify(os.fspath(directory / r["file"]))
+            if err:
+                bad += 1
+                print(f"BAD {r['file']}: {err}")
+            elif not args.json:
+                print(f"ok  {r['file']}")
+        print(f"{len(rows) - bad} valid, {bad} invalid", file=sys.stderr)
+        return EXIT_OK if bad == 0 else 1
+    if args.json:
+        print(json.dumps(rows if action == "ls" else _stats(rows), ensure_ascii=False))
+        return EXIT_OK
+    if action == "stats":
+        for k, v in _stats(rows).items():
+            print(f"{k}: {v}")
+        return EXIT_OK
+    now = time.time()
+    print(f"{'key':<18}{'tokens':>8}  {'reason':<10}{'hits':>5}{'size':>10}{'age':>8}  valid")
+    for r in rows:
+        if r["error"]:
+            print(
+                f"{r['file'][:16]:<18}{'':>8}  {'':<10}{'':>5}{_size(r['size']):>10}{'':>8}  "
+                f"no: {r['error']}"
+            )
+            continue
+        age = _age(now - r["created"])
+        valid = "yes" if r["name_ok"] else "no: name/key mismatch"
+        print(
+            f"{r['key'][:16]:<18}{r['tokens']:>8}  {r['save_reason']:<10}{r['hits']:>5}"
+            f"{_size(r['size']):>10}{age:>8}  {valid}"
+        )
+    return EXIT_OK
+
+
+def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if not r["error"]]
+    reasons: dict[str, int] = {}
+    for r in ok:
+        reasons[r["save_reason"]] = reasons.get(r["save_reason"], 0) + 1
+    return {
+        "files": len(rows),
+        "valid_headers": len(ok),
+        "invalid": len(rows) - len(ok),
+        "bytes": sum(r["size"] for r in rows),
+        "tokens": sum(r["tokens"] for r in ok),
+        "hits": sum(r["hits"] for r in ok),
+        "by_reason": reasons,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from erllama.bench import run_bench
+
+    return run_bench(
+        model_path=_model_path(args.model),
+        sizes=args.sizes,
+        tiers=args.tiers,
+        repeats=args.repeats,
+        threads=args.threads,
+        peer=args.peer,
+        peer_python=args.peer_python,
+        as_json=args.json,
+        parts=args.only,
+    )
+
+
 # --- helpers ---------------------------------------------------------------------
+
+
+def _model_path(path: Path | None) -> Path:
+    """``path``, or the verified test model (fetched, with progress) when ``None``."""
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"no such model file: {path}")
+        return path
+    from erllama.testmodel import fetch_test_model
+
+    return fetch_test_model(progress=True)
 
 
 def _load_model(path: Path | None) -> Model:
@@ -289,7 +533,130 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_model_argument(info)
     info.set_defaults(command=_cmd_info)
+
+    demo = sub.add_parser(
+        "demo",
+        help="show the KV cache at work (cold, warm, follow-up turn, restart)",
+        description=(
+            "Fetch the test model once, then answer a question under a ~2000-token "
+            "system prompt: cold, warm, a follow-up turn resumed from the first, and a "
+            "fresh process warm from the disk tier. Prints time to first token, hit "
+            "kind, cached tokens and tier per step, then the cache counters."
+        ),
+    )
+    _add_model_argument(demo)
+    _add_threads(demo)
+    demo.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the disk tier's directory, kept afterwards (default: a temporary one)",
+    )
+    demo.add_argument("--json", action="store_true", help="print the steps as JSON")
+    demo.set_defaults(command=_cmd_demo)
+
+    for name, helptext, fn in (
+        ("complete", "stream one completion through the engine", _cmd_complete),
+        ("chat", "chat interactively; each turn resumes from the cached previous one", _cmd_chat),
+    ):
+        p = sub.add_parser(
+            name, help=helptext, description=helptext[0].upper() + helptext[1:] + "."
+        )
+        if name == "complete":
+            p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+            p.add_argument(
+                "--chat", action="store_true", help="send PROMPT through the chat template"
+            )
+        _add_model_argument(p)
+        _add_threads(p)
+        p.add_argument("--system", default=None, metavar="TEXT", help="a system message")
+        p.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="save states to a disk tier there (persists across runs; default: ram only)",
+        )
+        p.add_argument("--max-tokens", type=_int_at_least(1), default=128, metavar="N")
+        p.add_argument("--n-ctx", type=_int_at_least(8), default=4096, metavar="N")
+        p.add_argument("--temperature", type=float, default=0.0, metavar="T")
+        p.add_argument("--seed", type=_int_at_least(0), default=None, metavar="N")
+        p.add_argument(
+            "--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)"
+        )
+        p.add_argument("--json", action="store_true", help="print JSON instead of streaming text")
+        p.set_defaults(command=fn)
+
+    cache = sub.add_parser(
+        "cache",
+        help="inspect a cache directory (ls, stats, verify, gc)",
+        description=(
+            "Read a ram_file or disk tier's KVC files directly. ls: key, tokens, save "
+            "reason, hits, size, age, validity; stats: totals; verify: the full parse "
+            "(CRC and key) of every file, exit 1 if any is bad; gc: delete temp and "
+            "invalid files as a startup would."
+        ),
+    )
+    cache.add_argument("action", choices=("ls", "stats", "verify", "gc"))
+    cache.add_argument("dir", type=Path, metavar="DIR")
+    cache.add_argument("--json", action="store_true", help="JSON output (ls, stats)")
+    cache.set_defaults(command=_cmd_cache)
+
+    bench = sub.add_parser(
+        "bench",
+        help="cold vs warm time to first token per tier, and more",
+        description=(
+            "Measure, on the same machine in one run: cold vs warm time to first token per "
+            "tier and prompt length; restore bandwidth beside the raw copy/read bound; "
+            "4 agents sharing a prefix; warm after a process restart; and, with --peer "
+            "llama-cpp-python, the same prompts through llama-cpp-python's RAM and disk "
+            "caches. Each figure is the median of --repeats runs."
+        ),
+    )
+    _add_model_argument(bench)
+    _add_threads(bench)
+    bench.add_argument(
+        "--sizes", type=_int_at_least(64), nargs="+", default=[512, 1024, 2048, 4096]
+    )
+    bench.add_argument(
+        "--tiers",
+        nargs="+",
+        choices=("ram", "ram_file", "disk"),
+        default=["ram", "ram_file", "disk"],
+    )
+    bench.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N")
+    bench.add_argument(
+        "--only",
+        nargs="+",
+        choices=("ttft", "agents", "restart"),
+        default=["ttft", "agents", "restart"],
+        help="which parts to run (default: all)",
+    )
+    bench.add_argument(
+        "--peer", choices=("llama-cpp-python",), default=None, help="also run a peer runtime"
+    )
+    bench.add_argument(
+        "--peer-python",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the python of a venv with llama-cpp-python "
+        "(default: ~/.cache/erllama/peer-venv/bin/python)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.set_defaults(command=_cmd_bench)
     return parser
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help="CPU threads (default: every core)",
+    )
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:

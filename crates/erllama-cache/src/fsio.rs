@@ -247,8 +247,13 @@ pub struct ScanReport {
 }
 
 /// Reads just the header of a KVC file and meta-parses it with the file's
-/// length.
-fn read_meta(path: &Path) -> Result<(KvcMeta, u64), String> {
+/// length (no CRC, no key check: see [`parse_full`] for those). Used by
+/// the startup scan and by inspection tools.
+///
+/// # Errors
+///
+/// A message naming the I/O or framing error.
+pub fn read_header(path: &Path) -> Result<(KvcMeta, u64), String> {
     let mut file = File::open(path).map_err(|e| format!("open: {e}"))?;
     let len = file.metadata().map_err(|e| format!("metadata: {e}"))?.len();
     let fixed_len = usize::try_from(len.min(HEADER_FIXED_LEN as u64)).unwrap_or(0);
@@ -308,7 +313,7 @@ pub fn scan_dir(dir: &Path) -> Result<ScanReport, FsioError> {
         if !name.ends_with(KVC_EXT) {
             continue;
         }
-        let checked = read_meta(&path).and_then(|(meta, len)| {
+        let checked = read_header(&path).and_then(|(meta, len)| {
             let key = meta.key();
             let want = format!("{key}{KVC_EXT}");
             if name == want {

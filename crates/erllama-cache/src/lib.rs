@@ -74,8 +74,8 @@ pub use bench::{
 };
 pub use counters::{Counter, Counters, TimerGuard};
 pub use fsio::{
-    ensure_dir, final_path, link_into_place, read_file, scan_dir, write_hit_count, write_temp,
-    write_temp_probed, FsioError, LinkOutcome, ScanReport, ScannedFile,
+    ensure_dir, final_path, link_into_place, read_file, read_header, scan_dir, write_hit_count,
+    write_temp, write_temp_probed, FsioError, LinkOutcome, ScanReport, ScannedFile,
 };
 pub use gguf::GgufError;
 pub use key::{

@@ -7,6 +7,7 @@
 mod bridge;
 mod engine;
 mod error;
+mod kvc;
 mod llama;
 mod pybackend;
 
@@ -31,5 +32,8 @@ fn _erllama(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyStream>()?;
     m.add_function(wrap_pyfunction!(engine::sample_pressure, m)?)?;
+    m.add_function(wrap_pyfunction!(kvc::kvc_list, m)?)?;
+    m.add_function(wrap_pyfunction!(kvc::kvc_verify, m)?)?;
+    m.add_function(wrap_pyfunction!(kvc::kvc_gc, m)?)?;
     llama::register(m)
 }

@@ -1,0 +1,383 @@
+"""``erllama bench``: the cache's edge, measured side by side in one run.
+
+Parts (each figure the median of ``repeats`` runs):
+
+- **ttft** — cold versus warm time to first token per tier and prompt
+  length (``max_tokens=1``; the whole ``complete`` call as a client sees
+  it), the pack time the cold request paid, and the restore bandwidth
+  (state bytes / restore time) beside the raw bound measured on the same
+  bytes in the same run: a ``memcpy`` for ``ram``, a plain read of the
+  row's file for the file tiers;
+- **agents** — 4 concurrent agents whose prompts share a 2048-token prefix
+  (saved by a first, cold agent): min / p50 / p99 / mean time to first
+  token against one warm request alone, and the hit counts;
+- **restart** — warm time to first token in a fresh process over the disk
+  tier written by another;
+- **peer** (``--peer llama-cpp-python``) — the same prompts through
+  llama-cpp-python (from a separate venv) with ``LlamaRAMCache`` and
+  ``LlamaDiskCache``, prompts alternating so a repeat must come from the
+  cache, same model file and thread count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import erllama
+
+__all__ = ["prompt_tokens", "run_bench"]
+
+PARAGRAPH = (
+    "The history of the lighthouse is a story of engineering, weather and patience. "
+    "Keepers climbed the stairs every evening to trim the wicks, polish the lenses and "
+    "log the passing ships. "
+)
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+async def prompt_tokens(model: erllama.Model, n: int, salt: int) -> list[int]:
+    """A prompt of exactly ``n`` tokens, different for each ``salt``."""
+    text = f"Document {salt}. " + PARAGRAPH * (n // 30 + 2)
+    tokens = await model.tokenize(text)
+    while len(tokens) < n:
+        text += PARAGRAPH
+        tokens = await model.tokenize(text)
+    return tokens[:n]
+
+
+async def _complete_timed(
+    model: erllama.Model, tokens: list[int]
+) -> tuple[float, erllama.Completion]:
+    t0 = time.perf_counter()
+    c = await model.complete(tokens, max_tokens=1)
+    return (time.perf_counter() - t0) * 1e3, c
+
+
+def _raw_bound_ms(path: Path | None, size: int) -> float:
+    """The same bytes moved without the cache: a plain read of ``path`` (as the
+    file tiers read it), or a memcpy into a ready buffer (the ram bound)."""
+    if path is not None:
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            data = f.read()
+        elapsed = time.perf_counter() - t0
+        del data
+        return elapsed * 1e3
+    src = bytes(size)
+    dst = bytearray(size)  # allocated and faulted in before timing
+    dst[:] = src
+    t0 = time.perf_counter()
+    dst[:] = src
+    elapsed = time.perf_counter() - t0
+    return elapsed * 1e3
+
+
+async def _ttft_tier(
+    tier: str, sizes: list[int], repeats: int, threads: int | None, root: Path, path: Path
+) -> list[dict[str, Any]]:
+    cache = erllama.CacheConfig(
+        ram_quota=8 << 30,
+        ram_file_dir=root / "shm" if tier == "ram_file" else None,
+        disk_dir=root / "disk" if tier == "disk" else None,
+        ram_file_quota=8 << 30,
+        disk_quota=32 << 30,
+    )
+    rows = []
+    # Save prompts of every benchmarked length (the default skips < 512).
+    policy = erllama.Policy(min_tokens=64, cold_min_tokens=64)
+    async with erllama.Engine(cache=cache, policy=policy) as engine:
+        model = await engine.load_model(
+            path,
+            n_ctx=max(sizes) + 64,
+            n_batch=512,
+            n_threads=threads,
+            tier=tier,  # type: ignore[arg-type]
+        )
+        tier_dir = {"ram_file": root / "shm", "disk": root / "disk"}.get(tier)
+        for n in sizes:
+            cold_ms, warm_ms, restore_ms, pack_ms, prefill_ms, raw_ms = [], [], [], [], [], []
+            state = 0
+            for r in range(repeats):
+                _say(f"ttft {tier} {n} tokens, run {r + 1}/{repeats}")
+                tokens = await prompt_tokens(model, n, salt=r * 1000 + n)
+                pack0 = engine.cache.counters()["pack_total_ns"]
+                t_cold, cold = await _complete_timed(model, tokens)
+                pack1 = engine.cache.counters()["pack_total_ns"]
+                engine.cache.settle(300)
+                row = next((x for x in engine.cache.dump() if x["tokens"] == n), None)
+                if row is None:
+                    raise RuntimeError(f"the {n}-token prompt was not saved")
+                t_warm, warm = await _complete_timed(model, tokens)
+                if warm.stats.cache_hit_kind != "exact" or warm.tokens != cold.tokens:
+                    raise RuntimeError(f"warm run was not an identical exact hit: {warm.stats}")
+                state = row["size"]
+                cold_ms.append(t_cold)
+                warm_ms.append(t_warm)
+                restore_ms.append(warm.stats.restore_ms)
+                prefill_ms.append(cold.stats.prefill_ms)
+                pack_ms.append((pack1 - pack0) / 1e6)
+                file = tier_dir / f"{row['key']}.kvc" if tier_dir else None
+                raw_ms.append(_raw_bound_ms(file, state))
+                engine.cache.gc()
+            med = statistics.median
+            row_out: dict[str, Any] = {
+                "tier": tier,
+                "prompt_tokens": n,
+                "cold_ms": round(med(cold_ms), 1),
+                "warm_ms": round(med(warm_ms), 1),
+                "speedup": round(med(cold_ms) / med(warm_ms), 1),
+                "restore_ms": round(med(restore_ms), 2),
+                "state_mb": round(state / 1e6, 1),
+                "restore_mb_s": round(state / 1e6 / (med(restore_ms) / 1e3), 0),
+                "raw_mb_s": round(state / 1e6 / (med(raw_ms) / 1e3), 0),
+                "pack_ms": round(med(pack_ms), 1),
+                "pack_pct_of_prefill": round(100 * med(pack_ms) / med(prefill_ms), 2),
+            }
+            row_out["restore_vs_raw_pct"] = round(
+                100 * row_out["restore_mb_s"] / max(row_out["raw_mb_s"], 1e-9), 0
+            )
+            rows.append(row_out)
+    return rows
+
+
+async def _agents(path: Path, threads: int | None, repeats: int) -> dict[str, Any]:
+    """4 concurrent agents sharing a 2048-token prefix on one model."""
+    async with erllama.Engine() as engine:
+        model = await engine.load_model(path, n_ctx=2304, n_batch=512, n_threads=threads)
+        prefix = await prompt_tokens(model, 2048, salt=7)
+        suffixes = [
+            (await model.tokenize(f" Agent {i} asks about keeper number {i}.", add_bos=False))
+            for i in range(12)
+        ]
+        _say("agents: the first agent computes and saves the shared prefix")
+        await model.complete([*prefix, *suffixes[0]], max_tokens=1)
+        engine.cache.settle(300)
+        singles, all_ttft, hits0 = [], [], engine.cache.counters()["hits_longest_prefix"]
+        used = 1
+        for r in range(repeats):
+            _say(f"agents: run {r + 1}/{repeats}")
+            t, c = await _complete_timed(model, [*prefix, *suffixes[used]])
+            used += 1
+            assert c.stats.cache_hit_kind == "partial", c.stats
+            singles.append(t)
+
+            async def agent(tokens: list[int]) -> float:
+                t0 = time.perf_counter()
+                stream = model.stream(tokens, max_tokens=1)
+                async for _ in stream:
+                    break
+                async for _ in stream:
+                    pass
+                return (time.perf_counter() - t0) * 1e3
+
+            batch = [[*prefix, *suffixes[(used + k) % len(suffixes)]] for k in range(4)]
+            used += 4
+            all_ttft += await asyncio.gather(*(agent(b) for b in batch))
+            engine.cache.gc()
+            await model.complete([*prefix, *suffixes[0]], max_tokens=1)
+            engine.cache.settle(300)
+        hits = engine.cache.counters()["hits_longest_prefix"] - hits0
+    all_ttft.sort()
+    single = statistics.median(singles)
+    mean = statistics.fmean(all_ttft)
+    return {
+        "agents": 4,
+        "shared_prefix_tokens": 2048,
+        "single_warm_ms": round(single, 1),
+        "min_ms": round(all_ttft[0], 1),
+        "p50_ms": round(statistics.median(all_ttft), 1),
+        "p99_ms": round(all_ttft[min(len(all_ttft) - 1, int(0.99 * len(all_ttft)))], 1),
+        "mean_ms": round(mean, 1),
+        "mean_over_single": round(mean / single, 2),
+        "hits_longest_prefix": hits,
+    }
+
+
+async def _restart_once(path: Path, cache_dir: Path, n: int, threads: int | None) -> float:
+    async with erllama.Engine(cache=erllama.CacheConfig(disk_dir=cache_dir)) as engine:
+        model = await engine.load_model(
+            path, n_ctx=n + 64, n_batch=512, n_threads=threads, tier="disk"
+        )
+        tokens = await prompt_tokens(model, n, salt=42)
+        t, c = await _complete_timed(model, tokens)
+        return t if c.stats.cache_hit_kind == "exact" else -t
+
+
+def _restart(path: Path, n: int, threads: int | None) -> dict[str, Any]:
+    cache_dir = Path(tempfile.mkdtemp(prefix="erllama-bench-restart-"))
+    try:
+        cmd = [
+            sys.executable,
+            "-m",
+            "erllama.bench",
+            "--restart-child",
+            os.fspath(path),
+            os.fspath(cache_dir),
+            str(n),
+            str(threads or 0),
+        ]
+        _say("restart: process 1 (cold, writes the disk tier)")
+        cold = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        _say("restart: process 2 (warm from disk)")
+        warm = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return {
+        "prompt_tokens": n,
+        "cold_ms": round(-cold, 1),
+        "warm_after_restart_ms": round(warm, 1),
+        "speedup": round(-cold / warm, 1) if warm > 0 else None,
+        "warm_was_exact_hit": warm > 0,
+    }
+
+
+def _peer(
+    python: Path, path: Path, sizes: list[int], threads: int | None, repeats: int
+) -> list[dict[str, Any]]:
+    script = Path(__file__).with_name("_peer_llama_cpp.py")
+    cmd = [
+        os.fspath(python),
+        os.fspath(script),
+        "--model",
+        os.fspath(path),
+        "--sizes",
+        *map(str, sizes),
+        "--threads",
+        str(threads or os.cpu_count() or 1),
+        "--repeats",
+        str(repeats),
+    ]
+    _say(f"peer: llama-cpp-python via {python}")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return list(json.loads(out.stdout))
+
+
+def run_bench(
+    *,
+    model_path: Path,
+    sizes: list[int],
+    tiers: list[str],
+    repeats: int,
+    threads: int | None,
+    peer: str | None,
+    peer_python: Path | None,
+    as_json: bool,
+    parts: list[str],
+) -> int:
+    """Runs the chosen parts and prints tables (or one JSON object)."""
+    result: dict[str, Any] = {
+        "cpu": _cpu(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "model": model_path.name,
+    }
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    if "ttft" in parts:
+        rows: list[dict[str, Any]] = []
+        for tier in tiers:
+            root = Path(
+                tempfile.mkdtemp(prefix="erllama-bench-", dir=shm if tier == "ram_file" else None)
+            )
+            try:
+                rows += asyncio.run(_ttft_tier(tier, sizes, repeats, threads, root, model_path))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        result["ttft"] = rows
+    if "agents" in parts:
+        result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
+    if "restart" in parts:
+        result["restart"] = _restart(model_path, 2048, threads)
+    if peer == "llama-cpp-python":
+        python = peer_python or Path.home() / ".cache/erllama/peer-venv/bin/python"
+        if not python.exists():
+            raise FileNotFoundError(
+                f"{python} not found: create a venv with llama-cpp-python "
+                "(python -m venv ~/.cache/erllama/peer-venv && "
+                "~/.cache/erllama/peer-venv/bin/pip install llama-cpp-python==0.3.36)"
+            )
+        result["peer"] = _peer(python, model_path, sizes, threads, repeats)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render(result))
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def render(r: dict[str, Any]) -> str:
+    """The results as Markdown tables."""
+    out = [f"{r['cpu']}, {r['cores']} cores, threads={r['threads'] or 'all'}, {r['model']}", ""]
+    if "ttft" in r:
+        out += [
+            "| tier | prompt | cold TTFT | warm TTFT | speed-up | restore | restore MB/s "
+            "| raw MB/s | restore/raw | pack (% of prefill) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for x in r["ttft"]:
+            out.append(
+                f"| {x['tier']} | {x['prompt_tokens']} | {x['cold_ms'] / 1e3:.2f} s | "
+                f"{x['warm_ms']:.0f} ms | {x['speedup']:.0f}x | {x['restore_ms']:.1f} ms | "
+                f"{x['restore_mb_s']:.0f} | {x['raw_mb_s']:.0f} | "
+                f"{x['restore_vs_raw_pct']:.0f} % | "
+                f"{x['pack_ms']:.0f} ms ({x['pack_pct_of_prefill']:.1f} %) |"
+            )
+        out.append("")
+    if "agents" in r:
+        a = r["agents"]
+        out += [
+            f"4 agents sharing a 2048-token prefix: one warm request alone "
+            f"{a['single_warm_ms']:.0f} ms; concurrent TTFT min {a['min_ms']:.0f} / p50 "
+            f"{a['p50_ms']:.0f} / p99 {a['p99_ms']:.0f} / mean {a['mean_ms']:.0f} ms "
+            f"({a['mean_over_single']:.2f}x one warm hit); "
+            f"{a['hits_longest_prefix']} longest-prefix hits",
+            "",
+        ]
+    if "restart" in r:
+        x = r["restart"]
+        out += [
+            f"restart ({x['prompt_tokens']} tokens, disk tier): cold {x['cold_ms'] / 1e3:.2f} s "
+            f"in process 1, warm {x['warm_after_restart_ms']:.0f} ms in process 2 "
+            f"({x['speedup']}x)",
+            "",
+        ]
+    if "peer" in r:
+        out += [
+            "| llama-cpp-python | prompt | cold TTFT | LlamaRAMCache warm | LlamaDiskCache warm |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for x in r["peer"]:
+            out.append(
+                f"| {x['version']} | {x['prompt_tokens']} | {x['cold_ms'] / 1e3:.2f} s | "
+                f"{x['ram_warm_ms']:.0f} ms | {x['disk_warm_ms']:.0f} ms |"
+            )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--restart-child":
+        model, cache_dir, n, threads = sys.argv[2:6]
+        print(
+            asyncio.run(_restart_once(Path(model), Path(cache_dir), int(n), int(threads) or None))
+        )
