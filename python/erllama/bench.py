@@ -156,10 +156,15 @@ async def _ttft_tier(
 async def _agents(path: Path, threads: int | None, repeats: int) -> dict[str, Any]:
     """4 concurrent agents sharing a 2048-token prefix on one model."""
     async with erllama.Engine() as engine:
-        model = await engine.load_model(path, n_ctx=2304, n_batch=512, n_threads=threads)
+        model = await engine.load_model(path, n_ctx=2560, n_batch=512, n_threads=threads)
         prefix = await prompt_tokens(model, 2048, salt=7)
+        # Suffixes longer than boundary_trim_tokens, so the first agent's cold
+        # save covers the whole 2048-token prefix.
         suffixes = [
-            (await model.tokenize(f" Agent {i} asks about keeper number {i}.", add_bos=False))
+            await model.tokenize(
+                f" Agent {i} asks about keeper number {i} and the storms of that winter." * 5,
+                add_bos=False,
+            )
             for i in range(12)
         ]
         _say("agents: the first agent computes and saves the shared prefix")
@@ -296,10 +301,13 @@ def run_bench(
             finally:
                 shutil.rmtree(root, ignore_errors=True)
         result["ttft"] = rows
+        _say("ttft results: " + json.dumps(rows))
     if "agents" in parts:
         result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
+        _say("agents results: " + json.dumps(result["agents"]))
     if "restart" in parts:
         result["restart"] = _restart(model_path, 2048, threads)
+        _say("restart results: " + json.dumps(result["restart"]))
     if peer == "llama-cpp-python":
         python = peer_python or Path.home() / ".cache/erllama/peer-venv/bin/python"
         if not python.exists():

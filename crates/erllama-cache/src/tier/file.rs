@@ -237,7 +237,7 @@ const READ_CHUNK: usize = 256 << 10;
 ///
 /// A file that shrank yields `UnexpectedEof`; one that grew, `InvalidData`.
 fn read_with_crc(file: File, len: usize) -> io::Result<(Vec<u8>, Option<PayloadCrc>)> {
-    let mut buf = Vec::with_capacity(len);
+    let mut buf = super::pool::take(len);
     let mut reader = file.take(len as u64 + 1);
     let mut offset: Option<u64> = None;
     let mut crc = 0u32;

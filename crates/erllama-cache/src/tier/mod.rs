@@ -91,10 +91,100 @@ impl FromStr for TierKind {
 
 /// A row's stored bytes as handed out by a load: the payload (the opaque
 /// sequence state) without its KVC header. Dereferences to the payload.
-#[derive(Clone)]
+///
+/// A file load's buffer goes back to a small pool when the payload is
+/// dropped, so the next load of a similar size reuses memory that is
+/// already faulted in instead of paying a page fault per 4 KiB.
 pub struct Payload(PayloadRepr);
 
-#[derive(Clone)]
+impl Clone for Payload {
+    fn clone(&self) -> Self {
+        match &self.0 {
+            PayloadRepr::Shared(row) => Payload(PayloadRepr::Shared(Arc::clone(row))),
+            PayloadRepr::Owned { buf, start } => Payload(PayloadRepr::Owned {
+                buf: buf.clone(),
+                start: *start,
+            }),
+        }
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        if let PayloadRepr::Owned { buf, .. } = &mut self.0 {
+            pool::give_back(std::mem::take(buf));
+        }
+    }
+}
+
+/// Recycled load buffers (at most a few, bounded in bytes).
+pub(crate) mod pool {
+    use std::sync::Mutex;
+
+    const MAX_BUFFERS: usize = 4;
+    const MAX_BYTES: usize = 1 << 30;
+
+    static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// An empty buffer with at least `len` bytes of capacity, reused when
+    /// one is pooled.
+    pub(crate) fn take(len: usize) -> Vec<u8> {
+        let mut pool = POOL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The smallest pooled buffer that fits.
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let mut b = pool.swap_remove(i);
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(len),
+        }
+    }
+
+    pub(crate) fn give_back(buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut pool = POOL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held: usize = pool.iter().map(Vec::capacity).sum();
+        if held + buf.capacity() > MAX_BYTES {
+            // Keep the larger buffers: drop the smallest if it is smaller.
+            if let Some((i, _)) = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.capacity())
+                .filter(|(_, b)| b.capacity() < buf.capacity())
+            {
+                pool.swap_remove(i);
+            } else {
+                return;
+            }
+        }
+        if pool.len() >= MAX_BUFFERS {
+            let (i, _) = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.capacity())
+                .expect("non-empty");
+            if pool[i].capacity() >= buf.capacity() {
+                return;
+            }
+            pool.swap_remove(i);
+        }
+        pool.push(buf);
+    }
+}
+
 enum PayloadRepr {
     /// A RAM row, shared with the store (no copy).
     Shared(Arc<RamRow>),
