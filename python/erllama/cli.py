@@ -578,10 +578,34 @@ def _build_parser() -> argparse.ArgumentParser:
             metavar="DIR",
             help="save states to a disk tier there (persists across runs; default: ram only)",
         )
-        p.add_argument("--max-tokens", type=_int_at_least(1), default=128, metavar="N")
-        p.add_argument("--n-ctx", type=_int_at_least(8), default=4096, metavar="N")
-        p.add_argument("--temperature", type=float, default=0.0, metavar="T")
-        p.add_argument("--seed", type=_int_at_least(0), default=None, metavar="N")
+        p.add_argument(
+            "--max-tokens",
+            type=_int_at_least(1),
+            default=128,
+            metavar="N",
+            help="the most tokens to generate (default: %(default)s)",
+        )
+        p.add_argument(
+            "--n-ctx",
+            type=_int_at_least(8),
+            default=4096,
+            metavar="N",
+            help="the context size in tokens (default: %(default)s)",
+        )
+        p.add_argument(
+            "--temperature",
+            type=float,
+            default=0.0,
+            metavar="T",
+            help="0 is greedy (default: %(default)s)",
+        )
+        p.add_argument(
+            "--seed",
+            type=_int_at_least(0),
+            default=None,
+            metavar="N",
+            help="sampling seed (with --temperature > 0)",
+        )
         p.add_argument(
             "--stop", action="append", default=[], metavar="TEXT", help="a stop string (repeatable)"
         )
@@ -617,15 +641,27 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_argument(bench)
     _add_threads(bench)
     bench.add_argument(
-        "--sizes", type=_int_at_least(64), nargs="+", default=[512, 1024, 2048, 4096]
+        "--sizes",
+        type=_int_at_least(64),
+        nargs="+",
+        default=[512, 1024, 2048, 4096],
+        metavar="N",
+        help="prompt lengths in tokens (default: 512 1024 2048 4096)",
     )
     bench.add_argument(
         "--tiers",
         nargs="+",
         choices=("ram", "ram_file", "disk"),
         default=["ram", "ram_file", "disk"],
+        help="cache tiers to measure (default: all three)",
     )
-    bench.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N")
+    bench.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=3,
+        metavar="N",
+        help="runs per figure; the median is reported (default: %(default)s)",
+    )
     bench.add_argument(
         "--only",
         nargs="+",
