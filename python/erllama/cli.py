@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 from erllama.errors import ContextOverflowError, ErllamaError
 
 if TYPE_CHECKING:
+    import erllama
     from erllama._erllama import Model
     from erllama.engine import Engine
 
@@ -175,6 +176,16 @@ def _engine(args: argparse.Namespace) -> Engine:
     return erllama.Engine(cache=cache)
 
 
+async def _load(engine: Engine, args: argparse.Namespace) -> erllama.Model:
+    """The model of ``complete`` / ``chat``: saves go to disk with --cache-dir."""
+    return await engine.load_model(
+        _model_path(args.model),
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        tier="disk" if args.cache_dir else "ram",
+    )
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_tokens": args.max_tokens,
@@ -189,12 +200,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, Any]:
         async with _engine(args) as engine:
-            model = await engine.load_model(
-                _model_path(args.model),
-                n_ctx=args.n_ctx,
-                n_threads=args.threads,
-                tier="disk" if args.cache_dir else "ram",
-            )
+            model = await _load(engine, args)
             if args.chat:
                 prompt: Any = await model.apply_chat_template(
                     [{"role": "user", "content": args.prompt}], system=args.system
@@ -234,12 +240,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with _engine(args) as engine:
-            model = await engine.load_model(
-                _model_path(args.model),
-                n_ctx=args.n_ctx,
-                n_threads=args.threads,
-                tier="disk" if args.cache_dir else "ram",
-            )
+            model = await _load(engine, args)
             messages: list[dict[str, str]] = []
             parent: str | None = None
             interactive = sys.stdin.isatty()

@@ -5,7 +5,6 @@
 //! The model path comes from `ERLLAMA_TEST_MODEL`, else the default model
 //! cache. These tests never skip.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -16,29 +15,8 @@ use erllama_engine::{
 };
 use erllama_llama::{LlamaBackend, LlamaError, ModelParams, Session, SessionParams};
 
-const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("ERLLAMA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var_os("ERLLAMA_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("erllama/models"))
-        })
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/erllama/models"))
-        })
-        .expect("no HOME");
-    let p = dir.join(FILE);
-    assert!(
-        p.is_file(),
-        "test model missing at {}: run `python -m erllama fetch-model` or set ERLLAMA_TEST_MODEL",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::model_path;
 
 fn backend() -> &'static LlamaBackend {
     static B: OnceLock<LlamaBackend> = OnceLock::new();

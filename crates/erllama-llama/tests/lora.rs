@@ -21,33 +21,13 @@ use erllama_llama::{
     SessionParams,
 };
 
-const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+mod common;
+use common::model_path;
+
 const N: usize = 24;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("ERLLAMA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var_os("ERLLAMA_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("erllama/models"))
-        })
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/erllama/models"))
-        })
-        .expect("no HOME");
-    let p = dir.join(FILE);
-    assert!(
-        p.is_file(),
-        "test model missing at {}: run `python -m erllama fetch-model` or set ERLLAMA_TEST_MODEL",
-        p.display()
-    );
-    p
 }
 
 fn python() -> PathBuf {

@@ -4,35 +4,13 @@
 //! cache (`python -m erllama fetch-model` puts it there). These tests never
 //! skip: without the model they fail and say how to fetch it.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use erllama_llama::{LlamaError, Model, ModelParams, Session, SessionParams, SessionWorker};
 
-const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("ERLLAMA_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let dir = std::env::var_os("ERLLAMA_MODEL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("erllama/models"))
-        })
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/erllama/models"))
-        })
-        .expect("no HOME");
-    let p = dir.join(FILE);
-    assert!(
-        p.is_file(),
-        "test model missing at {}: run `python -m erllama fetch-model` or set ERLLAMA_TEST_MODEL",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::model_path;
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();

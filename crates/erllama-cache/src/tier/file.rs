@@ -17,6 +17,63 @@ use crate::fsio::{
 use crate::key::CacheKey;
 use crate::kvc::{parse_full, parse_meta_with_len, KvcError, PAYLOAD_OFFSET_OFFSET};
 
+/// `impl Tier` for a newtype over [`FileStore`]: both file tiers are the
+/// same byte work on different directories (their difference is where the
+/// directory lives and the read mode chosen for it).
+macro_rules! file_tier {
+    ($name:ident, $kind:expr) => {
+        impl $crate::tier::Tier for $name {
+            fn kind(&self) -> $crate::tier::TierKind {
+                $kind
+            }
+            fn dir(&self) -> Option<&std::path::Path> {
+                Some(self.0.dir())
+            }
+            fn recover(
+                &self,
+            ) -> Result<(Vec<$crate::tier::Recovered>, usize), $crate::tier::TierError> {
+                self.0.recover()
+            }
+            fn stage(
+                &self,
+                key: &$crate::key::CacheKey,
+                header: Vec<u8>,
+                payload: Vec<u8>,
+                probe: &dyn Fn($crate::tier::SaveStage),
+            ) -> Result<$crate::tier::Staged, $crate::tier::TierError> {
+                self.0.stage(key, &header, &payload, probe)
+            }
+            fn commit(
+                &self,
+                key: &$crate::key::CacheKey,
+                staged: $crate::tier::Staged,
+            ) -> Result<$crate::tier::Committed, $crate::tier::TierError> {
+                self.0.commit(key, staged)
+            }
+            fn discard(&self, staged: $crate::tier::Staged) {
+                self.0.discard(staged);
+            }
+            fn load(
+                &self,
+                key: &$crate::key::CacheKey,
+                expected_size: u64,
+            ) -> Result<$crate::tier::Payload, $crate::tier::LoadError> {
+                self.0.load(key, expected_size)
+            }
+            fn remove(&self, key: &$crate::key::CacheKey) -> Result<(), $crate::tier::TierError> {
+                self.0.remove(key)
+            }
+            fn record_hits(&self, key: &$crate::key::CacheKey, hits: u32) {
+                self.0.record_hits(key, hits);
+            }
+            fn validate_visible(&self, key: &$crate::key::CacheKey) -> $crate::tier::Visible {
+                self.0.validate_visible(key)
+            }
+        }
+    };
+}
+pub(crate) use file_tier;
+
 /// How a file tier reads a row back. Both copy the file into one owned
 /// buffer exactly once and run the full parse on it; a file truncated or
 /// replaced underneath yields an error, never a signal or a wrong state.

@@ -5,21 +5,17 @@
 //! reads go through `mmap` or `read(2)` (see [`FileLoad`]; both copy the
 //! file once and run the full parse on the copy).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::file::FileStore;
-use super::{
-    Committed, FileLoad, LoadError, Payload, Recovered, SaveStage, Staged, Tier, TierError,
-    TierKind, Visible,
-};
-use crate::key::CacheKey;
+use super::{FileLoad, TierKind};
 
 /// Files on tmpfs.
 #[derive(Debug)]
 pub struct RamFileTier(FileStore);
 
 impl RamFileTier {
-    /// A tier over `dir` (created 0o700 by [`Tier::recover`] when
+    /// A tier over `dir` (created 0o700 by [`Tier::recover`](super::Tier::recover) when
     /// missing); `writer` names this writer in temp file names.
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>, writer: &str, load: FileLoad) -> Self {
@@ -32,41 +28,4 @@ impl RamFileTier {
     }
 }
 
-impl Tier for RamFileTier {
-    fn kind(&self) -> TierKind {
-        TierKind::RamFile
-    }
-    fn dir(&self) -> Option<&Path> {
-        Some(self.0.dir())
-    }
-    fn recover(&self) -> Result<(Vec<Recovered>, usize), TierError> {
-        self.0.recover()
-    }
-    fn stage(
-        &self,
-        key: &CacheKey,
-        header: Vec<u8>,
-        payload: Vec<u8>,
-        probe: &dyn Fn(SaveStage),
-    ) -> Result<Staged, TierError> {
-        self.0.stage(key, &header, &payload, probe)
-    }
-    fn commit(&self, key: &CacheKey, staged: Staged) -> Result<Committed, TierError> {
-        self.0.commit(key, staged)
-    }
-    fn discard(&self, staged: Staged) {
-        self.0.discard(staged);
-    }
-    fn load(&self, key: &CacheKey, expected_size: u64) -> Result<Payload, LoadError> {
-        self.0.load(key, expected_size)
-    }
-    fn remove(&self, key: &CacheKey) -> Result<(), TierError> {
-        self.0.remove(key)
-    }
-    fn record_hits(&self, key: &CacheKey, hits: u32) {
-        self.0.record_hits(key, hits);
-    }
-    fn validate_visible(&self, key: &CacheKey) -> Visible {
-        self.0.validate_visible(key)
-    }
-}
+super::file::file_tier!(RamFileTier, TierKind::RamFile);
