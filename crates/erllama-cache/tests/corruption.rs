@@ -10,6 +10,7 @@
 //! alone.
 
 mod common;
+use common::tlv_value_offset;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -58,24 +59,6 @@ fn flip_byte(path: &Path, at: usize) {
     f.read_exact_at(&mut b, at as u64).expect("read byte");
     f.write_all_at(&[b[0] ^ 0xA5], at as u64)
         .expect("write byte");
-}
-
-/// Offset of the value of the first TLV record with `tag`.
-fn tlv_value_offset(bytes: &[u8], tag: u8) -> usize {
-    let u32_at =
-        |off: usize| u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
-    let prompt_len = u32_at(72);
-    let tlv_start = 72 + 4 + prompt_len;
-    let tlv_end = tlv_start + 4 + u32_at(tlv_start);
-    let mut at = tlv_start + 4;
-    while at < tlv_end {
-        let len = u32_at(at + 1);
-        if bytes[at] == tag {
-            return at + 5;
-        }
-        at += 5 + len;
-    }
-    panic!("no TLV with tag {tag:#04x}");
 }
 
 /// Offset of the payload's first byte (the trailer's `payload_offset`).

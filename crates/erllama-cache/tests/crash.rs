@@ -15,6 +15,7 @@
 //! reservation is adopted when valid and removed when not.
 
 mod common;
+use common::tlv_value_offset;
 
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -334,24 +335,6 @@ enum Damage {
     /// Make the fingerprint-mode TLV value an unknown mode (meta parse
     /// fails with `unknown_fingerprint_mode`).
     FlipTlvByte,
-}
-
-/// Offset of the value of the first TLV record with `tag`.
-fn tlv_value_offset(bytes: &[u8], tag: u8) -> usize {
-    let u32_at =
-        |off: usize| u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
-    let prompt_len = u32_at(72);
-    let tlv_start = 72 + 4 + prompt_len;
-    let tlv_end = tlv_start + 4 + u32_at(tlv_start);
-    let mut at = tlv_start + 4;
-    while at < tlv_end {
-        let len = u32_at(at + 1);
-        if bytes[at] == tag {
-            return at + 5;
-        }
-        at += 5 + len;
-    }
-    panic!("no TLV with tag {tag:#04x}");
 }
 
 fn crash_linked_then_damage(tier: TierKind, damage: Damage) {

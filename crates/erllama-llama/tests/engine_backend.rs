@@ -5,7 +5,7 @@
 //! The model path comes from `ERLLAMA_TEST_MODEL`, else the default model
 //! cache. These tests never skip.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use erllama_cache::{Cache, CacheConfig, FingerprintMode, PolicyConfig, QuantType, TierKind};
@@ -16,19 +16,7 @@ use erllama_engine::{
 use erllama_llama::{LlamaBackend, LlamaError, ModelParams, Session, SessionParams};
 
 mod common;
-use common::model_path;
-
-fn backend() -> &'static LlamaBackend {
-    static B: OnceLock<LlamaBackend> = OnceLock::new();
-    B.get_or_init(|| {
-        LlamaBackend::open(
-            model_path(),
-            &ModelParams::default(),
-            FingerprintMode::GgufChunked,
-        )
-        .expect("load model")
-    })
-}
+use common::{backend, model_path};
 
 fn cparams() -> ContextParams {
     ContextParams {

@@ -12,17 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
-use erllama_cache::FingerprintMode;
 use erllama_engine::{
     AdapterHandle, Backend, BackendContext, BackendError, ContextParams, SamplingParams,
 };
 use erllama_llama::{
-    LlamaBackend, LlamaContextBackend, LlamaError, LoraAdapter, Model, ModelParams, Session,
-    SessionParams,
+    LlamaContextBackend, LlamaError, LoraAdapter, Model, ModelParams, Session, SessionParams,
 };
 
 mod common;
-use common::model_path;
+use common::{backend, model_path};
 
 const N: usize = 24;
 
@@ -84,18 +82,6 @@ fn make_adapter(name: &str, extra: &[&str]) -> PathBuf {
 fn adapter_path() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| make_adapter("adapter.gguf", &[]))
-}
-
-fn backend() -> &'static LlamaBackend {
-    static B: OnceLock<LlamaBackend> = OnceLock::new();
-    B.get_or_init(|| {
-        LlamaBackend::open(
-            model_path(),
-            &ModelParams::default(),
-            FingerprintMode::GgufChunked,
-        )
-        .expect("load model")
-    })
 }
 
 fn ctx() -> Box<dyn BackendContext> {

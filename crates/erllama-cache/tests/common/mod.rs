@@ -69,3 +69,21 @@ pub fn config(root: &Path, ram: u64, ram_file: u64, disk: u64) -> CacheConfig {
 pub fn open(root: &Path) -> Cache {
     Cache::open(config(root, 64 << 20, 64 << 20, 64 << 20)).expect("open cache")
 }
+
+/// Offset of the value of the first TLV record with `tag`.
+pub fn tlv_value_offset(bytes: &[u8], tag: u8) -> usize {
+    let u32_at =
+        |off: usize| u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
+    let prompt_len = u32_at(72);
+    let tlv_start = 72 + 4 + prompt_len;
+    let tlv_end = tlv_start + 4 + u32_at(tlv_start);
+    let mut at = tlv_start + 4;
+    while at < tlv_end {
+        let len = u32_at(at + 1);
+        if bytes[at] == tag {
+            return at + 5;
+        }
+        at += 5 + len;
+    }
+    panic!("no TLV with tag {tag:#04x}");
+}

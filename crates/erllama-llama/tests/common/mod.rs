@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use erllama_cache::FingerprintMode;
+use erllama_llama::{LlamaBackend, ModelParams};
 
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -27,4 +31,17 @@ pub fn model_path() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The test model as an engine backend, loaded once per test binary.
+pub fn backend() -> &'static LlamaBackend {
+    static B: OnceLock<LlamaBackend> = OnceLock::new();
+    B.get_or_init(|| {
+        LlamaBackend::open(
+            model_path(),
+            &ModelParams::default(),
+            FingerprintMode::GgufChunked,
+        )
+        .expect("load model")
+    })
 }
