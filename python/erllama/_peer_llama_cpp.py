@@ -38,15 +38,70 @@ def timed(llm: Any, toks: list[int]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def main() -> None:
+def speed(model: str, tokens: list[int], decode: int, threads: int) -> None:
+    """One prefill of ``tokens`` and ``decode`` greedy tokens; prints JSON.
+
+    The same work as erllama's side of ``erllama bench --only speed``: the
+    prompt in 512-token batches with logits for its last token only, then one
+    token per decode, each chosen by argmax over the last logits.
+    """
     import llama_cpp  # type: ignore[import-not-found]  # only in the peer venv
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        model_path=model,
+        n_ctx=len(tokens) + decode + 16,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=False,
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> Any:
+        # The logits of the last decoded token, read in place (llama.cpp's buffer).
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+    llm.eval(tokens[:8])  # warm-up: first touch of weights and buffers
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(tokens)
+    t1 = time.perf_counter()
+    out = []
+    for _ in range(decode):
+        t = int(np.argmax(last_logits()))
+        out.append(t)
+        llm.eval([t])
+    t2 = time.perf_counter()
+    print(
+        json.dumps(
+            {
+                "version": f"llama-cpp-python {llama_cpp.__version__}",
+                "prefill_tok_s": len(tokens) / (t1 - t0),
+                "decode_tok_s": decode / (t2 - t1),
+                "tokens": out,
+            }
+        )
+    )
+
+
+def main() -> None:
+    import llama_cpp  # only in the peer venv (speed() carries the type: ignore)
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--sizes", type=int, nargs="+", required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[])
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--speed-tokens", default=None, help="JSON token list: run speed() only")
+    ap.add_argument("--decode", type=int, default=64)
     args = ap.parse_args()
+    if args.speed_tokens is not None:
+        speed(args.model, json.loads(args.speed_tokens), args.decode, args.threads)
+        return
     llm = llama_cpp.Llama(
         model_path=args.model,
         n_ctx=max(args.sizes) + 64,

@@ -270,6 +270,71 @@ def _peer(
     return list(json.loads(out.stdout))
 
 
+_SPEED_PROBE = r"""
+import json, sys, time
+from erllama._erllama import Model
+path, tokens = sys.argv[1], json.loads(sys.argv[2])
+decode, threads = int(sys.argv[3]), int(sys.argv[4])
+model = Model(path)
+ctx = model.new_context(n_ctx=len(tokens) + decode + 16, n_batch=512, n_threads=threads)
+ctx.prefill(tokens[:8])  # warm-up: first touch of weights and buffers
+ctx.clear()
+t0 = time.perf_counter()
+ctx.prefill(tokens)
+t1 = time.perf_counter()
+out = [ctx.decode_one() for _ in range(decode)]
+t2 = time.perf_counter()
+print(json.dumps({"prefill_tok_s": len(tokens) / (t1 - t0), "decode_tok_s": decode / (t2 - t1),
+                  "tokens": out}))
+"""
+
+
+def _speed(
+    path: Path,
+    n: int,
+    decode: int,
+    threads: int | None,
+    repeats: int,
+    peer_python: Path | None,
+) -> dict[str, Any]:
+    """Cold prefill and decode tok/s, erllama and (optionally) llama-cpp-python
+    in turn, each run in a fresh process on the same tokens and threads."""
+    from erllama._erllama import Model
+
+    text = " ".join(
+        f"Station {i} on the northern line opened in {1870 + 3 * i} and serves {i % 7 + 2} "
+        "platforms."
+        for i in range(4 * n // 10 + 50)
+    )
+    tokens = Model(os.fspath(path)).tokenize(text)[:n]
+    threads = threads or os.cpu_count() or 1
+    runs: dict[str, list[dict[str, Any]]] = {"erllama": [], "peer": []}
+    peer_script = Path(__file__).with_name("_peer_llama_cpp.py")
+    for _ in range(repeats):
+        own = [sys.executable, "-c", _SPEED_PROBE, os.fspath(path), json.dumps(tokens)]
+        own += [str(decode), str(threads)]
+        out = subprocess.run(own, check=True, capture_output=True, text=True).stdout
+        runs["erllama"].append(json.loads(out.strip().splitlines()[-1]))
+        if peer_python is not None:
+            cmd = [os.fspath(peer_python), os.fspath(peer_script), "--model", os.fspath(path)]
+            cmd += ["--threads", str(threads), "--decode", str(decode)]
+            cmd += ["--speed-tokens", json.dumps(tokens)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs["peer"].append(json.loads(out.strip().splitlines()[-1]))
+    result: dict[str, Any] = {"prompt_tokens": n, "decode_tokens": decode, "threads": threads}
+    for who, rs in runs.items():
+        if rs:
+            result[who] = {
+                "prefill_tok_s": round(statistics.median(r["prefill_tok_s"] for r in rs), 1),
+                "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in rs), 1),
+                "version": rs[0].get("version", "erllama"),
+            }
+    if runs["peer"]:
+        # Same greedy tokens: the two runtimes compute the same thing.
+        result["same_tokens"] = runs["erllama"][0]["tokens"] == runs["peer"][0]["tokens"]
+    return result
+
+
 def run_bench(
     *,
     model_path: Path,
@@ -308,6 +373,7 @@ def run_bench(
     if "restart" in parts:
         result["restart"] = _restart(model_path, 2048, threads)
         _say("restart results: " + json.dumps(result["restart"]))
+    python: Path | None = None
     if peer == "llama-cpp-python":
         python = peer_python or Path.home() / ".cache/erllama/peer-venv/bin/python"
         if not python.exists():
@@ -316,6 +382,10 @@ def run_bench(
                 "(python -m venv ~/.cache/erllama/peer-venv && "
                 "~/.cache/erllama/peer-venv/bin/pip install llama-cpp-python==0.3.36)"
             )
+    if "speed" in parts:
+        result["speed"] = [_speed(model_path, n, 64, threads, repeats, python) for n in sizes]
+        _say("speed results: " + json.dumps(result["speed"]))
+    if python is not None and "ttft" in parts:
         result["peer"] = _peer(python, model_path, sizes, threads, repeats)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -370,6 +440,20 @@ def render(r: dict[str, Any]) -> str:
             f"({x['speedup']}x)",
             "",
         ]
+    if "speed" in r:
+        out += [
+            "| prompt | erllama prefill tok/s | erllama decode tok/s | peer prefill tok/s "
+            "| peer decode tok/s | same greedy tokens |",
+            "|---:|---:|---:|---:|---:|---|",
+        ]
+        for x in r["speed"]:
+            e, p = x["erllama"], x.get("peer", {})
+            out.append(
+                f"| {x['prompt_tokens']} | {e['prefill_tok_s']:.0f} | {e['decode_tok_s']:.1f} | "
+                f"{p.get('prefill_tok_s', float('nan')):.0f} | "
+                f"{p.get('decode_tok_s', float('nan')):.1f} | {x.get('same_tokens', '-')} |"
+            )
+        out.append("")
     if "peer" in r:
         out += [
             "| llama-cpp-python | prompt | cold TTFT | LlamaRAMCache warm | LlamaDiskCache warm |",

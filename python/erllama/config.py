@@ -59,7 +59,7 @@ class CacheConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Policy:
-    """When states are saved and how prefixes are probed (SPEC §3.6).
+    """When states are saved and how prefixes are probed (docs/policy.md).
 
     The defaults suit long prompts: nothing under 512 tokens is saved, cold
     saves and longest-prefix probes use multiples of 2048 tokens. Lower
@@ -91,7 +91,7 @@ class Policy:
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    """The memory-pressure scheduler (SPEC §4; off by default).
+    """The memory-pressure scheduler (docs/scheduler.md; off by default).
 
     When enabled it samples ``pressure_source`` every ``interval_ms`` and,
     when ``used / total >= high_watermark``, evicts

@@ -73,6 +73,12 @@ class Stats:
     """The tier that served them."""
     finish_reason: FinishReason
     cancelled: bool
+    fallback_from: Literal["exact", "resume", "longest_prefix"] | None = None
+    """A cached row was found by this lookup but could not be restored (it
+    was removed and counted in ``restore_failures``); the request fell back
+    to the next lookup or to prefill."""
+    fallback_reason: str | None = None
+    """Why that row could not be restored."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,14 @@ class ModelInfo:
     tier: str
     fingerprint: str
     fingerprint_mode: str
+    cacheable: bool = True
+    """Whether the model's state is cached; when not (see ``cache_reason``),
+    no lookup or save is ever made for it."""
+    memory: str = "kv"
+    """The model's memory kind: ``kv`` (full attention), ``kv_iswa``
+    (sliding window, e.g. Gemma 3), ``recurrent``, ``hybrid`` or ``unknown``."""
+    cache_reason: str | None = None
+    """Why the state is not cacheable."""
 
 
 @dataclass(frozen=True)
@@ -476,7 +490,7 @@ class CacheView:
         self._native = native
 
     def counters(self) -> dict[str, int]:
-        """Every counter of SPEC §3.8 by name (hits, misses, saves, bytes per tier…)."""
+        """Every counter of docs/counters.md by name (hits, misses, saves, bytes per tier…)."""
         return dict(self._native.cache_counters())
 
     def reset_counters(self) -> None:

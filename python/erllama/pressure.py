@@ -1,4 +1,4 @@
-"""Memory-pressure sources for the scheduler (SPEC §4).
+"""Memory-pressure sources for the scheduler (docs/scheduler.md).
 
 A source is anything with ``sample() -> (used_bytes, total_bytes)``: pass
 one as ``SchedulerConfig(pressure_source=...)``. The scheduler calls it from

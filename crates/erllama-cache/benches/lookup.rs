@@ -1,4 +1,4 @@
-//! Lookup latency of the meta index (SPEC §3.4, §3.7).
+//! Lookup latency of the meta index (docs/tiers.md, §3.7).
 //!
 //! An index of ~10 000 small RAM rows (10 000 rows of 32 tokens, plus one
 //! 4096-token prefix of a 12 000-token prompt). Measured:

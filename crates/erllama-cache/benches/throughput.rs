@@ -1,4 +1,4 @@
-//! Save and load throughput per tier (SPEC §3.9), against the raw cost of
+//! Save and load throughput per tier (README, cache throughput), against the raw cost of
 //! moving the same bytes, measured side by side in the same run.
 //!
 //! For each tier (`ram`, `ram_file`, `disk`) and payload size (1, 16 and
@@ -344,7 +344,7 @@ fn throughput(c: &mut Criterion, caches: &Caches) {
     }
 }
 
-/// The SPEC §3.9 helper on every cell, with ratios to the raw baseline.
+/// The README, cache throughput helper on every cell, with ratios to the raw baseline.
 fn summary(caches: &Caches) {
     println!();
     println!("microbench summary (MB/s = 1e6 B/s of payload; ratio = cache / raw)");

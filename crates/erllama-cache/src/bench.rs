@@ -1,4 +1,4 @@
-//! Microbench helpers (SPEC §3.9): cache throughput with no model.
+//! Microbench helpers (README, cache throughput): cache throughput with no model.
 //!
 //! [`microbench`] saves then loads `iterations` distinct payloads of a given
 //! size through one tier of a live [`Cache`], on the full path a real save

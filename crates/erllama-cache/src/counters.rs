@@ -1,4 +1,4 @@
-//! Always-on cache counters (SPEC §3.8).
+//! Always-on cache counters (docs/counters.md).
 //!
 //! [`Counters`] holds one [`AtomicU64`] per [`Counter`]; every update is a
 //! single atomic operation, so counting costs next to nothing on the hot
@@ -31,14 +31,14 @@ use std::time::Instant;
 /// place so the three can never disagree.
 macro_rules! counters {
     ($($(#[$doc:meta])* $variant:ident => $name:literal,)+) => {
-        /// One named counter in [`Counters`] (SPEC §3.8).
+        /// One named counter in [`Counters`] (docs/counters.md).
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum Counter {
             $($(#[$doc])* $variant,)+
         }
 
         impl Counter {
-            /// Every counter, in SPEC order.
+            /// Every counter, in the documented order.
             pub const ALL: &'static [Counter] = &[$(Counter::$variant,)+];
 
             /// The counter's exact snake_case name, as used in
@@ -80,6 +80,9 @@ counters! {
     Evictions => "evictions",
     /// Files found corrupt (framing, CRC or key mismatch).
     CorruptFiles => "corrupt_files",
+    /// Rows found and read whose state the model refused (or that could not
+    /// be read); each such row is removed and the request falls back.
+    RestoreFailures => "restore_failures",
     /// Total nanoseconds spent packing state for saves.
     PackTotalNs => "pack_total_ns",
     /// Total nanoseconds spent loading state.
@@ -225,7 +228,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    const SPEC_NAMES: [&str; 20] = [
+    const SPEC_NAMES: [&str; 21] = [
         "hits_exact",
         "hits_resume",
         "hits_longest_prefix",
@@ -239,6 +242,7 @@ mod tests {
         "duplicate_dropped",
         "evictions",
         "corrupt_files",
+        "restore_failures",
         "pack_total_ns",
         "load_total_ns",
         "longest_prefix_probes",

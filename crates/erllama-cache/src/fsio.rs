@@ -1,4 +1,4 @@
-//! File primitives for the `ram_file` and `disk` tiers (SPEC §3.3, §3.5
+//! File primitives for the `ram_file` and `disk` tiers (docs/tiers.md
 //! steps 2 and 4): private directories, exclusive temp writes, the
 //! create-if-absent link with adopt-or-replace, the startup scan, plain
 //! reads and the advisory hit-count update. No index lives here; the meta
@@ -185,7 +185,7 @@ fn sync_dir_of(path: &Path) -> Result<(), FsioError> {
         .map_err(|e| FsioError::io("sync_dir", dir, e))
 }
 
-/// SPEC §3.5 step 4: hard-links `temp` to `final_path` (atomic
+/// docs/tiers.md, publish step 4: hard-links `temp` to `final_path` (atomic
 /// create-if-absent), then removes `temp` and syncs the directory. When
 /// `final_path` exists it is never ignored: it is read and fully parsed
 /// against `expected`; a valid file is adopted (temp removed), an invalid
@@ -277,7 +277,7 @@ fn remove_quiet(path: &Path) -> Result<(), FsioError> {
     }
 }
 
-/// SPEC §3.3 start of a file tier: creates `dir` if missing, deletes
+/// docs/tiers.md start of a file tier: creates `dir` if missing, deletes
 /// `*.tmp`, registers every `*.kvc` file that passes the meta parse and is
 /// named after the key recomputed from its contents, and deletes every
 /// other `*.kvc` file (listing it with its error). Non-`.kvc` files,

@@ -1,4 +1,4 @@
-//! Cache keys (SPEC §3.1): the key derivation, the quant byte table, model
+//! Cache keys (docs/cache-format.md): the key derivation, the quant byte table, model
 //! fingerprints, the context-parameter hash and the effective fingerprint
 //! of a model with LoRA adapters.
 //!
@@ -172,7 +172,7 @@ impl AsRef<[u8]> for CacheKey {
     }
 }
 
-/// Model quantisation, with the cache-internal byte of SPEC §3.1.
+/// Model quantisation, with the cache-internal byte of docs/cache-format.md.
 ///
 /// Variant names follow llama.cpp's spelling; [`QuantType::label`] gives
 /// the lowercase label used in the table.
@@ -302,7 +302,7 @@ impl QuantType {
             .ok_or(KeyError::UnknownQuantByte(byte))
     }
 
-    /// The lowercase label of the SPEC table (`"q4_k_m"`).
+    /// The lowercase label of the documented table (`"q4_k_m"`).
     #[must_use]
     pub const fn label(self) -> &'static str {
         match self {
@@ -449,7 +449,7 @@ impl FromStr for QuantType {
 }
 
 /// The quant byte of a label, [`UNKNOWN_QUANT_BYTE`] (255) when the label
-/// is unknown (SPEC §3.1). Accepts what [`QuantType::from_label`] accepts.
+/// is unknown (docs/cache-format.md). Accepts what [`QuantType::from_label`] accepts.
 #[must_use]
 pub fn quant_byte_for_label(label: &str) -> u8 {
     QuantType::from_label(label).map_or(UNKNOWN_QUANT_BYTE, QuantType::to_byte)
@@ -654,7 +654,7 @@ impl fmt::Debug for KeyHasher {
 
 /// `SHA-256(fingerprint[32] ‖ quant_byte ‖ ctx_params_hash[32] ‖ tokens)`,
 /// tokens as u32 little-endian, in order, no separators; an empty token
-/// list is valid (SPEC §3.1). Hashes incrementally.
+/// list is valid (docs/cache-format.md). Hashes incrementally.
 ///
 /// # Errors
 ///
@@ -823,7 +823,7 @@ fn scale_fixed(scale: f64) -> Option<i64> {
     (-LIMIT..LIMIT).contains(&v).then_some(v as i64)
 }
 
-/// The fingerprint of a model with LoRA adapters applied (SPEC §3.1): no
+/// The fingerprint of a model with LoRA adapters applied (docs/cache-format.md): no
 /// adapters → `base`; otherwise SHA-256(base ‖ pair ‖ pair ‖ …) where a
 /// pair is `adapter_sha256[32] ‖ i64 LE round(scale × 2³²)` (half away
 /// from zero) and pairs are sorted by (adapter sha bytes, scale).

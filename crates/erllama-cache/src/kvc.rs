@@ -1,4 +1,4 @@
-//! The KVC file codec (SPEC §3.2): a fixed 72-byte header with trailer,
+//! The KVC file codec (docs/cache-format.md): a fixed 72-byte header with trailer,
 //! a prompt section, a TLV section, then the opaque payload.
 //!
 //! The same framing is used by every tier, including the RAM slab, so a
@@ -148,7 +148,7 @@ impl FromStr for SaveReason {
 }
 
 /// Errors from parsing a KVC file. The framing checks run in the order of
-/// the variants (the SPEC's order; the additions are marked), so the
+/// the variants (the documented order; the additions are marked), so the
 /// first problem found is the one reported.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvcError {
@@ -272,7 +272,7 @@ pub enum KvcError {
 }
 
 impl KvcError {
-    /// The SPEC's snake_case name of the error (`"bad_header"`,
+    /// The documented snake_case name of the error (`"bad_header"`,
     /// `"crc_mismatch"`, …), for counters, logs and the Python mapping.
     #[must_use]
     pub const fn name(&self) -> &'static str {
@@ -774,7 +774,7 @@ fn lossy(v: Option<&[u8]>) -> Option<String> {
 }
 
 /// Checks the fixed 72 bytes (magic, version, save reason, trailer room,
-/// reserved fields) in the SPEC's order.
+/// reserved fields) in the documented order.
 fn check_fixed(prefix: &[u8]) -> Result<(&[u8; HEADER_FIXED_LEN], SaveReason), KvcError> {
     if prefix.len() < PRE_TRAILER_LEN || prefix[..3] != KVC_MAGIC {
         return Err(KvcError::BadHeader);

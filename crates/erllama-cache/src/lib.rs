@@ -10,50 +10,50 @@
 //! Components (no async runtime needed: every call is synchronous and
 //! thread-safe; the only global state is fsio's temp-name counter):
 //!
-//! - **key** (SPEC §3.1): [`CacheKey`] and [`derive_key`] /
+//! - **key** (docs/cache-format.md): [`CacheKey`] and [`derive_key`] /
 //!   [`KeyHasher`] (incremental, cheap keys for every prefix of a
 //!   prompt); the [`QuantType`] byte table; model fingerprints
 //!   ([`fingerprint_file_safe`], [`fingerprint_gguf_chunked`],
 //!   [`fingerprint_fast_unsafe`]) and [`read_gguf_file_type`] over one
 //!   small GGUF header reader; [`ctx_params_hash`]; and
 //!   [`effective_fingerprint`] for LoRA adapter sets.
-//! - **kvc** (SPEC §3.2): the byte-exact KVC file codec —
+//! - **kvc** (docs/cache-format.md): the byte-exact KVC file codec —
 //!   [`build_header`] returns the bytes before the payload so payloads are
 //!   never copied; [`parse_meta`] / [`parse_meta_with_len`] check framing
 //!   (startup scans read only the header) and [`parse_full`] adds the
 //!   CRC32C and key checks (loads).
-//! - **fsio** (SPEC §3.3, §3.5 steps 2 and 4): tier file primitives —
+//! - **fsio** (docs/tiers.md, publish steps 2 and 4): tier file primitives —
 //!   [`write_temp`] (exclusive, private, synced), [`link_into_place`]
 //!   (create-if-absent, adopt a valid existing file or replace an invalid
 //!   one), the startup [`scan_dir`], [`read_file`] and the advisory
 //!   [`write_hit_count`].
-//! - **policy** (SPEC §3.6, §3.7): [`PolicyConfig`] with the defaults and
+//! - **policy** (docs/policy.md): [`PolicyConfig`] with the defaults and
 //!   its validation, and the pure save rules ([`cold_save_split`],
 //!   [`should_continued_save`], [`should_finish_save`]) plus the
 //!   longest-prefix probe walk ([`longest_prefix_probes`]).
-//! - **semaphore** (SPEC §3.5, writer pool): [`WriterPool`], a counting
+//! - **semaphore** (docs/tiers.md, writer pool): [`WriterPool`], a counting
 //!   semaphore bounding concurrent saves whose [`Permit`]s give their slot
 //!   back on drop (also on panic), so no slot can leak; the limit can be
 //!   changed at run time.
-//! - **counters** (SPEC §3.8): [`Counters`], one lock-free atomic per
+//! - **counters** (docs/counters.md): [`Counters`], one lock-free atomic per
 //!   [`Counter`], readable as a map and resettable (the live-byte gauges
 //!   survive a reset), with [`TimerGuard`] for the `*_ns` timings.
-//! - **tier** (SPEC §3.3): the [`Tier`] trait and its three
+//! - **tier** (docs/tiers.md): the [`Tier`] trait and its three
 //!   implementations — [`RamTier`] (in-process, zero-copy loads),
 //!   [`RamFileTier`] (tmpfs files) and [`DiskTier`] (persistent files) —
 //!   doing byte work only: stage (durable, invisible), commit (atomic
 //!   link), load (full parse), remove.
-//! - **meta** (SPEC §3.4): [`Cache`], the meta index with one writer lock
+//! - **meta** (docs/tiers.md): [`Cache`], the meta index with one writer lock
 //!   for every mutation and lock-free reads ([`Cache::peek`],
 //!   [`Cache::contains`], the probes of [`Cache::longest_prefix`]);
 //!   [`Claim`]s pin rows until dropped; exact, exact-or-wait and
 //!   longest-prefix lookups; quotas per tier with LRU eviction biased by
 //!   persisted hit counts after a restart; `gc`, `evict_bytes`, `dump`.
-//! - **writer** (SPEC §3.5): saves through the crash-safe publish protocol
+//! - **writer** (docs/tiers.md): saves through the crash-safe publish protocol
 //!   — [`Cache::begin_save`] (writer-pool slot + reservation, on the
 //!   request path) then [`PendingSave::run`] (write temp + sync, check,
 //!   link, publish, off the request path) — and the reservation sweep.
-//! - **bench** (SPEC §3.9): [`microbench`] and [`raw_baseline`], behind
+//! - **bench** (README, cache throughput): [`microbench`] and [`raw_baseline`], behind
 //!   `cargo bench -p erllama-cache`.
 
 mod bench;

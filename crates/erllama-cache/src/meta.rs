@@ -1,4 +1,4 @@
-//! The meta index and its sole writer (SPEC §3.4), and [`Cache`], the
+//! The meta index and its sole writer (docs/tiers.md), and [`Cache`], the
 //! one handle over index, tiers, counters and writer pool.
 //!
 //! Reads on the hot path ([`Cache::peek`], the probes of
@@ -38,7 +38,7 @@ use crate::tier::{
     TierKind,
 };
 
-/// Default reservation TTL (SPEC §3.5).
+/// Default reservation TTL (docs/tiers.md).
 pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(60);
 
 /// A file tier's settings.
@@ -249,7 +249,7 @@ pub struct RowInfo {
     pub created_unix: u64,
 }
 
-/// A live reservation (SPEC §3.5).
+/// A live reservation (docs/tiers.md).
 #[derive(Debug)]
 pub(crate) struct Reservation {
     pub(crate) token: u64,
@@ -400,6 +400,13 @@ impl Claim {
 
     /// Releases the pin (same as dropping the claim).
     pub fn release(self) {}
+
+    /// Removes the row (and its file) because its bytes, though intact,
+    /// could not be restored: a row that fails a restore is never tried
+    /// again. The caller counts it (`restore_failures`).
+    pub fn invalidate(self) {
+        self.cache.drop_row(&self.row);
+    }
 }
 
 impl Drop for Claim {
@@ -435,7 +442,7 @@ pub(crate) fn unix_now() -> u64 {
 
 impl Cache {
     /// Opens a cache: starts the tiers (file tiers scan their directories
-    /// per SPEC §3.3, deleting temp and invalid files, which count as
+    /// per docs/tiers.md, deleting temp and invalid files, which count as
     /// `corrupt_files` when they were KVC files) and registers what they
     /// hold.
     ///
@@ -770,7 +777,7 @@ impl Cache {
         }
     }
 
-    /// Longest-prefix lookup (SPEC §3.7): probes the prefixes of `tokens`
+    /// Longest-prefix lookup (docs/policy.md): probes the prefixes of `tokens`
     /// at multiples of `policy.boundary_align_tokens`, longest first, down
     /// to `max(min_tokens, stride)`; the first available row whose tokens
     /// are exactly that prefix is claimed. `base` is a hasher holding the

@@ -1,4 +1,4 @@
-//! Save policy (SPEC §3.6) and the longest-prefix walk (SPEC §3.7): pure
+//! Save policy (docs/policy.md) and the longest-prefix walk (docs/policy.md): pure
 //! functions over token counts, no side effects, so the model task and
 //! the tests agree on exactly when and what to save.
 
@@ -75,7 +75,7 @@ impl PolicyError {
 }
 
 /// When and what to save. Token counts are `usize` and durations `u64`
-/// milliseconds, so the SPEC's `min_tokens >= 0` and
+/// milliseconds, so the documented `min_tokens >= 0` and
 /// `boundary_trim_tokens >= 0` hold by type; [`PolicyConfig::from_map`]
 /// checks them on signed input.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -122,7 +122,7 @@ fn to_u64(key: &'static str, value: i64) -> Result<u64, PolicyError> {
 }
 
 impl PolicyConfig {
-    /// Every key, in the order of the struct (and of the SPEC).
+    /// Every key, in the order of the struct (and of docs/policy.md).
     pub const KEYS: [&'static str; 8] = [
         "min_tokens",
         "cold_min_tokens",
@@ -138,7 +138,7 @@ impl PolicyConfig {
     /// Python dict merged over [`PolicyConfig::to_map`] of the defaults).
     /// Checks, first failure reported: all keys present
     /// ([`PolicyError::MissingKeys`] lists every absent one), then the
-    /// SPEC's order — min ≥ 0, cold_min ≥ min, cold_max ≥ cold_min,
+    /// the documented order — min ≥ 0, cold_min ≥ min, cold_max ≥ cold_min,
     /// interval > 0, trim ≥ 0, align > 0 — then the two millisecond values
     /// ≥ 0, then no unknown keys.
     ///
@@ -238,7 +238,7 @@ impl PolicyConfig {
     }
 }
 
-/// The SPEC's relational checks 3–5, shared by both validators.
+/// The documented relational checks 3–5, shared by both validators.
 fn check_relations(
     min: i64,
     cold_min: i64,
@@ -263,7 +263,7 @@ fn check_relations(
     Ok(())
 }
 
-/// Validates a policy (SPEC §3.6), reporting the first failing check:
+/// Validates a policy (docs/policy.md), reporting the first failing check:
 /// cold_min ≥ min, cold_max ≥ cold_min, interval > 0, align > 0. Key
 /// presence and min ≥ 0 / trim ≥ 0 hold by construction here (see
 /// [`PolicyConfig::from_map`] for untyped input).
@@ -336,7 +336,7 @@ pub fn should_finish_save(live: usize, cfg: &PolicyConfig) -> bool {
 }
 
 /// The prefix lengths a longest-prefix lookup probes for a prompt of `len`
-/// tokens (SPEC §3.7), longest first: stride = `boundary_align_tokens`,
+/// tokens (docs/policy.md), longest first: stride = `boundary_align_tokens`,
 /// start = ⌊len/stride⌋·stride, floor = max(min_tokens, stride); yields
 /// start, start − stride, … while ≥ floor. Empty when the stride is 0.
 pub fn longest_prefix_probes(

@@ -1,4 +1,4 @@
-//! The writer pool (SPEC §3.5): a counting semaphore bounding concurrent
+//! The writer pool (docs/tiers.md): a counting semaphore bounding concurrent
 //! saves that can never leak a slot.
 //!
 //! [`WriterPool`] hands out at most [`WriterPool::limit`] [`Permit`]s at a
@@ -73,7 +73,7 @@ impl Shared {
     }
 }
 
-/// A counting semaphore bounding concurrent saves (SPEC §3.5).
+/// A counting semaphore bounding concurrent saves (docs/tiers.md).
 ///
 /// Cloning gives another handle to the same pool.
 #[derive(Debug, Clone)]

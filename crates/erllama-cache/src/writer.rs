@@ -1,4 +1,4 @@
-//! Saves: the crash-safe publish protocol of SPEC §3.5 over any tier.
+//! Saves: the crash-safe publish protocol of docs/tiers.md over any tier.
 //!
 //! [`Cache::begin_save`] is the cheap, synchronous part that belongs on the
 //! request path: it takes a writer-pool slot and reserves the key (so a
@@ -210,7 +210,7 @@ const fn save_counter(reason: SaveReason) -> Option<Counter> {
 }
 
 impl Cache {
-    /// SPEC §3.5 step 1 with back pressure: takes a writer-pool slot and
+    /// docs/tiers.md, publish step 1 with back pressure: takes a writer-pool slot and
     /// reserves the request's key in its tier, evicting least recently
     /// used rows of that tier if the row would not fit its quota.
     ///
@@ -303,7 +303,7 @@ impl Cache {
         self.begin_save(request)?.run()
     }
 
-    /// SPEC §3.5 step 3: ok while the reservation is live (refreshing its
+    /// docs/tiers.md, publish step 3: ok while the reservation is live (refreshing its
     /// TTL).
     fn check_locked(&self, st: &mut WriterState, key: &CacheKey, token: u64) -> bool {
         let ttl = self.config().reservation_ttl;
@@ -335,7 +335,7 @@ impl Cache {
         self.inner.published.notify_all();
     }
 
-    /// The reservation sweep (SPEC §3.5): every reservation whose TTL has
+    /// The reservation sweep (docs/tiers.md): every reservation whose TTL has
     /// passed is ended; if its writer got as far as linking, the visible
     /// row is validated (full parse) and adopted, else any file is deleted
     /// and the placeholder dropped. Returns (adopted, removed).
@@ -403,7 +403,7 @@ impl PendingSave {
         self.reserved
     }
 
-    /// Writes, checks, links and publishes (SPEC §3.5 steps 2–5).
+    /// Writes, checks, links and publishes (docs/tiers.md, publish steps 2–5).
     ///
     /// # Errors
     ///
@@ -464,7 +464,7 @@ impl PendingSave {
         })
     }
 
-    /// SPEC §3.5 step 5, once the bytes are linked.
+    /// docs/tiers.md, publish step 5, once the bytes are linked.
     fn publish(&mut self, tier: &dyn Tier) -> Result<(), SaveError> {
         let size = self.linked.expect("publish follows a link");
         let cache = self.cache.clone();

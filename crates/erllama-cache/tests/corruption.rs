@@ -1,4 +1,4 @@
-//! Corrupt tier files (SPEC §3.2, §3.3): every kind of damage is detected,
+//! Corrupt tier files (docs/cache-format.md, docs/tiers.md): every kind of damage is detected,
 //! the file removed, counted in `corrupt_files` and never returned as a
 //! hit, and the cache keeps working for the same key afterwards.
 //!

@@ -1,4 +1,4 @@
-//! Crash tests of the publish protocol (SPEC §3.5) with real processes.
+//! Crash tests of the publish protocol (docs/tiers.md) with real processes.
 //!
 //! The test binary re-executes itself as a child running only
 //! [`child_writer`], which opens a cache over a temp directory, begins a

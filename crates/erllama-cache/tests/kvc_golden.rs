@@ -1,6 +1,6 @@
 //! Golden test: a header for fixed inputs, checked byte by byte against
-//! SPEC §3.2's table (offsets and values worked out by hand from the
-//! SPEC, not from the builder's output). CRC32C and key values were
+//! docs/cache-format.md's table (offsets and values worked out by hand from the
+//! documented layout, not from the builder's output). CRC32C and key values were
 //! computed independently (a bitwise Castagnoli CRC and hashlib in
 //! Python).
 

@@ -38,7 +38,7 @@ pub enum BackendError {
     Other(String),
 }
 
-/// How the next token is chosen (SPEC §2 sampling). The chain order is
+/// How the next token is chosen (docs/api.md sampling). The chain order is
 /// grammar → repetition penalty → top-k → top-p → min-p → (temperature > 0
 /// ? temperature → seeded sampling : greedy); it is reset after every
 /// request.
@@ -113,11 +113,32 @@ impl SamplingParams {
     }
 }
 
+/// Whether a context's state can be cached (saved and restored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSupport {
+    /// Rows can be saved and restored.
+    pub cacheable: bool,
+    /// The memory kind (`kv`, `kv_iswa`, `recurrent`, `hybrid`, ...).
+    pub memory: String,
+    /// Why it is not cacheable (`None` when it is).
+    pub reason: Option<String>,
+}
+
+impl Default for StateSupport {
+    fn default() -> Self {
+        Self {
+            cacheable: true,
+            memory: "kv".into(),
+            reason: None,
+        }
+    }
+}
+
 /// A loaded LoRA adapter, opaque to the engine (each backend downcasts its
 /// own type).
 pub type AdapterHandle = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 
-/// What identifies a backend's weights for the cache key (SPEC §3.1).
+/// What identifies a backend's weights for the cache key (docs/cache-format.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFingerprint {
     /// 32-byte fingerprint of the weights (before adapters).
@@ -260,6 +281,12 @@ pub trait BackendContext {
     }
     /// The tokens in the sequence.
     fn tokens(&self) -> &[u32];
+    /// Whether this context's state can be cached. A model that is not
+    /// cacheable is looked up and saved never; the default is a plain KV
+    /// cache.
+    fn state_support(&self) -> StateSupport {
+        StateSupport::default()
+    }
     /// Applies exactly these adapters with these scales from now on (an
     /// empty list removes all). The engine calls it between requests and
     /// clears the sequence afterwards: KV computed under other adapters is

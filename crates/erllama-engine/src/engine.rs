@@ -52,6 +52,13 @@ pub struct ModelInfo {
     pub fingerprint: String,
     /// Fingerprint mode label.
     pub fingerprint_mode: String,
+    /// Whether its state is cached (saved and restored); when not, no
+    /// lookup or save happens for it.
+    pub cacheable: bool,
+    /// Its memory kind (`kv`, `kv_iswa`, `recurrent`, `hybrid`, ...).
+    pub memory: String,
+    /// Why it is not cacheable.
+    pub cache_reason: Option<String>,
 }
 
 struct ModelEntry {
@@ -286,6 +293,7 @@ impl Engine {
             status: AtomicU8::new(ModelStatus::Prefilling as u8),
             live_tokens: std::sync::atomic::AtomicUsize::new(0),
             stop_reason: Mutex::new(None),
+            state_support: std::sync::OnceLock::new(),
         });
         let id = {
             let mut models = self.models_lock();
@@ -612,6 +620,7 @@ impl Engine {
     /// [`EngineError::NotFound`].
     pub fn info(&self, model: &str) -> Result<ModelInfo, EngineError> {
         let e = self.entry(model)?;
+        let support = e.shared.state_support.get().cloned().unwrap_or_default();
         Ok(ModelInfo {
             id: model.to_owned(),
             backend: e.backend.name().to_owned(),
@@ -623,6 +632,9 @@ impl Engine {
             tier: e.config.tier,
             fingerprint: CacheKey(e.identity.fingerprint).to_hex(),
             fingerprint_mode: e.identity.fingerprint_mode.label().to_owned(),
+            cacheable: support.cacheable,
+            memory: support.memory,
+            cache_reason: support.reason,
         })
     }
 

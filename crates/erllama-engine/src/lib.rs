@@ -8,7 +8,7 @@
 //! - [`Backend`] / [`BackendContext`]: what a model task needs from a model
 //!   (tokenize, contexts, prefill, decode, KV pack/unpack, last-cell removal,
 //!   sampling; optional capabilities answer [`BackendError::NotSupported`]);
-//! - [`StubBackend`]: the deterministic stub of SPEC §2, a product feature
+//! - [`StubBackend`]: the deterministic stub of docs/api.md, a product feature
 //!   for fast cache tests;
 //! - the model actor (one thread per model owning its context; one prefill
 //!   chunk or one token per turn; cache lookups, restores and saves);
@@ -30,7 +30,7 @@ mod text;
 
 pub use backend::{
     AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
-    SamplingParams,
+    SamplingParams, StateSupport,
 };
 pub use engine::{AdapterInfo, Engine, ModelInfo, RequestStream};
 pub use model::{ModelConfig, ModelStatus, SaveSummary};
@@ -39,7 +39,7 @@ pub use pressure::{
 };
 pub use request::{
     Completion, EngineError, Event, FinishReason, HitKind, HitSource, Prompt, RequestId,
-    RequestOptions, RequestStats,
+    RequestOptions, RequestStats, RestoreFailure,
 };
 pub use scheduler::{CheckOutcome, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
 pub use stub::{stub_next_token, stub_word_token, StubBackend, STUB_BOS, STUB_VOCAB};

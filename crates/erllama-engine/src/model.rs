@@ -8,7 +8,7 @@
 //! Status is an atomic the handle reads directly, so it is answered at
 //! once even mid-generation. Requests are admitted in FIFO order.
 //!
-//! Cache wiring (SPEC §3.7): on admission the prompt is looked up — exact
+//! Cache wiring (docs/policy.md): on admission the prompt is looked up — exact
 //! key, then the request's `parent_key` (exact-or-wait, must be a prefix
 //! of the prompt), then the longest-prefix walk — and a hit is restored
 //! into the cleared sequence. A cold prompt is prefilled up to its
@@ -33,10 +33,10 @@ use erllama_cache::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{AdapterHandle, Backend, BackendContext, ContextParams};
+use crate::backend::{AdapterHandle, Backend, BackendContext, ContextParams, StateSupport};
 use crate::request::{
     Completion, EngineError, Event, FinishReason, HitKind, HitSource, RequestId, RequestOptions,
-    RequestStats,
+    RequestStats, RestoreFailure,
 };
 use crate::text::TextStream;
 
@@ -137,6 +137,9 @@ pub(crate) struct Shared {
     /// Tokens in the live context (for the scheduler's idle-model evict).
     pub(crate) live_tokens: std::sync::atomic::AtomicUsize,
     pub(crate) stop_reason: std::sync::Mutex<Option<String>>,
+    /// Whether the context's state can be cached (set once the context
+    /// exists).
+    pub(crate) state_support: std::sync::OnceLock<StateSupport>,
 }
 
 impl Shared {
@@ -217,6 +220,16 @@ fn run(
     };
     let ctx = match ctx {
         Ok(ctx) => {
+            let support = ctx.state_support();
+            if let Some(reason) = &support.reason {
+                tracing::warn!(
+                    model = %setup.model_id,
+                    memory = %support.memory,
+                    %reason,
+                    "this model's state is not cacheable: no lookups, no saves"
+                );
+            }
+            let _ = shared.state_support.set(support);
             shared.set(ModelStatus::Idle);
             let _ = ready.send(Ok(()));
             ctx
@@ -227,8 +240,10 @@ fn run(
             return;
         }
     };
+    let cacheable = shared.state_support.get().is_none_or(|s| s.cacheable);
     let mut actor = Actor {
         identity: Arc::clone(&setup.identity),
+        cacheable,
         setup,
         ctx,
         queue: VecDeque::new(),
@@ -302,6 +317,9 @@ struct Actor {
     /// fingerprint with the active adapters). Changes only between
     /// requests, so a request keeps the identity it was admitted with.
     identity: Arc<ModelIdentity>,
+    /// Whether the context's state can be cached; when not, no lookup and
+    /// no save ever happens.
+    cacheable: bool,
     ctx: Box<dyn BackendContext>,
     queue: VecDeque<Box<Submission>>,
     active: Option<Active>,
@@ -508,6 +526,7 @@ impl Actor {
             finish_reason: FinishReason::Stop,
             cancelled: false,
             queue_ms: ms(admitted.duration_since(sub.submitted)),
+            restore_failure: None,
         };
         let text = TextStream::new(sub.options.stop.clone());
         let mut a = Active {
@@ -531,7 +550,15 @@ impl Actor {
         }
         self.ctx.clear();
         let restore_started = Instant::now();
-        let restored = self.restore(&a.sub.tokens, a.sub.options.parent_key.as_ref());
+        let restored = if self.cacheable {
+            self.restore(
+                &a.sub.tokens,
+                a.sub.options.parent_key.as_ref(),
+                &mut stats.restore_failure,
+            )
+        } else {
+            None
+        };
         let n = a.sub.tokens.len();
         match restored {
             Some((len, source, tier)) => {
@@ -555,6 +582,7 @@ impl Actor {
                     a.prefill_at = n - 1;
                 }
             }
+            None if !self.cacheable => {}
             None => {
                 self.counters().incr(Counter::Misses);
                 a.cold_at = cold_save_split(&a.sub.tokens, self.policy()).map(|(p, _)| p.len());
@@ -564,18 +592,21 @@ impl Actor {
         Some(a)
     }
 
-    /// The lookup order of SPEC §3.7; restores a hit into the cleared
-    /// sequence. Returns (tokens restored, source, tier).
+    /// The lookup order of docs/policy.md; restores a hit into the cleared
+    /// sequence. Returns (tokens restored, source, tier). A row that is
+    /// found but fails to restore is removed, counted, logged and reported
+    /// in `failure`, and the next lookup is tried.
     fn restore(
         &mut self,
         tokens: &[u32],
         parent: Option<&CacheKey>,
+        failure: &mut Option<RestoreFailure>,
     ) -> Option<(usize, HitSource, TierKind)> {
         let cache = self.cache().clone();
         let identity = Arc::clone(&self.identity);
         let key = identity.key(tokens);
         if let Lookup::Hit(claim) = cache.lookup(&key) {
-            if let Some(r) = self.unpack(&claim, HitSource::Exact) {
+            if let Some(r) = self.unpack(claim, HitSource::Exact, failure) {
                 self.counters().incr(Counter::HitsExact);
                 return Some(r);
             }
@@ -585,7 +616,7 @@ impl Actor {
             if let Lookup::Hit(claim) = cache.lookup_wait(parent, wait) {
                 let len = claim.tokens().len();
                 if len <= tokens.len() && claim.tokens() == &tokens[..len] {
-                    if let Some(r) = self.unpack(&claim, HitSource::Resume) {
+                    if let Some(r) = self.unpack(claim, HitSource::Resume, failure) {
                         self.counters().incr(Counter::HitsResume);
                         return Some(r);
                     }
@@ -595,7 +626,7 @@ impl Actor {
         if let PrefixLookup::Hit { claim, .. } =
             cache.longest_prefix(&identity.hasher(), tokens, self.policy())
         {
-            if let Some(r) = self.unpack(&claim, HitSource::LongestPrefix) {
+            if let Some(r) = self.unpack(claim, HitSource::LongestPrefix, failure) {
                 self.counters().incr(Counter::HitsLongestPrefix);
                 return Some(r);
             }
@@ -604,20 +635,58 @@ impl Actor {
     }
 
     /// Loads and unpacks a claimed row (the claim is released on return);
-    /// any failure is a miss and leaves the sequence empty.
-    fn unpack(&mut self, claim: &Claim, source: HitSource) -> Option<(usize, HitSource, TierKind)> {
+    /// any failure is a miss and leaves the sequence empty. A row that
+    /// cannot be restored is never tried again: a corrupt file is deleted
+    /// by the load (and counted in `corrupt_files`), a state the backend
+    /// refuses is removed here and counted in `restore_failures`.
+    fn unpack(
+        &mut self,
+        claim: Claim,
+        source: HitSource,
+        failure: &mut Option<RestoreFailure>,
+    ) -> Option<(usize, HitSource, TierKind)> {
         if claim.tokens().is_empty() {
             return None;
         }
-        let payload = claim.load().ok()?;
+        let fail = |failure: &mut Option<RestoreFailure>, reason: String| {
+            *failure = Some(RestoreFailure { source, reason });
+        };
+        let payload = match claim.load() {
+            Ok(p) => p,
+            Err(erllama_cache::LoadError::Missing { .. }) => return None,
+            Err(e) => {
+                if !matches!(e, erllama_cache::LoadError::Corrupt { .. }) {
+                    self.counters().incr(Counter::RestoreFailures);
+                }
+                tracing::warn!(
+                    model = %self.setup.model_id,
+                    key = %claim.key().to_hex(),
+                    source = source.label(),
+                    error = %e,
+                    "a cached row could not be read; falling back"
+                );
+                fail(failure, format!("reading the row failed: {e}"));
+                return None;
+            }
+        };
         if payload.is_empty() {
             return None;
         }
         match self.ctx.kv_unpack(&payload, claim.tokens()) {
             Ok(()) => Some((claim.tokens().len(), source, claim.tier())),
             Err(e) => {
-                tracing::warn!(error = %e, "restoring a cached state failed; prefilling cold");
+                self.counters().incr(Counter::RestoreFailures);
+                tracing::warn!(
+                    model = %self.setup.model_id,
+                    key = %claim.key().to_hex(),
+                    source = source.label(),
+                    tier = claim.tier().label(),
+                    error = %e,
+                    "a cached state failed to restore; the row is removed and the request falls back"
+                );
+                fail(failure, e.to_string());
                 self.ctx.clear();
+                claim.invalidate();
                 None
             }
         }
@@ -794,7 +863,7 @@ impl Actor {
 
     fn begin_save(&mut self, reason: SaveReason, prompt_text: &str) -> Result<Begun, EngineError> {
         let tokens = self.ctx.tokens();
-        if tokens.is_empty() {
+        if tokens.is_empty() || !self.cacheable {
             return Ok(Begun::Empty);
         }
         let key = self.identity.key(tokens);

@@ -1,4 +1,4 @@
-//! Memory-pressure samplers (SPEC §4): where the scheduler learns how full
+//! Memory-pressure samplers (docs/scheduler.md): where the scheduler learns how full
 //! memory is.
 //!
 //! A [`PressureSampler`] answers `(used_bytes, total_bytes)`. Built in:

@@ -106,7 +106,28 @@ pub enum HitSource {
     LongestPrefix,
 }
 
-/// Statistics of one request (SPEC §2).
+impl HitSource {
+    /// `"exact"`, `"resume"` or `"longest_prefix"`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            HitSource::Exact => "exact",
+            HitSource::Resume => "resume",
+            HitSource::LongestPrefix => "longest_prefix",
+        }
+    }
+}
+
+/// A cached row that was found but could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreFailure {
+    /// The lookup that found it (the hit the request would have had).
+    pub source: HitSource,
+    /// Why it could not be restored.
+    pub reason: String,
+}
+
+/// Statistics of one request (docs/api.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestStats {
     /// Tokens in the prompt.
@@ -134,6 +155,9 @@ pub struct RequestStats {
     pub cancelled: bool,
     /// Milliseconds the request waited in the model's queue.
     pub queue_ms: f64,
+    /// The last cached row that was found but failed to restore (the
+    /// request then fell back to the next lookup, or to prefill).
+    pub restore_failure: Option<RestoreFailure>,
 }
 
 /// A finished request.

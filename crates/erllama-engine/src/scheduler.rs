@@ -1,4 +1,4 @@
-//! The memory-pressure scheduler (SPEC §4): off by default; when on, it
+//! The memory-pressure scheduler (docs/scheduler.md): off by default; when on, it
 //! samples memory every interval and, above the high watermark, evicts
 //! least-recently-used cache rows of the chosen tiers.
 //!
@@ -96,7 +96,7 @@ impl SchedulerConfig {
     }
 }
 
-/// What a check did (SPEC §4's four results, plus an unavailable sampler).
+/// What a check did (docs/scheduler.md's four results, plus an unavailable sampler).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckOutcome {
     /// The scheduler is disabled.

@@ -9,7 +9,7 @@
 //!
 //! - `tokenize` never lets user text spell control tokens; `detokenize` and
 //!   `token_bytes` render control tokens as nothing.
-//! - Sampling (SPEC §2): the chain is grammar → repetition penalty → top-k →
+//! - Sampling (docs/api.md): the chain is grammar → repetition penalty → top-k →
 //!   top-p → min-p → (temperature > 0 ? temperature → seeded `dist` :
 //!   greedy). It is rebuilt by every [`BackendContext::set_sampling`], so
 //!   its state (grammar position, penalty history, RNG) starts fresh with
@@ -44,7 +44,7 @@ use erllama_cache::{
 };
 use erllama_engine::{
     AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
-    SamplingParams,
+    SamplingParams, StateSupport,
 };
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -235,7 +235,12 @@ impl Backend for LlamaBackend {
     /// The layout [`Session`] creates: `n_batch` clamped to `n_ctx`,
     /// `n_ubatch = n_batch`, f16 K and V, one sequence in a unified KV
     /// cache, llama.cpp's default flash-attention policy (`auto`, recorded
-    /// in `extra` since it decides whether V is stored transposed).
+    /// in `extra` since it decides whether V is stored transposed), and the
+    /// CPU features this build of llama.cpp computes with (`cpu`, from
+    /// [`crate::system_info`]): kernels for other instruction sets (the
+    /// wheel's AVX-512 build against its x86-64-v3 one) round differently,
+    /// so their states are not the ones this process would compute, and a
+    /// restore must never mix them.
     fn ctx_params(&self, params: &ContextParams) -> CtxParams {
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         let n_ctx = n(params.n_ctx);
@@ -252,6 +257,7 @@ impl Backend for LlamaBackend {
             extra: vec![
                 ("backend".into(), "llama".into()),
                 ("flash_attn".into(), "auto".into()),
+                ("cpu".into(), crate::backend::cpu_features().to_owned()),
             ],
         }
     }
@@ -357,8 +363,11 @@ impl LlamaBackend {
                 .add(LlamaToken(token_i32(t)), pos, &[0], true)
                 .map_err(|e| LlamaError::Decode(e.to_string()))?;
         }
-        ctx.decode(&mut batch)
-            .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        {
+            let _compute = crate::backend::compute_lock();
+            ctx.decode(&mut batch)
+                .map_err(|e| LlamaError::Decode(e.to_string()))?;
+        }
         let raw = ctx
             .embeddings_seq_ith(0)
             .map_err(|e| LlamaError::Decode(format!("no pooled embedding: {e}")))?;
@@ -644,6 +653,18 @@ impl BackendContext for LlamaContextBackend {
 
     fn tokens(&self) -> &[u32] {
         self.session.tokens()
+    }
+
+    /// The layout this context's probe learned: plain and sliding-window
+    /// KV caches are cacheable; recurrent, hybrid and unknown layouts are
+    /// not (with the reason).
+    fn state_support(&self) -> StateSupport {
+        let s = self.session.cache_support();
+        StateSupport {
+            cacheable: s.cacheable,
+            memory: s.memory,
+            reason: s.reason,
+        }
     }
 
     /// Entries with scale 0 are skipped; at most one may remain (applied

@@ -18,7 +18,10 @@
 //!   applied per session ([`Session::set_lora`]; one at a time);
 //! - [`SessionWorker`]: the dedicated thread a session lives on;
 //! - [`validate_seq_state`]: the structural check every state passes before
-//!   llama.cpp reads it.
+//!   llama.cpp reads it, against the [`StateLayout`] each session learns
+//!   from its own pack (plain and sliding-window KV caches); a model whose
+//!   memory has another layout (recurrent, hybrid, ...) is reported not
+//!   cacheable ([`CacheSupport`]).
 //!
 //! llama.cpp aborts the process on some bad inputs (token ids out of range,
 //! batches past the context, malformed state). Every public call here
@@ -42,5 +45,8 @@ pub use error::{LlamaError, Result};
 pub use lora::LoraAdapter;
 pub use model::{Model, ModelMeta, ModelParams};
 pub use session::{Session, SessionParams};
-pub use state::{validate_seq_state, StateExpectation, SEQ_STATE_MAGIC};
+pub use state::{
+    learn_layout, validate_seq_state, CacheSupport, SectionKind, SectionLayout, StateLayout,
+    TensorShape, SEQ_STATE_MAGIC,
+};
 pub use worker::SessionWorker;

@@ -37,7 +37,7 @@ const _: () = assert!(size_of::<LlamaModel>() == size_of::<NonNull<llama_model>>
 const _: () = assert!(size_of::<LlamaLoraAdapter>() == size_of::<NonNull<llama_adapter_lora>>());
 
 /// The raw `llama_model *` behind a loaded model.
-fn raw_model(model: &LlamaModel) -> NonNull<llama_model> {
+pub(crate) fn raw_model(model: &LlamaModel) -> NonNull<llama_model> {
     // SAFETY: `LlamaModel` has exactly one field, a `Ptr<llama_model>`, and
     // both it and `Ptr` are `#[repr(transparent)]` over `NonNull<llama_model>`
     // (llama-cpp-2 =0.1.160, pinned; the sizes are asserted equal at compile

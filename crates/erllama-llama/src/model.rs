@@ -68,6 +68,8 @@ pub(crate) struct ModelInner {
     /// first decode after an adapter change read): context creation,
     /// adapter load and free, and that first decode.
     pub(crate) new_context_lock: Mutex<()>,
+    /// Whether the model's state can be cached (probed once, on demand).
+    cache_support: std::sync::OnceLock<crate::state::CacheSupport>,
 }
 
 /// A loaded GGUF model. Cheap to clone; the weights are shared and freed when
@@ -193,6 +195,7 @@ impl Model {
                 path: path.to_path_buf(),
                 meta,
                 new_context_lock: Mutex::new(()),
+                cache_support: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -207,6 +210,43 @@ impl Model {
     #[must_use]
     pub fn meta(&self) -> &ModelMeta {
         &self.inner.meta
+    }
+
+    /// Whether this model's state can be cached, its memory kind and why
+    /// not: probed once in a small context of default parameters (a
+    /// serving context probes its own layout, see
+    /// [`crate::Session::cache_support`]).
+    #[must_use]
+    pub fn cache_support(&self) -> crate::state::CacheSupport {
+        self.inner
+            .cache_support
+            .get_or_init(|| {
+                let params = crate::SessionParams {
+                    n_ctx: 64,
+                    n_batch: 64,
+                    n_threads: Some(1),
+                    n_seq_max: 1,
+                };
+                match crate::Session::new(self, &params) {
+                    Ok(session) => session.cache_support(),
+                    Err(e) => crate::state::CacheSupport::no(
+                        "unknown",
+                        format!("cannot create a probe context: {e}"),
+                    ),
+                }
+            })
+            .clone()
+    }
+
+    /// The sliding-window size of a sliding-window model (0 for none).
+    #[must_use]
+    pub fn n_swa(&self) -> u32 {
+        let raw = crate::lora::raw_model(&self.inner.model);
+        // SAFETY: the pointer is the live model `inner` owns (we hold a
+        // reference to it for the call); llama_model_n_swa only reads its
+        // hyperparameters.
+        let n = unsafe { llama_cpp_sys_2::llama_model_n_swa(raw.as_ptr()) };
+        u32::try_from(n).unwrap_or(0)
     }
 
     /// Vocabulary size; valid token ids are `0..n_vocab`.

@@ -14,7 +14,7 @@ use crate::backend::backend;
 use crate::error::{LlamaError, Result};
 use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model};
-use crate::state::{validate_seq_state, StateExpectation};
+use crate::state::{learn_layout, validate_seq_state, CacheSupport, StateLayout};
 
 /// The sequence every session works on.
 const SEQ: i32 = 0;
@@ -107,6 +107,9 @@ pub struct Session {
     tokens: Vec<u32>,
     /// Batch index of the logits for the next token, when there are any.
     logits_at: Option<i32>,
+    /// The state layout this context writes (learned by a probe at
+    /// creation), or why its state cannot be cached.
+    layout: std::result::Result<StateLayout, CacheSupport>,
     n_ctx: u32,
     n_batch: u32,
 }
@@ -157,7 +160,7 @@ impl Session {
         // that `Arc` in `self.model`, declared after `ctx`, so the model
         // outlives the context; the extended lifetime never escapes `Session`.
         let ctx: LlamaContext<'static> = unsafe { std::mem::transmute(ctx) };
-        Ok(Self {
+        let mut session = Self {
             batch: LlamaBatch::new(n_batch as usize, 1),
             ctx,
             lora: None,
@@ -165,9 +168,77 @@ impl Session {
             model: model.clone(),
             tokens: Vec::new(),
             logits_at: None,
+            layout: Err(CacheSupport::no("unknown", "not probed".into())),
             n_ctx: params.n_ctx,
             n_batch,
-        })
+        };
+        session.layout = session.probe_layout();
+        session.clear();
+        Ok(session)
+    }
+
+    /// Learns the state layout this context writes: packs a two-token
+    /// probe sequence, checks its structure ([`learn_layout`]) and that
+    /// llama.cpp takes it back. Leaves the sequence empty.
+    fn probe_layout(&mut self) -> std::result::Result<StateLayout, CacheSupport> {
+        let model = &self.model.inner.model;
+        if model.is_recurrent() {
+            return Err(CacheSupport::no(
+                "recurrent",
+                "a recurrent memory (Mamba, RWKV, ...) is one state per sequence that cannot be \
+                 cut back to a prefix or re-fed a token; erllama does not cache it"
+                    .into(),
+            ));
+        }
+        if model.is_hybrid() {
+            return Err(CacheSupport::no(
+                "hybrid",
+                "a hybrid memory (attention + recurrent layers) holds recurrent state that \
+                 cannot be cut back to a prefix; erllama does not cache it"
+                    .into(),
+            ));
+        }
+        let probe = [0u32, 0u32];
+        let unknown = |e: LlamaError| CacheSupport::no("unknown", e.to_string());
+        if self.model.n_vocab() == 0 || (self.n_ctx as usize) < probe.len() {
+            return Err(CacheSupport::no(
+                "unknown",
+                "no room for the layout probe".into(),
+            ));
+        }
+        self.clear();
+        self.prefill(&probe).map_err(unknown)?;
+        let bytes = self.kv_pack().map_err(unknown)?;
+        let layout = learn_layout(
+            &bytes,
+            probe.len(),
+            self.model.meta().n_layer,
+            self.model.n_swa(),
+        )
+        .map_err(|e| CacheSupport::no("unknown", e.to_string()))?;
+        // The round trip: llama.cpp must take back what it wrote.
+        self.layout = Ok(layout.clone());
+        let restored = self.kv_unpack(&bytes, &probe);
+        self.clear();
+        restored.map_err(unknown)?;
+        Ok(layout)
+    }
+
+    /// Whether this context's state can be cached, its memory kind, and
+    /// why not.
+    #[must_use]
+    pub fn cache_support(&self) -> CacheSupport {
+        match &self.layout {
+            Ok(layout) => CacheSupport::yes(layout),
+            Err(no) => no.clone(),
+        }
+    }
+
+    /// The state layout this context writes, when it is one erllama
+    /// validates.
+    #[must_use]
+    pub fn state_layout(&self) -> Option<&StateLayout> {
+        self.layout.as_ref().ok()
     }
 
     /// The model this session runs.
@@ -259,6 +330,7 @@ impl Session {
                 .add(LlamaToken(token_i32(t)), pos, &[SEQ], logits)
                 .map_err(|e| LlamaError::Decode(e.to_string()))?;
         }
+        let _compute = crate::backend::compute_lock();
         let decoded = if self.adapters_changed {
             let _guard = self
                 .model
@@ -531,24 +603,25 @@ impl Session {
                 n_ctx: self.n_ctx,
             });
         }
-        validate_seq_state(
-            bytes,
-            StateExpectation {
-                n_tokens: tokens.len(),
-                n_layer: self.model.meta().n_layer,
-            },
-        )?;
+        let layout = self.layout.as_ref().map_err(|no| {
+            LlamaError::KvState(format!(
+                "this model's state is not cacheable: {}",
+                no.reason.as_deref().unwrap_or("unknown")
+            ))
+        })?;
+        let want_min = validate_seq_state(bytes, tokens.len(), layout)?;
         // Restore into a cleared sequence: unpacking over stale cells
         // fragments the cache and destroys the speed-up.
         self.clear();
         if tokens.is_empty() {
             return Ok(());
         }
-        // SAFETY: the bytes passed the structural validation above (magic,
-        // one stream, one cell per token at positions 0..n, one sequence per
-        // cell, the model's layer count, sections ending exactly at the end),
-        // which covers everything llama.cpp's reader asserts on instead of
-        // reporting; tensor types and row sizes it checks itself.
+        // SAFETY: the bytes passed the structural validation above against
+        // the layout this very context writes (magic, the same memory
+        // sections, one stream each, cells at the positions the tokens
+        // imply, one sequence per cell, the same per-layer tensor types and
+        // row sizes, sections ending exactly at the end), which covers
+        // everything llama.cpp's reader asserts on instead of reporting.
         let ok = unsafe {
             self.ctx
                 .state_seq_set_data_ext(bytes, SEQ, LlamaStateSeqFlags::empty())
@@ -556,10 +629,11 @@ impl Session {
         let pos_min = self.ctx.kv_cache_seq_pos_min(SEQ);
         let pos_max = self.ctx.kv_cache_seq_pos_max(SEQ);
         let last = i32::try_from(tokens.len() - 1).unwrap_or(i32::MAX);
-        if !ok || pos_min != 0 || pos_max != last {
+        if !ok || pos_min != want_min || pos_max != last {
             self.clear();
             return Err(LlamaError::KvState(format!(
-                "llama.cpp rejected the state (restored positions {pos_min}..={pos_max}, expected 0..={last})"
+                "llama.cpp rejected the state (restored positions {pos_min}..={pos_max}, \
+                 expected {want_min}..={last})"
             )));
         }
         self.tokens.extend_from_slice(tokens);

@@ -586,3 +586,84 @@ async fn the_engine_runs_llama_and_hits_its_cache() {
     assert_eq!(warm.text, cold.text);
     engine.shutdown().await;
 }
+
+/// A row whose bytes are intact (CRC and key check out) but whose state the
+/// model refuses: the restore fails, is counted and logged, the row is
+/// removed (never tried again) and the request answers exactly as cold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_fails_to_restore_is_counted_removed_and_falls_back() {
+    let policy = PolicyConfig {
+        min_tokens: 1 << 20,
+        cold_min_tokens: 1 << 20,
+        cold_max_tokens: 1 << 20,
+        ..PolicyConfig::default()
+    };
+    let engine = Engine::new(Cache::open(CacheConfig::default()).unwrap(), policy.clone()).unwrap();
+    let model = engine
+        .load_model(
+            Arc::new(backend().clone()),
+            Some("smol".into()),
+            ModelConfig {
+                context: cparams(),
+                tier: TierKind::Ram,
+                policy,
+            },
+        )
+        .await
+        .expect("load");
+    let tokens = backend().tokenize(&long_text(200), true).unwrap();
+    let opts = RequestOptions {
+        max_tokens: 8,
+        ..RequestOptions::default()
+    };
+    let cold = engine
+        .complete(&model, Prompt::Tokens(tokens.clone()), opts.clone())
+        .await
+        .expect("cold");
+    assert_eq!(cold.stats.cache_hit_kind, HitKind::Cold);
+
+    // A real state of these tokens, with one cell's position moved.
+    let mut ctx = ctx();
+    ctx.prefill(&tokens).unwrap();
+    let mut state = ctx.kv_pack().unwrap();
+    // magic, seq id, n_stream, cell_count, then cell 1's position.
+    state[16 + 12] ^= 0x40;
+    let identity = engine.identity(&model).unwrap();
+    let key = identity.key(&tokens);
+    let pending = engine
+        .cache()
+        .begin_save(erllama_cache::SaveRequest {
+            identity,
+            tier: TierKind::Ram,
+            tokens: tokens.clone().into(),
+            payload: state,
+            reason: erllama_cache::SaveReason::Cold,
+            prompt_text: String::new(),
+            detail: None,
+        })
+        .expect("reserve");
+    pending.run().expect("write");
+    assert!(engine.cache().contains(&key));
+
+    let again = engine
+        .complete(&model, Prompt::Tokens(tokens.clone()), opts.clone())
+        .await
+        .expect("fallback");
+    assert_eq!(again.stats.cache_hit_kind, HitKind::Cold);
+    let failure = again.stats.restore_failure.clone().expect("reported");
+    assert_eq!(failure.source, erllama_engine::HitSource::Exact);
+    assert!(failure.reason.contains("position"), "{}", failure.reason);
+    assert_eq!(again.tokens, cold.tokens, "the fallback is the cold answer");
+    let counters = engine.cache().counters().snapshot();
+    assert_eq!(counters["restore_failures"], 1);
+    assert!(!engine.cache().contains(&key), "the row is removed");
+
+    // Never retried: the next request is a plain miss.
+    let third = engine
+        .complete(&model, Prompt::Tokens(tokens), opts)
+        .await
+        .expect("third");
+    assert!(third.stats.restore_failure.is_none());
+    assert_eq!(engine.cache().counters().snapshot()["restore_failures"], 1);
+    engine.shutdown().await;
+}

@@ -101,16 +101,20 @@ fn stats_dict<'py>(py: Python<'py>, s: &RequestStats) -> PyResult<Bound<'py, PyD
     d.set_item("cache_hit_kind", s.cache_hit_kind.label())?;
     d.set_item(
         "hit_source",
-        s.hit_source.map(|h| match h {
-            erllama_engine::HitSource::Exact => "exact",
-            erllama_engine::HitSource::Resume => "resume",
-            erllama_engine::HitSource::LongestPrefix => "longest_prefix",
-        }),
+        s.hit_source.map(erllama_engine::HitSource::label),
     )?;
     d.set_item("cached_tokens", s.cached_tokens)?;
     d.set_item("cache_tier", s.cache_tier.map(TierKind::label))?;
     d.set_item("finish_reason", s.finish_reason.label())?;
     d.set_item("cancelled", s.cancelled)?;
+    d.set_item(
+        "fallback_from",
+        s.restore_failure.as_ref().map(|f| f.source.label()),
+    )?;
+    d.set_item(
+        "fallback_reason",
+        s.restore_failure.as_ref().map(|f| f.reason.as_str()),
+    )?;
     Ok(d)
 }
 
@@ -462,6 +466,9 @@ impl PyEngine {
         d.set_item("tier", i.tier.label())?;
         d.set_item("fingerprint", i.fingerprint)?;
         d.set_item("fingerprint_mode", i.fingerprint_mode)?;
+        d.set_item("cacheable", i.cacheable)?;
+        d.set_item("memory", i.memory)?;
+        d.set_item("cache_reason", i.cache_reason)?;
         Ok(d)
     }
 

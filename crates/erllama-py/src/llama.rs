@@ -109,6 +109,9 @@ impl PyModel {
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let m = self.model.meta();
+        let model = self.model.clone();
+        // The first call probes the state layout in a small context.
+        let support = py.detach(move || model.cache_support());
         let d = PyDict::new(py);
         d.set_item("architecture", &m.architecture)?;
         d.set_item("name", &m.name)?;
@@ -120,6 +123,10 @@ impl PyModel {
         d.set_item("n_params", m.n_params)?;
         d.set_item("size_bytes", m.size_bytes)?;
         d.set_item("has_chat_template", m.has_chat_template)?;
+        d.set_item("n_swa", self.model.n_swa())?;
+        d.set_item("memory", &support.memory)?;
+        d.set_item("cacheable", support.cacheable)?;
+        d.set_item("cache_reason", support.reason.as_deref())?;
         Ok(d)
     }
 

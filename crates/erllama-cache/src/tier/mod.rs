@@ -1,10 +1,10 @@
-//! The three storage tiers behind one trait (SPEC §3.3).
+//! The three storage tiers behind one trait (docs/tiers.md).
 //!
 //! A tier stores whole KVC rows (header ‖ payload) under their key. It
 //! knows nothing about quotas, LRU, pins or reservations: the meta index
 //! ([`Cache`](crate::Cache)) owns those and calls the tier for the byte
 //! work only. Every tier follows the same two-step write so the publish
-//! protocol of SPEC §3.5 is tier-independent: [`Tier::stage`] makes the
+//! protocol of docs/tiers.md is tier-independent: [`Tier::stage`] makes the
 //! bytes durable but invisible (a synced temp file, or an owned buffer),
 //! [`Tier::commit`] makes them visible under the key atomically.
 //!
@@ -242,7 +242,7 @@ pub struct RamRow {
     pub(crate) payload: Vec<u8>,
 }
 
-/// Bytes made durable but not yet visible under their key (SPEC §3.5
+/// Bytes made durable but not yet visible under their key (docs/tiers.md
 /// step 2), produced by [`Tier::stage`] and consumed by [`Tier::commit`]
 /// or [`Tier::discard`].
 #[derive(Debug)]
@@ -377,7 +377,7 @@ pub trait Tier: Send + Sync + fmt::Debug {
         None
     }
 
-    /// Startup recovery: file tiers scan their directory (SPEC §3.3); the
+    /// Startup recovery: file tiers scan their directory (docs/tiers.md); the
     /// RAM tier starts empty. Returns the registered rows and how many
     /// files were deleted as invalid.
     ///
@@ -387,7 +387,7 @@ pub trait Tier: Send + Sync + fmt::Debug {
     /// cleaned.
     fn recover(&self) -> Result<(Vec<Recovered>, usize), TierError>;
 
-    /// SPEC §3.5 step 2: makes `header ‖ payload` durable but invisible.
+    /// docs/tiers.md, publish step 2: makes `header ‖ payload` durable but invisible.
     /// `probe` is called with [`SaveStage::TempPartial`] between header
     /// and payload by file tiers.
     ///
@@ -402,7 +402,7 @@ pub trait Tier: Send + Sync + fmt::Debug {
         probe: &dyn Fn(SaveStage),
     ) -> Result<Staged, TierError>;
 
-    /// SPEC §3.5 step 4: makes staged bytes visible under `key`
+    /// docs/tiers.md, publish step 4: makes staged bytes visible under `key`
     /// atomically (create-if-absent; adopt a valid existing row, replace
     /// an invalid one).
     ///
