@@ -172,7 +172,7 @@ async def test_cancel_before_the_first_token() -> None:
         assert await engine.cancel(stream.request_id)
         result = await stream.result()
         assert result.stats.finish_reason == "cancelled"
-        assert result.tokens == ()
+        assert result.tokens == []
 
 
 class Logging(StubBackend):
@@ -198,11 +198,10 @@ async def test_queued_streams_run_one_at_a_time_in_fifo_order() -> None:
     backend = Logging()
     async with erllama.Engine(policy=POLICY) as engine:
         model = await engine.load_model("m", backend=backend)
+        # Each stream is submitted when it is created, in this order.
         streams = [model.stream(f"req{i} a b", max_tokens=30) for i in range(3)]
         ids = [s.request_id for s in streams]
         assert ids == sorted(ids)
-        for s in streams:  # queue them in order
-            await s._start()
         results = await asyncio.gather(*(s.result() for s in streams))
         assert [len(r.tokens) for r in results] == [30, 30, 30]
         blocks = [t for i, t in enumerate(backend.log) if i == 0 or backend.log[i - 1] != t]
@@ -323,8 +322,8 @@ async def test_cache_inspection() -> None:
         assert engine.cache.settle()
         rows = engine.cache.dump()
         assert rows
-        assert {r["tier"] for r in rows} == {"ram"}
-        assert {r["save_reason"] for r in rows} >= {"cold", "finish"}
+        assert {r.tier for r in rows} == {"ram"}
+        assert {r.save_reason for r in rows} >= {"cold", "finish"}
         count, freed = engine.cache.evict_bytes(1, ["ram"])
         assert count == 1
         assert freed > 0

@@ -71,7 +71,7 @@ def test_system_info() -> None:
 def test_model_info(model: Model, model_path: Path) -> None:
     assert model.path == str(model_path)
     info = model.info()
-    assert set(info) >= {
+    assert set(info.to_dict()) >= {
         "architecture",
         "name",
         "quant_type",
@@ -82,13 +82,16 @@ def test_model_info(model: Model, model_path: Path) -> None:
         "n_params",
         "size_bytes",
         "has_chat_template",
+        "memory",
+        "cacheable",
     }
-    assert info["n_vocab"] == model.n_vocab > 0
-    assert info["architecture"] == "llama"
-    assert str(info["quant_type"]).lower() == "q4_1"
-    assert isinstance(info["has_chat_template"], bool)
+    assert info.n_vocab == model.n_vocab > 0
+    assert info.architecture == "llama"
+    assert info.quant_type.lower() == "q4_1"
+    assert isinstance(info.has_chat_template, bool)
+    assert (info.memory, info.cacheable, info.cache_reason) == ("kv", True, None)
     for key in ("n_ctx_train", "n_layer", "n_embd", "n_params", "size_bytes"):
-        value = info[key]
+        value = info.to_dict()[key]
         assert isinstance(value, int), key
         assert not isinstance(value, bool), key
         assert value > 0, key

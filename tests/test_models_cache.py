@@ -63,7 +63,7 @@ def model_file(request: pytest.FixtureRequest) -> Path:
     return path
 
 
-async def _reference(model_file: Path, prompts: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+async def _reference(model_file: Path, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     """What a model that never caches answers to each prompt."""
     async with erllama.Engine(policy=NEVER) as engine:
         model = await engine.load_model(model_file, **LOAD)  # type: ignore[arg-type]
@@ -159,7 +159,7 @@ async def test_hits_give_the_cold_completion(model_file: Path, tier: str, tmp_pa
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout.strip().splitlines()[-1])
     assert again["kind"] == "exact"
-    assert tuple(again["tokens"]) == ref_prompt
+    assert again["tokens"] == ref_prompt
     assert again["counters"]["restore_failures"] == 0
 
 
@@ -171,7 +171,7 @@ async def test_model_info_reports_the_memory_kind(model_path: Path, gemma_path: 
         assert (gemma.info().memory, gemma.info().cacheable) == ("kv_iswa", True)
         assert gemma.info().cache_reason is None
     low = erllama.LlamaModel(str(gemma_path)).info()
-    assert (low["memory"], low["cacheable"], low["n_swa"]) == ("kv_iswa", True, 512)
+    assert (low.memory, low.cacheable, low.n_swa) == ("kv_iswa", True, 512)
 
 
 async def test_a_recurrent_model_is_refused_at_load_and_saves_nothing(tmp_path: Path) -> None:
@@ -179,8 +179,8 @@ async def test_a_recurrent_model_is_refused_at_load_and_saves_nothing(tmp_path: 
 
     path = write_tiny_mamba(tmp_path / "mamba.gguf")
     low = erllama.LlamaModel(str(path)).info()
-    assert (low["memory"], low["cacheable"]) == ("recurrent", False)
-    assert "recurrent" in str(low["cache_reason"])
+    assert (low.memory, low.cacheable) == ("recurrent", False)
+    assert "recurrent" in str(low.cache_reason)
     cache = erllama.CacheConfig(disk_dir=tmp_path / "disk")
     async with erllama.Engine(cache=cache, policy=POLICY) as engine:
         model = await engine.load_model(path, tier="disk", n_ctx=512, n_batch=256, n_threads=2)

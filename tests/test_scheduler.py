@@ -93,14 +93,14 @@ async def test_eviction_frees_the_target_lru_first() -> None:
     try:
         model = await fill(e, 3)
         rows = e.cache.dump()  # least recently used first
-        before = {r["key"] for r in rows}
+        before = {r.key for r in rows}
         result = e.scheduler.force_check()
         assert result.outcome == "evicted"
         assert result.bytes >= 10  # floor((0.85 - 0.75) * 100)
-        after = {r["key"] for r in e.cache.dump()}
+        after = {r.key for r in e.cache.dump()}
         gone = before - after
         assert len(gone) == result.count
-        assert rows[0]["key"] in gone, "the least recently used row goes first"
+        assert rows[0].key in gone, "the least recently used row goes first"
         status = e.scheduler.status()
         assert (status.last_used, status.last_total) == (95, 100)
         assert status.last_ratio == pytest.approx(0.95)

@@ -37,6 +37,7 @@ from erllama._erllama import _quiesce as _quiesce
 from erllama.config import CacheConfig, Policy, SchedulerConfig
 from erllama.engine import (
     AdapterInfo,
+    CacheRow,
     CacheView,
     CheckResult,
     Completion,
@@ -52,6 +53,7 @@ from erllama.engine import (
 from erllama.errors import (
     AlreadyLoadedError,
     BackendError,
+    BusyError,
     CacheError,
     ContextError,
     ContextOverflowError,
@@ -59,6 +61,7 @@ from erllama.errors import (
     EmptyInputError,
     ErllamaError,
     GrammarError,
+    InternalError,
     InvalidInputError,
     KvStateError,
     ModelFetchError,
@@ -76,8 +79,10 @@ __all__ = [
     "AdapterInfo",
     "AlreadyLoadedError",
     "BackendError",
+    "BusyError",
     "CacheConfig",
     "CacheError",
+    "CacheRow",
     "CacheView",
     "CheckResult",
     "Completion",
@@ -89,6 +94,7 @@ __all__ = [
     "Engine",
     "ErllamaError",
     "GrammarError",
+    "InternalError",
     "InvalidInputError",
     "KvStateError",
     "LlamaModel",

@@ -1,20 +1,39 @@
 """Type stub of the native module ``erllama._erllama`` (Rust, PyO3).
 
 The native module is private: the public, typed API lives in the ``erllama``
-package. Every blocking call releases the GIL while it runs. Errors are raised
-as the classes of :mod:`erllama.errors`.
+package. Every blocking call releases the GIL while it runs. Every value from
+Python is checked first: out of range, not finite or of the wrong type raises
+:class:`~erllama.errors.InvalidInputError` naming the parameter. Errors are
+raised as the classes of :mod:`erllama.errors` (``EXCEPTION_CLASSES`` lists
+them); a Rust panic is an :class:`~erllama.errors.InternalError`, never a
+``PanicException``. Results are the immutable records below.
 """
 
-from collections.abc import Awaitable, Sequence
-from typing import Any, Self, final
+from collections.abc import Awaitable, Mapping, Sequence
+from os import PathLike
+from typing import Literal, Self, final
 
 __all__ = [
+    "EXCEPTION_CLASSES",
+    "REQUEST_OPTIONS",
+    "AdapterInfo",
+    "CacheRow",
+    "CheckResult",
+    "Completion",
     "Context",
     "Engine",
+    "KvcFile",
+    "LlamaModelInfo",
     "Model",
+    "ModelInfo",
+    "SaveSummary",
+    "SchedulerStatus",
+    "Stats",
     "Stream",
     "__version__",
     "_quiesce",
+    "_test_panic",
+    "_test_panic_async",
     "kvc_gc",
     "kvc_list",
     "kvc_verify",
@@ -25,19 +44,34 @@ __all__ = [
 __version__: str
 """The version of the native module (the Rust crates' version)."""
 
+EXCEPTION_CLASSES: tuple[str, ...]
+"""The names of the :mod:`erllama.errors` classes the native module raises."""
+
+REQUEST_OPTIONS: tuple[tuple[str, int | float | None], ...]
+"""``(name, default)`` of every request option, in declaration order (the
+native side of :class:`erllama.engine.CompletionOptions`)."""
+
+_Path = str | PathLike[str]
+
 def _quiesce(timeout_s: float = 5.0) -> bool:
     """Wait until no task runs on the native runtime (registered with ``atexit``)."""
+
+def _test_panic() -> None:
+    """Panic inside the boundary guard (tests: it must raise InternalError)."""
+
+def _test_panic_async() -> Awaitable[None]:
+    """Panic inside an awaitable (tests: it must raise InternalError)."""
 
 def sample_pressure(source: str) -> tuple[int, int, list[tuple[str, str]]]:
     """Sample a built-in pressure source once (``system``, ``nvml``, ``noop``)."""
 
-def kvc_list(dir: str) -> list[dict[str, Any]]:
+def kvc_list(dir: _Path) -> list[KvcFile]:
     """Header-parse every ``*.kvc`` file of ``dir`` (no CRC)."""
 
-def kvc_verify(path: str) -> str | None:
+def kvc_verify(path: _Path) -> str | None:
     """Full parse of one KVC file; None when valid, else the error."""
 
-def kvc_gc(dir: str) -> tuple[int, int, list[tuple[str, str]]]:
+def kvc_gc(dir: _Path) -> tuple[int, int, list[tuple[str, str]]]:
     """Delete temp and invalid files as a startup would; (kept, temps, invalid)."""
 
 def system_info() -> str:
@@ -46,6 +80,296 @@ def system_info() -> str:
     It lists the CPU features and backends that were compiled in and are in
     use, such as ``AVX2 = 1`` or ``CUDA : ARCHS = ...``.
     """
+
+class _Record:
+    def to_dict(self) -> dict[str, object]:
+        """The fields as a dict (nested records stay records)."""
+
+    def __eq__(self, value: object, /) -> bool: ...
+    def __ne__(self, value: object, /) -> bool: ...
+    __hash__: None  # type: ignore[assignment]
+
+@final
+class Stats(_Record):
+    """What happened to one request."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def prefill_ms(self) -> float:
+        """Admission to the first token's logits: lookup, restore and prefill."""
+    @property
+    def generation_ms(self) -> float: ...
+    @property
+    def restore_ms(self) -> float:
+        """Time restoring from the cache (part of ``prefill_ms``)."""
+    @property
+    def queue_ms(self) -> float:
+        """Time waiting in the model's queue."""
+    @property
+    def cache_hit_kind(self) -> Literal["exact", "partial", "cold"]: ...
+    @property
+    def hit_source(self) -> Literal["exact", "resume", "longest_prefix"] | None: ...
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV state came from the cache."""
+    @property
+    def cache_tier(self) -> Literal["ram", "ram_file", "disk"] | None: ...
+    @property
+    def finish_reason(self) -> Literal["stop", "length", "cancelled"]: ...
+    @property
+    def cancelled(self) -> bool: ...
+    @property
+    def fallback_from(self) -> Literal["exact", "resume", "longest_prefix"] | None:
+        """A row found by this lookup failed to restore (then removed, counted)."""
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why it could not be restored."""
+
+@final
+class Completion(_Record):
+    """A finished request."""
+
+    @property
+    def request_id(self) -> int: ...
+    @property
+    def text(self) -> str:
+        """The generated text (a stop string excluded)."""
+    @property
+    def tokens(self) -> list[int]:
+        """The generated token ids (an end-of-generation token excluded)."""
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def finish_key(self) -> str | None:
+        """Key (hex) of the state saved at the end: the next turn's ``parent_key``."""
+
+@final
+class ModelInfo(_Record):
+    """A loaded model."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def status(self) -> Literal["idle", "prefilling", "generating", "stopped"]: ...
+    @property
+    def n_ctx(self) -> int: ...
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def quant_type(self) -> str: ...
+    @property
+    def quant_bits(self) -> int: ...
+    @property
+    def tier(self) -> Literal["ram", "ram_file", "disk"]: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def fingerprint_mode(self) -> Literal["safe", "gguf_chunked", "fast_unsafe"]: ...
+    @property
+    def cacheable(self) -> bool:
+        """Whether the model's state is cached (no lookup or save when not)."""
+    @property
+    def memory(self) -> str:
+        """``kv``, ``kv_iswa``, ``recurrent``, ``hybrid`` or ``unknown``."""
+    @property
+    def cache_reason(self) -> str | None:
+        """Why the state is not cacheable."""
+
+@final
+class LlamaModelInfo(_Record):
+    """A GGUF model's metadata, and whether its state is cacheable."""
+
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def quant_type(self) -> str: ...
+    @property
+    def n_ctx_train(self) -> int: ...
+    @property
+    def n_vocab(self) -> int: ...
+    @property
+    def n_layer(self) -> int: ...
+    @property
+    def n_embd(self) -> int: ...
+    @property
+    def n_params(self) -> int: ...
+    @property
+    def size_bytes(self) -> int: ...
+    @property
+    def has_chat_template(self) -> bool: ...
+    @property
+    def n_swa(self) -> int:
+        """The sliding window (0 for none)."""
+    @property
+    def memory(self) -> str: ...
+    @property
+    def cacheable(self) -> bool: ...
+    @property
+    def cache_reason(self) -> str | None: ...
+
+@final
+class AdapterInfo(_Record):
+    """A LoRA adapter loaded on a model."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the adapter file; with the scale it enters the model's
+        effective fingerprint, so cache rows of different adapter sets never mix."""
+    @property
+    def scale(self) -> float: ...
+
+@final
+class SaveSummary(_Record):
+    """What an ``evict``, ``save_now`` or ``unload`` saved."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def already_present(self) -> bool: ...
+
+@final
+class CacheRow(_Record):
+    """One row of the cache index."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def tier(self) -> Literal["ram", "ram_file", "disk"]: ...
+    @property
+    def status(self) -> Literal["available", "writing", "evicting"]: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def refcount(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def last_used(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def save_reason(self) -> str: ...
+    @property
+    def context_size(self) -> int: ...
+    @property
+    def created(self) -> int: ...
+
+@final
+class CheckResult(_Record):
+    """What one scheduler check did."""
+
+    @property
+    def outcome(
+        self,
+    ) -> Literal[
+        "skipped(disabled)",
+        "skipped(below_watermark)",
+        "skipped(nothing_to_evict)",
+        "skipped(unavailable)",
+        "evicted",
+    ]: ...
+    @property
+    def count(self) -> int:
+        """Cache rows evicted."""
+    @property
+    def bytes(self) -> int:
+        """Bytes those rows held."""
+    @property
+    def contexts(self) -> int:
+        """Idle model contexts saved and released (``evict_idle_models``)."""
+
+@final
+class SchedulerStatus(_Record):
+    """The scheduler's settings and its last readings."""
+
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def interval_ms(self) -> int: ...
+    @property
+    def high_watermark(self) -> float: ...
+    @property
+    def low_watermark(self) -> float: ...
+    @property
+    def min_evict_bytes(self) -> int: ...
+    @property
+    def evict_tiers(self) -> list[str]: ...
+    @property
+    def evict_idle_models(self) -> bool: ...
+    @property
+    def pressure_source(self) -> str: ...
+    @property
+    def available(self) -> bool | None:
+        """Whether the last sample worked (None before the first check)."""
+    @property
+    def unavailable_reason(self) -> str | None: ...
+    @property
+    def sampler_details(self) -> list[tuple[str, str]]: ...
+    @property
+    def last_used(self) -> int: ...
+    @property
+    def last_total(self) -> int: ...
+    @property
+    def last_ratio(self) -> float: ...
+    @property
+    def last_evicted_bytes(self) -> int: ...
+    @property
+    def sampled_at(self) -> float | None:
+        """Unix time of the last sample."""
+    @property
+    def last_evicted_at(self) -> float | None: ...
+    @property
+    def checks(self) -> int: ...
+    @property
+    def last_outcome(self) -> str | None: ...
+    @property
+    def tier_bytes(self) -> dict[str, int]:
+        """Bytes held per cache tier now."""
+
+@final
+class KvcFile(_Record):
+    """One ``*.kvc`` file of a directory, header-parsed (no CRC)."""
+
+    @property
+    def file(self) -> str: ...
+    @property
+    def key(self) -> str | None:
+        """The key recomputed from the contents (None when the header fails)."""
+    @property
+    def name_ok(self) -> bool: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def save_reason(self) -> str | None: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def last_used(self) -> int: ...
+    @property
+    def context_size(self) -> int: ...
+    @property
+    def quant(self) -> str | None: ...
+    @property
+    def prompt(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
 
 @final
 class Model:
@@ -58,12 +382,14 @@ class Model:
 
     # PyO3 classes are built by ``__new__`` (``#[new]``); stubbing it, rather
     # than ``__init__``, keeps ``python -m mypy.stubtest`` in agreement.
-    def __new__(cls, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> Self:
+    def __new__(
+        cls, path: _Path, *, n_gpu_layers: int | None = None, use_mmap: bool = True
+    ) -> Self:
         """Load the GGUF file at ``path``.
 
         Args:
             path: path of a GGUF file.
-            n_gpu_layers: how many layers to offload to a GPU (0 = CPU only).
+            n_gpu_layers: how many layers to offload to a GPU (None or 0 = CPU only).
             use_mmap: map the file instead of reading it into memory.
 
         Raises:
@@ -80,13 +406,9 @@ class Model:
     def n_vocab(self) -> int:
         """The size of the vocabulary; valid token ids are ``0 <= id < n_vocab``."""
 
-    def info(self) -> dict[str, str | int | bool]:
-        """Describe the model.
-
-        Keys: ``architecture`` (str), ``name`` (str), ``quant_type`` (str, e.g.
-        ``"q4_1"``), ``n_ctx_train``, ``n_vocab``, ``n_layer``, ``n_embd``,
-        ``n_params``, ``size_bytes`` (int), ``has_chat_template`` (bool).
-        """
+    def info(self) -> LlamaModelInfo:
+        """Describe the model, and whether its state is cacheable (the first
+        call probes the state layout in a small context)."""
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         """Split ``text`` into token ids.
@@ -147,20 +469,21 @@ class Model:
     def new_context(
         self,
         *,
-        n_ctx: int = 4096,
-        n_batch: int = 512,
+        n_ctx: int | None = None,
+        n_batch: int | None = None,
         n_threads: int | None = None,
-        n_seq_max: int = 1,
+        n_seq_max: int | None = None,
     ) -> Context:
         """Create an inference context; the context drives sequence 0.
 
         Args:
-            n_ctx: the context size in tokens.
-            n_batch: the most tokens given to one ``llama_decode`` call.
+            n_ctx: the context size in tokens (8..4194304; None: 4096).
+            n_batch: the most tokens given to one ``llama_decode`` call
+                (1..65536; None: 512).
             n_threads: CPU threads for decoding; ``None`` picks a default from
                 the number of cores.
             n_seq_max: sequences the context can hold, sharing one unified KV
-                cache of ``n_ctx`` cells.
+                cache of ``n_ctx`` cells (1..256; None: 1).
 
         Raises:
             InvalidInputError: a size is zero, negative or out of range.
@@ -261,8 +584,6 @@ class Context:
     def clear(self) -> None:
         """Empty the sequence and its KV cache."""
 
-_Summary = tuple[str, int, bool] | None
-
 @final
 class Engine:
     """The native engine behind :class:`erllama.Engine` (models, requests, cache)."""
@@ -271,20 +592,20 @@ class Engine:
         cls,
         *,
         ram_quota: int,
-        ram_file_dir: str | None,
+        ram_file_dir: _Path | None,
         ram_file_quota: int,
-        disk_dir: str | None,
+        disk_dir: _Path | None,
         disk_quota: int,
         writer_limit: int | None,
-        policy: dict[str, int],
-        scheduler: dict[str, object],
+        policy: Mapping[str, int],
+        scheduler: Mapping[str, object],
         pressure_source: object,
     ) -> Self: ...
     def load_model(
         self,
         backend: object,
         *,
-        path: str,
+        path: _Path,
         model_id: str | None,
         n_ctx: int,
         n_batch: int,
@@ -292,35 +613,23 @@ class Engine:
         n_gpu_layers: int,
         use_mmap: bool,
         tier: str,
-        policy: dict[str, int] | None,
+        policy: Mapping[str, int] | None,
         fingerprint_mode: str,
     ) -> Awaitable[str]:
         """Load a model (``backend``: ``"llama"``, ``"stub"`` or an object); resolves to its id."""
 
-    def reserve_request(self, model_id: str) -> int:
-        """Allocate a request id (cancellable before the request starts)."""
-
-    def release_request(self, request_id: int) -> None:
-        """Release a reserved id that will not be submitted."""
-
     def submit(
         self,
-        request_id: int,
         model_id: str,
-        prompt: str | list[int],
-        *,
-        max_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repetition_penalty: float,
-        seed: int | None,
-        grammar: str | None,
-        stop: list[str] | None,
-        parent_key: str | None,
-    ) -> Awaitable[Stream]:
-        """Validate, tokenize and queue a request; resolves to its :class:`Stream`."""
+        prompt: str | Sequence[int],
+        options: Mapping[str, object] | None = None,
+    ) -> Stream:
+        """Submit a request and return its stream at once (see ``REQUEST_OPTIONS``).
+
+        Raises InvalidInputError for a bad option and NotFoundError for an
+        unknown model now; a bad prompt (empty, ids out of range, too long)
+        ends the stream with its error.
+        """
 
     def cancel(self, request_id: int) -> bool:
         """Cancel a request; True when it was live."""
@@ -328,42 +637,42 @@ class Engine:
     def models(self) -> list[str]:
         """Ids of the loaded models."""
 
-    def status(self, model_id: str) -> str:
-        """``idle``, ``prefilling``, ``generating`` or ``stopped``."""
+    def status(self, model_id: str) -> Literal["idle", "prefilling", "generating", "stopped"]:
+        """A model's status, answered at once."""
 
-    def info(self, model_id: str) -> dict[str, Any]:
+    def info(self, model_id: str) -> ModelInfo:
         """A model's description."""
 
     def inflight(self) -> list[tuple[int, str]]:
         """(request id, model id) of the live requests."""
 
     def tokenize(self, model_id: str, text: str, add_bos: bool) -> Awaitable[list[int]]: ...
-    def detokenize(self, model_id: str, tokens: list[int]) -> Awaitable[str]: ...
+    def detokenize(self, model_id: str, tokens: Sequence[int]) -> Awaitable[str]: ...
     def chat_tokens(
-        self, model_id: str, messages: list[tuple[str, str]], add_assistant: bool
+        self, model_id: str, messages: Sequence[tuple[str, str]], add_assistant: bool
     ) -> Awaitable[list[int]]: ...
-    def embed(self, model_id: str, tokens: list[int]) -> Awaitable[list[float]]: ...
+    def embed(self, model_id: str, tokens: Sequence[int]) -> Awaitable[list[float]]: ...
     def load_adapter(
-        self, model_id: str, path: str, scale: float, adapter_id: str | None = None
-    ) -> Awaitable[tuple[str, str, str, float]]: ...
+        self, model_id: str, path: _Path, scale: float, adapter_id: str | None = None
+    ) -> Awaitable[AdapterInfo]: ...
     def set_adapter_scale(
         self, model_id: str, adapter_id: str, scale: float
-    ) -> Awaitable[tuple[str, str, str, float]]: ...
+    ) -> Awaitable[AdapterInfo]: ...
     def unload_adapter(self, model_id: str, adapter_id: str) -> Awaitable[None]: ...
-    def adapters(self, model_id: str) -> Awaitable[list[tuple[str, str, str, float]]]: ...
-    def evict(self, model_id: str) -> Awaitable[_Summary]: ...
-    def save_now(self, model_id: str) -> Awaitable[_Summary]: ...
-    def unload(self, model_id: str) -> Awaitable[_Summary]: ...
+    def adapters(self, model_id: str) -> Awaitable[list[AdapterInfo]]: ...
+    def evict(self, model_id: str) -> Awaitable[SaveSummary | None]: ...
+    def save_now(self, model_id: str) -> Awaitable[SaveSummary | None]: ...
+    def unload(self, model_id: str) -> Awaitable[SaveSummary | None]: ...
     def shutdown(self) -> Awaitable[None]: ...
     def cache_counters(self) -> dict[str, int]: ...
     def cache_reset_counters(self) -> None: ...
-    def cache_dump(self) -> list[dict[str, Any]]: ...
+    def cache_dump(self) -> list[CacheRow]: ...
     def cache_gc(self) -> int: ...
-    def cache_evict_bytes(self, n: int, tiers: list[str] | None = None) -> tuple[int, int]: ...
+    def cache_evict_bytes(self, n: int, tiers: Sequence[str] | None = None) -> tuple[int, int]: ...
     def cache_bytes(self) -> dict[str, int]: ...
-    def cache_settle(self, timeout_s: float = 30.0) -> bool: ...
-    def scheduler_status(self) -> dict[str, Any]: ...
-    def scheduler_force_check(self) -> tuple[str, int, int, int]: ...
+    def cache_settle(self, timeout_s: float | None = None) -> bool: ...
+    def scheduler_status(self) -> SchedulerStatus: ...
+    def scheduler_force_check(self) -> CheckResult: ...
     def scheduler_enable(self, on: bool) -> None: ...
     def scheduler_set_thresholds(
         self, high: float, low: float, min_evict_bytes: int | None = None
@@ -372,11 +681,25 @@ class Engine:
 
 @final
 class Stream:
-    """A running request's events."""
+    """A running request: ``await ready()`` then ``take()``, per event.
+
+    An event leaves the stream's buffer only in :meth:`take`, so cancelling
+    the task awaiting :meth:`ready` never loses one.
+    """
 
     @property
-    def id(self) -> int: ...
+    def id(self) -> int:
+        """The request id (cancellable from the moment the stream exists)."""
     @property
     def model_id(self) -> str: ...
-    def next(self) -> Awaitable[tuple[str, int, str] | tuple[str, dict[str, Any]]]:
-        """Resolve to the next event; raises StopAsyncIteration after the end."""
+    @property
+    def completion(self) -> Completion | None:
+        """The completion, once the request ended successfully."""
+    @property
+    def done(self) -> bool:
+        """Whether the final event was taken."""
+    def ready(self) -> Awaitable[None]:
+        """Resolves once an event is buffered (at once after the end)."""
+    def take(self) -> str | None:
+        """The buffered event: a text piece, or None at the end; raises the
+        request's error."""

@@ -117,19 +117,19 @@ async def _ttft_tier(
                 t_cold, cold = await _complete_timed(model, tokens)
                 pack1 = engine.cache.counters()["pack_total_ns"]
                 engine.cache.settle(300)
-                row = next((x for x in engine.cache.dump() if x["tokens"] == n), None)
+                row = next((x for x in engine.cache.dump() if x.tokens == n), None)
                 if row is None:
                     raise RuntimeError(f"the {n}-token prompt was not saved")
                 t_warm, warm = await _complete_timed(model, tokens)
                 if warm.stats.cache_hit_kind != "exact" or warm.tokens != cold.tokens:
                     raise RuntimeError(f"warm run was not an identical exact hit: {warm.stats}")
-                state = row["size"]
+                state = row.size
                 cold_ms.append(t_cold)
                 warm_ms.append(t_warm)
                 restore_ms.append(warm.stats.restore_ms)
                 prefill_ms.append(cold.stats.prefill_ms)
                 pack_ms.append((pack1 - pack0) / 1e6)
-                file = tier_dir / f"{row['key']}.kvc" if tier_dir else None
+                file = tier_dir / f"{row.key}.kvc" if tier_dir else None
                 raw_ms.append(_raw_bound_ms(file, state))
                 engine.cache.gc()
             med = statistics.median

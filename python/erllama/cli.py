@@ -47,8 +47,9 @@ from erllama.errors import ContextOverflowError, ErllamaError
 
 if TYPE_CHECKING:
     import erllama
+    from erllama import _erllama
     from erllama._erllama import Model
-    from erllama.engine import Engine
+    from erllama.engine import CompletionOptions, Engine
 
 __all__ = ["main"]
 
@@ -151,7 +152,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     result: dict[str, Any] = {
         "path": model.path,
-        "model": model.info(),
+        "model": model.info().to_dict(),
         "native_build": _cpu.selected(),
         "system_info": system_info(),
     }
@@ -188,7 +189,7 @@ async def _load(engine: Engine, args: argparse.Namespace) -> erllama.Model:
     )
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+def _sampling(args: argparse.Namespace) -> CompletionOptions:
     return {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -219,7 +220,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
                 "text": c.text,
                 "tokens": list(c.tokens),
                 "finish_key": c.finish_key,
-                "stats": c.stats.__dict__,
+                "stats": c.stats.to_dict(),
             }
 
     result = asyncio.run(run())
@@ -257,7 +258,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                     continue
                 messages.append({"role": "user", "content": text})
                 prompt = await model.apply_chat_template(messages, system=args.system)
-                stream = model.stream(prompt, parent_key=parent, **_sampling(args))
+                options = _sampling(args)
+                options["parent_key"] = parent
+                stream = model.stream(prompt, **options)
                 async for piece in stream:
                     if not args.json:
                         print(piece, end="", flush=True)
@@ -266,7 +269,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                 messages.append({"role": "assistant", "content": c.text})
                 parent = c.finish_key
                 if args.json:
-                    print(json.dumps({"text": c.text, "stats": c.stats.__dict__}), flush=True)
+                    print(json.dumps({"text": c.text, "stats": c.stats.to_dict()}), flush=True)
                 else:
                     print(
                         f"\n[{c.stats.cache_hit_kind}: {c.stats.cached_tokens}/"
@@ -296,16 +299,17 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if action == "verify":
         bad = 0
         for r in rows:
-            err = r["error"] or _erllama.kvc_verify(os.fspath(directory / r["file"]))
+            err = r.error or _erllama.kvc_verify(os.fspath(directory / r.file))
             if err:
                 bad += 1
-                print(f"BAD {r['file']}: {err}")
+                print(f"BAD {r.file}: {err}")
             elif not args.json:
-                print(f"ok  {r['file']}")
+                print(f"ok  {r.file}")
         print(f"{len(rows) - bad} valid, {bad} invalid", file=sys.stderr)
         return EXIT_OK if bad == 0 else 1
     if args.json:
-        print(json.dumps(rows if action == "ls" else _stats(rows), ensure_ascii=False))
+        out = [r.to_dict() for r in rows] if action == "ls" else _stats(rows)
+        print(json.dumps(out, ensure_ascii=False))
         return EXIT_OK
     if action == "stats":
         for k, v in _stats(rows).items():
@@ -314,33 +318,34 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     now = time.time()
     print(f"{'key':<18}{'tokens':>8}  {'reason':<10}{'hits':>5}{'size':>10}{'age':>8}  valid")
     for r in rows:
-        if r["error"]:
+        if r.error or r.key is None:
             print(
-                f"{r['file'][:16]:<18}{'':>8}  {'':<10}{'':>5}{_size(r['size']):>10}{'':>8}  "
-                f"no: {r['error']}"
+                f"{r.file[:16]:<18}{'':>8}  {'':<10}{'':>5}{_size(r.size):>10}{'':>8}  "
+                f"no: {r.error}"
             )
             continue
-        age = _age(now - r["created"])
-        valid = "yes" if r["name_ok"] else "no: name/key mismatch"
+        age = _age(now - r.created)
+        valid = "yes" if r.name_ok else "no: name/key mismatch"
         print(
-            f"{r['key'][:16]:<18}{r['tokens']:>8}  {r['save_reason']:<10}{r['hits']:>5}"
-            f"{_size(r['size']):>10}{age:>8}  {valid}"
+            f"{r.key[:16]:<18}{r.tokens:>8}  {r.save_reason or '':<10}{r.hits:>5}"
+            f"{_size(r.size):>10}{age:>8}  {valid}"
         )
     return EXIT_OK
 
 
-def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in rows if not r["error"]]
+def _stats(rows: list[_erllama.KvcFile]) -> dict[str, Any]:
+    ok = [r for r in rows if not r.error]
     reasons: dict[str, int] = {}
     for r in ok:
-        reasons[r["save_reason"]] = reasons.get(r["save_reason"], 0) + 1
+        reason = r.save_reason or "unknown"
+        reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "files": len(rows),
         "valid_headers": len(ok),
         "invalid": len(rows) - len(ok),
-        "bytes": sum(r["size"] for r in rows),
-        "tokens": sum(r["tokens"] for r in ok),
-        "hits": sum(r["hits"] for r in ok),
+        "bytes": sum(r.size for r in rows),
+        "tokens": sum(r.tokens for r in ok),
+        "hits": sum(r.hits for r in ok),
         "by_reason": reasons,
     }
 

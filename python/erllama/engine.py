@@ -19,19 +19,28 @@ prefix) and saved after, off the request path.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, Unpack
 
 from erllama import _erllama
+from erllama._erllama import (
+    AdapterInfo,
+    CacheRow,
+    CheckResult,
+    Completion,
+    ModelInfo,
+    SaveSummary,
+    SchedulerStatus,
+    Stats,
+)
 from erllama.config import CacheConfig, Policy, SchedulerConfig
 from erllama.errors import InvalidInputError, WorkerError
 
 __all__ = [
     "AdapterInfo",
+    "CacheRow",
     "CacheView",
     "CheckResult",
     "Completion",
@@ -47,129 +56,39 @@ __all__ = [
     "Stream",
 ]
 
-HitKind = Literal["exact", "partial", "cold"]
-FinishReason = Literal["stop", "length", "cancelled"]
 Tier = Literal["ram", "ram_file", "disk"]
 
 
-@dataclass(frozen=True)
-class Stats:
-    """What happened to one request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    prefill_ms: float
-    """Admission to the first token's logits: lookup, restore and prefill."""
-    generation_ms: float
-    restore_ms: float
-    """Time spent restoring from the cache (part of ``prefill_ms``)."""
-    queue_ms: float
-    """Time waiting behind earlier requests of the same model."""
-    cache_hit_kind: HitKind
-    hit_source: Literal["exact", "resume", "longest_prefix"] | None
-    cached_tokens: int
-    """Prompt tokens whose KV state came from the cache."""
-    cache_tier: Tier | None
-    """The tier that served them."""
-    finish_reason: FinishReason
-    cancelled: bool
-    fallback_from: Literal["exact", "resume", "longest_prefix"] | None = None
-    """A cached row was found by this lookup but could not be restored (it
-    was removed and counted in ``restore_failures``); the request fell back
-    to the next lookup or to prefill."""
-    fallback_reason: str | None = None
-    """Why that row could not be restored."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished request."""
-
-    request_id: int
-    text: str
-    tokens: tuple[int, ...]
-    stats: Stats
-    finish_key: str | None
-    """Key (hex) of the state saved at the end; pass it as the next turn's
-    ``parent_key`` to resume from it."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A loaded model."""
-
-    id: str
-    backend: str
-    status: str
-    n_ctx: int
-    n_vocab: int
-    quant_type: str
-    quant_bits: int
-    tier: str
-    fingerprint: str
-    fingerprint_mode: str
-    cacheable: bool = True
-    """Whether the model's state is cached; when not (see ``cache_reason``),
-    no lookup or save is ever made for it."""
-    memory: str = "kv"
-    """The model's memory kind: ``kv`` (full attention), ``kv_iswa``
-    (sliding window, e.g. Gemma 3), ``recurrent``, ``hybrid`` or ``unknown``."""
-    cache_reason: str | None = None
-    """Why the state is not cacheable."""
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A LoRA adapter loaded on a model."""
-
-    id: str
-    path: str
-    sha256: str
-    """SHA-256 of the adapter file; with the scale it enters the model's
-    effective fingerprint, so cache rows of different adapter sets never mix."""
-    scale: float
-
-
-def _adapter(t: tuple[str, str, str, float]) -> AdapterInfo:
-    return AdapterInfo(id=t[0], path=t[1], sha256=t[2], scale=t[3])
-
-
-@dataclass(frozen=True)
-class SaveSummary:
-    """What an ``evict``, ``save_now`` or ``unload`` saved."""
-
-    key: str
-    tokens: int
-    already_present: bool
-
-
-def _completion(d: Mapping[str, Any]) -> Completion:
-    return Completion(
-        request_id=d["request_id"],
-        text=d["text"],
-        tokens=tuple(d["tokens"]),
-        stats=Stats(**d["stats"]),
-        finish_key=d["finish_key"],
-    )
-
-
-def _summary(t: tuple[str, int, bool] | None) -> SaveSummary | None:
-    return None if t is None else SaveSummary(key=t[0], tokens=t[1], already_present=t[2])
-
-
 class CompletionOptions(TypedDict, total=False):
-    """The keyword options of :meth:`Model.complete` and :meth:`Model.stream`."""
+    """The options of :meth:`Model.complete` and :meth:`Model.stream`.
+
+    Declared once here (for type checkers) and once in the native module,
+    which checks every value and holds the defaults; a test keeps the two
+    in step (``_erllama.REQUEST_OPTIONS``). Every value is checked before
+    anything runs: out of range, not finite or the wrong type raises
+    :class:`~erllama.errors.InvalidInputError` naming the option.
+    """
 
     max_tokens: int
+    """Generate at most this many tokens (default 128; 0..2**32-1)."""
     temperature: float
+    """0 (the default) is greedy; otherwise finite and > 0."""
     top_k: int
+    """Keep the k most likely tokens (0, the default, disables it)."""
     top_p: float
+    """Nucleus sampling, in (0, 1] (1, the default, disables it)."""
     min_p: float
+    """Drop tokens below min_p times the best one's probability, in [0, 1]."""
     repetition_penalty: float
+    """Penalise the last 64 tokens' repeats (1, the default, disables it)."""
     seed: int | None
+    """Seed of the sampling RNG, 0..2**64-1 (None: a fixed default)."""
     grammar: str | None
+    """A GBNF grammar the output must follow (root rule ``root``)."""
     stop: str | Sequence[str] | None
+    """Generation ends before any of these strings (at most 16, non-empty)."""
     parent_key: str | None
+    """An earlier turn's ``finish_key`` to resume from."""
 
 
 class LoadOptions(TypedDict, total=False):
@@ -186,26 +105,14 @@ class LoadOptions(TypedDict, total=False):
     fingerprint_mode: Literal["safe", "gguf_chunked"]
 
 
-_SAMPLING_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 128,
-    "temperature": 0.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "seed": None,
-    "grammar": None,
-    "stop": None,
-    "parent_key": None,
-}
-
-
 class Stream:
     """The pieces of text of a running request, as an async iterator.
 
-    ``request_id`` is known at once (cancel it with :meth:`Engine.cancel`
-    before or during the stream); ``completion`` and ``stats`` are set when
-    the iteration ends.
+    The request is submitted when the stream is created, so ``request_id``
+    is known (and cancellable with :meth:`Engine.cancel`) at once;
+    ``completion`` and ``stats`` are set when the iteration ends. Cancelling
+    the task that awaits the next piece (for example with
+    ``asyncio.wait_for``) loses nothing: the next ``await`` returns it.
 
     >>> async def show(model: "Model") -> None:   # doctest: +SKIP
     ...     stream = model.stream("Tell me a story", max_tokens=64)
@@ -214,76 +121,44 @@ class Stream:
     ...     print(stream.stats.finish_reason)
     """
 
-    def __init__(self, model: Model, prompt: str | Sequence[int], options: dict[str, Any]) -> None:
-        self._model = model
-        self._prompt = prompt
-        self._options = options
-        self.request_id: int = model._native.reserve_request(model.id)
-        self._native_stream: _erllama.Stream | None = None
-        self._done = False
-        self.completion: Completion | None = None
+    def __init__(self, native: _erllama.Stream) -> None:
+        self._native = native
+        self.request_id: int = native.id
 
-    def __del__(self) -> None:
-        # A stream that was never iterated gives its reserved id back.
-        if getattr(self, "_native_stream", True) is None:
-            with contextlib.suppress(Exception):  # nothing to report to at GC time
-                self._model._native.release_request(self.request_id)
+    @property
+    def completion(self) -> Completion | None:
+        """The completion, once the request ended."""
+        return self._native.completion
 
     @property
     def stats(self) -> Stats | None:
         """The request's stats once it ended."""
-        return None if self.completion is None else self.completion.stats
-
-    async def _start(self) -> _erllama.Stream:
-        if self._native_stream is None:
-            native = self._model._native
-            try:
-                fut = native.submit(
-                    self.request_id,
-                    self._model.id,
-                    _prompt_arg(self._prompt),
-                    **self._options,
-                )
-            except BaseException:
-                native.release_request(self.request_id)
-                raise
-            self._native_stream = await fut
-        return self._native_stream
+        c = self._native.completion
+        return None if c is None else c.stats
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._pieces()
+        return self
 
-    async def _pieces(self) -> AsyncIterator[str]:
-        stream = await self._start()
-        while not self._done:
-            try:
-                event = await stream.next()
-            except StopAsyncIteration:
-                raise WorkerError(
-                    f"model {self._model.id!r} stopped without finishing request {self.request_id}"
-                ) from None
-            if len(event) == 3:
-                if event[2]:
-                    yield event[2]
-            else:
-                self._done = True
-                self.completion = _completion(event[1])
+    async def __anext__(self) -> str:
+        native = self._native
+        while True:
+            if native.done:
+                raise StopAsyncIteration
+            await native.ready()
+            piece = native.take()
+            if piece is None:
+                raise StopAsyncIteration
+            if piece:
+                return piece
 
     async def result(self) -> Completion:
         """Consumes the rest of the stream and returns the completion."""
         async for _ in self:
             pass
-        if self.completion is None:
+        completion = self._native.completion
+        if completion is None:
             raise WorkerError(f"request {self.request_id} ended without a result")
-        return self.completion
-
-
-def _prompt_arg(prompt: str | Sequence[int]) -> str | list[int]:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, bytes | bytearray):
-        raise InvalidInputError("prompt must be str or a sequence of int token ids, not bytes")
-    return [int(t) for t in prompt]
+        return completion
 
 
 class Model:
@@ -298,108 +173,46 @@ class Model:
         return f"Model(id={self.id!r})"
 
     def info(self) -> ModelInfo:
-        """Id, backend, status, context size, quant type/bits, tier, fingerprint."""
-        return ModelInfo(**self._native.info(self.id))
+        """Id, backend, status, context size, quant, tier, fingerprint, cacheability."""
+        return self._native.info(self.id)
 
     def status(self) -> str:
         """``idle``, ``prefilling`` or ``generating`` (answered at once)."""
-        return str(self._native.status(self.id))
-
-    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(kwargs) - set(_SAMPLING_DEFAULTS)
-        if unknown:
-            raise InvalidInputError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        opts = {**_SAMPLING_DEFAULTS, **kwargs}
-        if opts["stop"] is not None:
-            stop = opts["stop"]
-            opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        return opts
+        return self._native.status(self.id)
 
     async def complete(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        grammar: str | None = None,
-        stop: str | Sequence[str] | None = None,
-        parent_key: str | None = None,
+        self, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
     ) -> Completion:
         """Completes ``prompt`` (text, or token ids) and returns the result.
 
-        Sampling: ``temperature`` 0 is greedy; otherwise the chain is grammar
-        -> repetition penalty -> top-k -> top-p -> min-p -> temperature ->
-        seeded sampling. ``stop`` strings end generation before they appear.
-        ``parent_key`` is an earlier turn's ``finish_key`` to resume from.
+        Options: see :class:`CompletionOptions`. Sampling: ``temperature`` 0
+        is greedy; otherwise the chain is grammar -> repetition penalty ->
+        top-k -> top-p -> min-p -> temperature -> seeded sampling. ``stop``
+        strings end generation before they appear. ``parent_key`` is an
+        earlier turn's ``finish_key`` to resume from.
 
         Raises :class:`~erllama.errors.InvalidInputError` (or a subclass) for
-        bad input, before anything runs.
+        bad options before anything runs, and for a bad prompt (empty, ids
+        out of range, too long for the context) when the request is
+        prepared.
         """
-        return await self.stream(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            grammar=grammar,
-            stop=stop,
-            parent_key=parent_key,
-        ).result()
+        return await self.stream(prompt, **options).result()
 
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        grammar: str | None = None,
-        stop: str | Sequence[str] | None = None,
-        parent_key: str | None = None,
-    ) -> Stream:
+    def stream(self, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]) -> Stream:
         """Like :meth:`complete` (same options), as a :class:`Stream` of text pieces.
 
-        The request id is allocated at once; the request is queued when the
-        stream is first iterated.
+        The request is submitted at once (one call into the engine, which
+        checks the options and returns the request id).
         """
-        return Stream(
-            self,
-            prompt,
-            self._options(
-                {
-                    "max_tokens": max_tokens,
-                    "temperature": temperature,
-                    "top_k": top_k,
-                    "top_p": top_p,
-                    "min_p": min_p,
-                    "repetition_penalty": repetition_penalty,
-                    "seed": seed,
-                    "grammar": grammar,
-                    "stop": stop,
-                    "parent_key": parent_key,
-                }
-            ),
-        )
+        return Stream(self._native.submit(self.id, prompt, dict(options)))
 
     async def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of ``text`` (control-token markup in it stays plain text)."""
-        return list(await self._native.tokenize(self.id, text, add_bos))
+        return await self._native.tokenize(self.id, text, add_bos)
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of ``tokens``."""
-        return str(await self._native.detokenize(self.id, [int(t) for t in tokens]))
+        return await self._native.detokenize(self.id, tokens)
 
     async def apply_chat_template(
         self,
@@ -432,11 +245,11 @@ class Model:
                 ) from None
         if not pairs:
             raise InvalidInputError("a chat needs at least one message")
-        return list(await self._native.chat_tokens(self.id, pairs, add_assistant))
+        return await self._native.chat_tokens(self.id, pairs, add_assistant)
 
     async def embed(self, tokens: Sequence[int]) -> list[float]:
         """A pooled embedding of ``tokens`` (last-token fallback)."""
-        return list(await self._native.embed(self.id, [int(t) for t in tokens]))
+        return await self._native.embed(self.id, tokens)
 
     async def load_adapter(
         self,
@@ -455,12 +268,11 @@ class Model:
         model), :class:`~erllama.errors.AlreadyLoadedError` (id taken) or
         :class:`~erllama.errors.NotSupportedError`.
         """
-        t = await self._native.load_adapter(self.id, os.fspath(path), float(scale), adapter_id)
-        return _adapter(t)
+        return await self._native.load_adapter(self.id, path, scale, adapter_id)
 
     async def set_adapter_scale(self, adapter_id: str, scale: float) -> AdapterInfo:
         """Changes an adapter's scale (0 keeps it loaded but inactive)."""
-        return _adapter(await self._native.set_adapter_scale(self.id, adapter_id, float(scale)))
+        return await self._native.set_adapter_scale(self.id, adapter_id, scale)
 
     async def unload_adapter(self, adapter_id: str) -> None:
         """Unloads an adapter (:class:`~erllama.errors.NotFoundError` if unknown)."""
@@ -468,15 +280,15 @@ class Model:
 
     async def adapters(self) -> list[AdapterInfo]:
         """The loaded adapters, in load order."""
-        return [_adapter(t) for t in await self._native.adapters(self.id)]
+        return await self._native.adapters(self.id)
 
     async def evict(self) -> SaveSummary | None:
         """Saves the live context (reason ``evict``) and releases it."""
-        return _summary(await self._native.evict(self.id))
+        return await self._native.evict(self.id)
 
     async def save_now(self) -> SaveSummary | None:
         """Saves the live context now (reason ``shutdown``) and keeps it."""
-        return _summary(await self._native.save_now(self.id))
+        return await self._native.save_now(self.id)
 
     async def unload(self) -> SaveSummary | None:
         """Unloads the model (see :meth:`Engine.unload`)."""
@@ -491,85 +303,35 @@ class CacheView:
 
     def counters(self) -> dict[str, int]:
         """Every counter of docs/counters.md by name (hits, misses, saves, bytes per tier…)."""
-        return dict(self._native.cache_counters())
+        return self._native.cache_counters()
 
     def reset_counters(self) -> None:
         """Zeroes the event counters (the live-byte gauges stay true)."""
         self._native.cache_reset_counters()
 
-    def dump(self) -> list[dict[str, Any]]:
+    def dump(self) -> list[CacheRow]:
         """Every row, least recently used first."""
-        return [dict(r) for r in self._native.cache_dump()]
+        return self._native.cache_dump()
 
     def gc(self) -> int:
         """Evicts every unpinned row; returns how many."""
-        return int(self._native.cache_gc())
+        return self._native.cache_gc()
 
     def evict_bytes(self, n: int, tiers: Sequence[str] | None = None) -> tuple[int, int]:
         """Evicts LRU rows of ``tiers`` (default all) until ``n`` bytes are freed.
 
         Returns (rows, bytes) evicted; pinned rows are never evicted.
         """
-        count, freed = self._native.cache_evict_bytes(
-            int(n), None if tiers is None else list(tiers)
-        )
-        return int(count), int(freed)
+        return self._native.cache_evict_bytes(n, tiers)
 
     def bytes(self) -> dict[str, int]:
         """Bytes held per tier now."""
-        return dict(self._native.cache_bytes())
+        return self._native.cache_bytes()
 
     def settle(self, timeout_s: float = 30.0) -> bool:
-        """Waits until no background save is in flight; False on timeout."""
-        return bool(self._native.cache_settle(timeout_s))
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """What one scheduler check did."""
-
-    outcome: Literal[
-        "skipped(disabled)",
-        "skipped(below_watermark)",
-        "skipped(nothing_to_evict)",
-        "skipped(unavailable)",
-        "evicted",
-    ]
-    count: int = 0
-    """Cache rows evicted."""
-    bytes: int = 0
-    """Bytes those rows held."""
-    contexts: int = 0
-    """Idle model contexts saved and released (``evict_idle_models``)."""
-
-
-@dataclass(frozen=True)
-class SchedulerStatus:
-    """The scheduler's settings and its last readings."""
-
-    enabled: bool
-    interval_ms: int
-    high_watermark: float
-    low_watermark: float
-    min_evict_bytes: int
-    evict_tiers: tuple[str, ...]
-    evict_idle_models: bool
-    pressure_source: str
-    available: bool | None
-    """Whether the last sample worked (None before the first check)."""
-    unavailable_reason: str | None
-    sampler_details: tuple[tuple[str, str], ...]
-    last_used: int
-    last_total: int
-    last_ratio: float
-    last_evicted_bytes: int
-    sampled_at: float | None
-    """Unix time of the last sample."""
-    last_evicted_at: float | None
-    checks: int
-    last_outcome: str | None
-    tier_bytes: dict[str, int]
-    """Bytes held per cache tier now."""
+        """Waits until no background save is in flight (at most ``timeout_s``
+        seconds, 0..86400); False on timeout."""
+        return self._native.cache_settle(timeout_s)
 
 
 class SchedulerView:
@@ -580,15 +342,11 @@ class SchedulerView:
 
     def status(self) -> SchedulerStatus:
         """Settings, the last sample and eviction, bytes per tier."""
-        d = dict(self._native.scheduler_status())
-        d["evict_tiers"] = tuple(d["evict_tiers"])
-        d["sampler_details"] = tuple(tuple(p) for p in d["sampler_details"])
-        return SchedulerStatus(**d)
+        return self._native.scheduler_status()
 
     def force_check(self) -> CheckResult:
         """Runs one check now (``skipped(disabled)`` when disabled)."""
-        outcome, count, nbytes, contexts = self._native.scheduler_force_check()
-        return CheckResult(outcome=outcome, count=count, bytes=nbytes, contexts=contexts)  # type: ignore[arg-type]
+        return self._native.scheduler_force_check()
 
     def enable(self, on: bool = True) -> None:
         """Starts (or, with ``False``, stops) the periodic checks."""
@@ -602,13 +360,11 @@ class SchedulerView:
         Raises :class:`~erllama.errors.InvalidInputError` otherwise (nothing
         changes then).
         """
-        self._native.scheduler_set_thresholds(
-            float(high_watermark), float(low_watermark), min_evict_bytes
-        )
+        self._native.scheduler_set_thresholds(high_watermark, low_watermark, min_evict_bytes)
 
     def set_interval(self, interval_ms: int) -> None:
-        """Changes the check interval live (must be positive)."""
-        self._native.scheduler_set_interval(int(interval_ms))
+        """Changes the check interval live (1..86400000 ms)."""
+        self._native.scheduler_set_interval(interval_ms)
 
 
 class Engine:
@@ -633,9 +389,9 @@ class Engine:
             scheduler=self.scheduler_config.to_dict(),
             pressure_source=self.scheduler_config.pressure_source,
             ram_quota=c.ram_quota,
-            ram_file_dir=None if c.ram_file_dir is None else os.fspath(c.ram_file_dir),
+            ram_file_dir=c.ram_file_dir,
             ram_file_quota=c.ram_file_quota,
-            disk_dir=None if c.disk_dir is None else os.fspath(c.disk_dir),
+            disk_dir=c.disk_dir,
             disk_quota=c.disk_quota,
             writer_limit=c.writer_limit,
             policy=self.policy.to_dict(),
@@ -674,11 +430,9 @@ class Engine:
         :class:`~erllama.errors.AlreadyLoadedError`. ``tier`` is where this
         model's saves go; ``policy`` overrides the engine's.
         """
-        if n_gpu_layers < 0:
-            raise InvalidInputError(f"n_gpu_layers must be >= 0, got {n_gpu_layers}")
         mid = await self._native.load_model(
             backend,
-            path=os.fspath(path),
+            path=path,
             model_id=model_id,
             n_ctx=n_ctx,
             n_batch=n_batch,
@@ -700,25 +454,25 @@ class Engine:
 
     def models(self) -> list[str]:
         """Ids of the loaded models."""
-        return list(self._native.models())
+        return self._native.models()
 
     def inflight(self) -> list[tuple[int, str]]:
         """(request id, model id) of every live request."""
-        return list(self._native.inflight())
+        return self._native.inflight()
 
     async def cancel(self, request_id: int) -> bool:
         """Cancels a request (idempotent; unknown ids are fine).
 
-        Observed between tokens; the request ends with finish_reason
-        ``cancelled`` and its finish save still runs. Returns whether the id
-        was live.
+        Observed between tokens (and inside a long grammar step); the request
+        ends with finish_reason ``cancelled`` and its finish save still runs.
+        Returns whether the id was live.
         """
-        return bool(self._native.cancel(int(request_id)))
+        return self._native.cancel(request_id)
 
     async def unload(self, model_id: str) -> SaveSummary | None:
         """Unloads a model: its running request is cancelled, queued ones fail,
         its live context is saved (reason ``shutdown``)."""
-        summary = _summary(await self._native.unload(model_id))
+        summary = await self._native.unload(model_id)
         self._models.pop(model_id, None)
         return summary
 

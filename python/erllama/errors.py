@@ -21,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyLoadedError",
     "BackendError",
+    "BusyError",
     "CacheError",
     "ContextError",
     "ContextOverflowError",
@@ -28,6 +29,7 @@ __all__ = [
     "EmptyInputError",
     "ErllamaError",
     "GrammarError",
+    "InternalError",
     "InvalidInputError",
     "KvStateError",
     "ModelFetchError",
@@ -167,8 +169,23 @@ class BackendError(ErllamaError):
     """Raised when a backend failed while serving a request.
 
     For example a Python backend raised an unexpected exception inside
-    ``decode_one``. Only the request that hit it fails; the model keeps
+    ``decode_one``: that exception is this one's ``__cause__`` (an
+    :class:`ErllamaError` a Python backend raises on purpose comes back
+    unchanged instead). Only the request that hit it fails; the model keeps
     serving the next one.
+    """
+
+
+class BusyError(ErllamaError):
+    """Raised when a model's request queue is full: back pressure, not a
+    failure of the model. Try again later (the HTTP server answers 429)."""
+
+
+class InternalError(ErllamaError):
+    """Raised when erllama hit a bug (a Rust panic, caught at the boundary).
+
+    The message says where; please report it. The engine and the model go on
+    serving other calls.
     """
 
 

@@ -74,6 +74,8 @@ counters! {
     SavesShutdown => "saves_shutdown",
     /// Saves refused for back pressure.
     SavesDropped => "saves_dropped",
+    /// Saves that failed after their reservation (write, link or publish).
+    SavesFailed => "saves_failed",
     /// Saves dropped because the key was already present.
     DuplicateDropped => "duplicate_dropped",
     /// Rows evicted.
@@ -228,7 +230,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    const SPEC_NAMES: [&str; 21] = [
+    const SPEC_NAMES: [&str; 22] = [
         "hits_exact",
         "hits_resume",
         "hits_longest_prefix",
@@ -239,6 +241,7 @@ mod tests {
         "saves_evict",
         "saves_shutdown",
         "saves_dropped",
+        "saves_failed",
         "duplicate_dropped",
         "evictions",
         "corrupt_files",

@@ -6,19 +6,33 @@
 //!
 //! Decisions the spec leaves open:
 //!
+//! - A tier directory must prove it can hold the tier before anything is
+//!   scanned ([`prepare_dir`]): it is created (0700) or made private (group
+//!   and other bits cleared), and a probe file is created, written, synced
+//!   and removed in it. A path under `/proc` or `/sys`, a read-only
+//!   directory or a regular file fails here, with the step that failed,
+//!   instead of failing every save later.
+//! - A directory with the sticky bit (`/tmp`, `/dev/shm` themselves) is
+//!   refused rather than made private: a chmod there would lock every other
+//!   user of the machine out of it.
 //! - The startup scan deletes `*.tmp` and every `*.kvc` file that fails the
 //!   meta parse or whose name is not `<recomputed key hex>.kvc`. Files with
 //!   any other name (e.g. `notes.txt`) are left alone: the directory may be
 //!   shared with things the cache does not own.
-//! - Symbolic links are never followed and never deleted by the scan: a
-//!   symlink is skipped whatever its name (so is any subdirectory), because
-//!   following one could register or delete a file outside the tier.
+//! - Tier files are never reached through a symbolic link and never opened
+//!   unless they are regular files: every open uses `O_NOFOLLOW` and
+//!   checks the opened descriptor's type, so a link planted at `<key>.kvc`
+//!   cannot make the cache register, read or write a file outside the tier,
+//!   and a FIFO cannot hang it (`O_NONBLOCK`). The scan removes a `*.kvc` or
+//!   `*.tmp` entry that is a symlink or another non-regular file (the entry
+//!   itself: unlink does not follow links), logs it and reports it as
+//!   invalid; a subdirectory is left alone.
 //! - Hit counts are advisory: [`write_hit_count`] does not sync, and the
 //!   CRC covers only the payload, so a lost update never invalidates a file.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, FileType, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -52,6 +66,15 @@ pub enum FsioError {
         #[source]
         source: io::Error,
     },
+    /// The directory cannot hold a tier ([`ensure_dir`]).
+    #[error("directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: DirError,
+    },
 }
 
 impl FsioError {
@@ -63,13 +86,141 @@ impl FsioError {
         }
     }
 
-    /// The underlying I/O error.
+    /// The underlying I/O error, if an I/O call failed.
     #[must_use]
-    pub fn io_error(&self) -> &io::Error {
+    pub fn io_error(&self) -> Option<&io::Error> {
         match self {
-            FsioError::Io { source, .. } => source,
+            FsioError::Io { source, .. } => Some(source),
+            FsioError::Dir { source, .. } => source.io_error(),
         }
     }
+}
+
+/// Why a directory cannot hold a file tier ([`ensure_dir`],
+/// [`prepare_dir`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    /// The path exists and is not a directory (or a link to one).
+    #[error("not a directory")]
+    NotADirectory,
+    /// The directory has the sticky bit: a directory shared by every user
+    /// (`/tmp`, `/dev/shm`), which must not be made private.
+    #[error("shared sticky directory (mode {mode:04o}); use a private subdirectory of it")]
+    Shared {
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A step failed: `"stat"`, `"create"` or `"chmod"` of the directory;
+    /// `"create probe file"`, `"write probe file"`, `"fsync probe file"` or
+    /// `"remove probe file"`; `"probe file name"` for a bad writer name.
+    #[error("{op}: {source}")]
+    Io {
+        /// The step.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DirError {
+    fn io(op: &'static str) -> impl FnOnce(io::Error) -> Self {
+        move |source| DirError::Io { op, source }
+    }
+
+    /// The underlying I/O error, if a step failed.
+    #[must_use]
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            DirError::Io { source, .. } => Some(source),
+            DirError::NotADirectory | DirError::Shared { .. } => None,
+        }
+    }
+}
+
+/// A tier path that is a symbolic link or another non-regular file (FIFO,
+/// socket, device, directory): never opened as a tier file. Carried inside
+/// the [`io::Error`] of [`read_file`], [`read_header`] and
+/// [`write_hit_count`]; [`not_regular`] finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a regular file ({kind})")]
+pub struct NotRegularFile {
+    /// What it is instead: `"symbolic link"`, `"FIFO"`, ….
+    pub kind: &'static str,
+}
+
+impl From<NotRegularFile> for io::Error {
+    fn from(e: NotRegularFile) -> Self {
+        io::Error::new(io::ErrorKind::InvalidInput, e)
+    }
+}
+
+/// The [`NotRegularFile`] inside `e`, if `e` says the path was a symlink or
+/// another non-regular file.
+#[must_use]
+pub fn not_regular(e: &io::Error) -> Option<NotRegularFile> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<NotRegularFile>())
+        .copied()
+}
+
+/// What a non-regular directory entry is, for messages.
+fn file_kind(t: FileType) -> &'static str {
+    if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() {
+        "block device"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_file() {
+        "regular file"
+    } else {
+        "special file"
+    }
+}
+
+/// Opens an existing tier file for reading (or, with `write`, for writing)
+/// only if it is a regular file reached without a symbolic link:
+/// `O_NOFOLLOW` refuses a link in the last component (a link in the
+/// directory path itself is the configuration's choice), `O_NONBLOCK`
+/// keeps a FIFO from blocking the open (it changes nothing for regular
+/// files), and `fstat` on the opened descriptor decides, so the check and
+/// the use are the same inode.
+pub(crate) fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    let opened = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) => {
+            // A symlink gives ELOOP on Linux (other errnos elsewhere), a
+            // FIFO without a reader ENXIO on a write open: name what is
+            // there instead of the errno.
+            return match fs::symlink_metadata(path) {
+                Ok(m) if !m.file_type().is_file() => Err(NotRegularFile {
+                    kind: file_kind(m.file_type()),
+                }
+                .into()),
+                _ => Err(e),
+            };
+        }
+    };
+    let file_type = file.metadata()?.file_type();
+    if !file_type.is_file() {
+        return Err(NotRegularFile {
+            kind: file_kind(file_type),
+        }
+        .into());
+    }
+    Ok(file)
 }
 
 /// The final path of `key`'s file in a tier directory:
@@ -79,14 +230,121 @@ pub fn final_path(dir: &Path, key: &CacheKey) -> PathBuf {
     dir.join(format!("{key}{KVC_EXT}"))
 }
 
-/// Creates `dir` (and missing parents) with mode 0o700 when it is missing.
-/// An existing directory's mode is left as it is.
+/// Makes `dir` a private tier directory: creates it (and missing parents)
+/// with mode 0o700 when it is missing, and takes every group and other
+/// permission (and the set-id bits) away from an existing one, so a
+/// 0o777 directory becomes 0o700: a tier directory others can read or
+/// write would let them read cached state or plant files. The owner's own
+/// bits are kept: an owner who made the directory read-only (0o500) gets
+/// a directory [`prepare_dir`] refuses, not one silently made writable
+/// again. A symbolic link to a directory is followed: where the directory
+/// lives is the configuration's choice.
 ///
 /// # Errors
 ///
-/// Any error of the directory creation.
-pub fn ensure_dir(dir: &Path) -> io::Result<()> {
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+/// [`DirError::NotADirectory`] when the path is something else,
+/// [`DirError::Shared`] for a sticky directory such as `/tmp` (never
+/// chmodded), [`DirError::Io`] when a stat, the creation or the chmod fails.
+pub fn ensure_dir(dir: &Path) -> Result<(), DirError> {
+    let meta = match fs::metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(DirError::io("create"))?;
+            fs::metadata(dir).map_err(DirError::io("stat"))?
+        }
+        Err(e) => return Err(DirError::io("stat")(e)),
+    };
+    if !meta.is_dir() {
+        return Err(DirError::NotADirectory);
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o1000 != 0 {
+        return Err(DirError::Shared { mode });
+    }
+    let private = mode & 0o700;
+    if private != mode {
+        fs::set_permissions(dir, fs::Permissions::from_mode(private))
+            .map_err(DirError::io("chmod"))?;
+    }
+    Ok(())
+}
+
+/// Contents of the probe file: a few bytes are enough to need a free block.
+const PROBE_BYTES: &[u8] = b"erllama tier probe\n";
+
+/// Proves that a file tier can work in `dir` ([`ensure_dir`] first): a
+/// probe file `probe.<writer>.<unique>.tmp` is created exclusively (0o600),
+/// written, synced and removed, the same calls a save makes. A probe left
+/// by a crash is a `*.tmp` file, deleted by the next scan.
+///
+/// # Errors
+///
+/// [`DirError`] from [`ensure_dir`], or [`DirError::Io`] naming the probe
+/// step that failed (`"create probe file"`, …); a probe file that was
+/// created is removed on every error. [`io::ErrorKind::InvalidInput`]
+/// (as [`DirError::Io`]) for a writer name with `/` or NUL.
+pub fn prepare_dir(dir: &Path, writer: &str) -> Result<(), DirError> {
+    ensure_dir(dir)?;
+    check_writer(writer).map_err(DirError::io("probe file name"))?;
+    let probe = dir.join(format!("probe.{writer}.{}{TMP_EXT}", unique_suffix()));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)
+        .map_err(DirError::io("create probe file"))?;
+    let mut guard = RemoveOnDrop(Some(probe));
+    file.write_all(PROBE_BYTES)
+        .map_err(DirError::io("write probe file"))?;
+    file.sync_all().map_err(DirError::io("fsync probe file"))?;
+    drop(file);
+    let probe = guard.0.take().expect("set above");
+    match fs::remove_file(&probe) {
+        // Another process's startup scan deletes `*.tmp` files: it removed
+        // the probe first, which proves the same.
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DirError::io("remove probe file")(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a file on drop unless taken: partial temp and probe files never
+/// outlive an error or an unwinding probe.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+fn check_writer(writer: &str) -> io::Result<()> {
+    if writer.is_empty() || writer.contains(['/', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad writer name {writer:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `<pid>-<process-wide counter>-<nanoseconds>`: unique among the temp
+/// names of every process sharing a directory.
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Writes `header` then `payload` to a fresh temp file next to `key`'s
@@ -123,22 +381,13 @@ pub fn write_temp_probed(
     payload: &[u8],
     between: &dyn Fn(),
 ) -> io::Result<PathBuf> {
-    if writer.is_empty() || writer.contains(['/', '\0']) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad writer name {writer:?}"),
-        ));
-    }
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let unique = format!(
-        "{}-{}-{nanos}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let temp = dir.join(format!("{key}{KVC_EXT}.{writer}.{unique}{TMP_EXT}"));
+    check_writer(writer)?;
+    let temp = dir.join(format!(
+        "{key}{KVC_EXT}.{writer}.{}{TMP_EXT}",
+        unique_suffix()
+    ));
+    // create_new (O_EXCL) never follows a symlink: a link planted under the
+    // temp name makes the create fail instead of writing through it.
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -146,14 +395,6 @@ pub fn write_temp_probed(
         .open(&temp)?;
     // Removes the partial temp file on an error and on unwinding out of
     // `between`.
-    struct RemoveOnDrop(Option<PathBuf>);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            if let Some(path) = self.0.take() {
-                let _ = fs::remove_file(path);
-            }
-        }
-    }
     let mut guard = RemoveOnDrop(Some(temp));
     file.write_all(header)?;
     between();
@@ -187,10 +428,12 @@ fn sync_dir_of(path: &Path) -> Result<(), FsioError> {
 
 /// docs/tiers.md, publish step 4: hard-links `temp` to `final_path` (atomic
 /// create-if-absent), then removes `temp` and syncs the directory. When
-/// `final_path` exists it is never ignored: it is read and fully parsed
-/// against `expected`; a valid file is adopted (temp removed), an invalid
-/// or unreadable one is replaced once by renaming `temp` over it (atomic)
-/// and syncing the directory.
+/// `final_path` exists it is never ignored: it is read (never through a
+/// symlink) and fully parsed against `expected`; a valid regular file is
+/// adopted (temp removed), anything else (invalid, unreadable, a symlink,
+/// a FIFO) is replaced once by renaming `temp` over the entry (atomic; the
+/// rename replaces a link itself, not its target) and syncing the
+/// directory.
 ///
 /// # Errors
 ///
@@ -210,9 +453,19 @@ pub fn link_into_place(
             Ok(LinkOutcome::Linked)
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let valid = fs::read(final_path)
-                .ok()
-                .is_some_and(|bytes| parse_full(&bytes, expected).is_ok());
+            let valid = match read_file(final_path) {
+                Ok(bytes) => parse_full(&bytes, expected).is_ok(),
+                Err(e) => {
+                    if let Some(nr) = not_regular(&e) {
+                        tracing::warn!(
+                            path = %final_path.display(),
+                            kind = nr.kind,
+                            "not a regular file at a tier file's name: replaced, not adopted"
+                        );
+                    }
+                    false
+                }
+            };
             if valid {
                 fs::remove_file(temp).map_err(|e| FsioError::io("remove_temp", temp, e))?;
                 return Ok(LinkOutcome::AdoptedExisting);
@@ -248,13 +501,15 @@ pub struct ScanReport {
 
 /// Reads just the header of a KVC file and meta-parses it with the file's
 /// length (no CRC, no key check: see [`parse_full`] for those). Used by
-/// the startup scan and by inspection tools.
+/// the startup scan and by inspection tools. Only a regular file is
+/// opened, never through a symlink.
 ///
 /// # Errors
 ///
-/// A message naming the I/O or framing error.
+/// A message naming the I/O or framing error (`open: not a regular file
+/// (symbolic link)` for a link).
 pub fn read_header(path: &Path) -> Result<(KvcMeta, u64), String> {
-    let mut file = File::open(path).map_err(|e| format!("open: {e}"))?;
+    let mut file = open_regular(path, false).map_err(|e| format!("open: {e}"))?;
     let len = file.metadata().map_err(|e| format!("metadata: {e}"))?.len();
     let fixed_len = usize::try_from(len.min(HEADER_FIXED_LEN as u64)).unwrap_or(0);
     let mut header = vec![0u8; fixed_len];
@@ -277,34 +532,62 @@ fn remove_quiet(path: &Path) -> Result<(), FsioError> {
     }
 }
 
-/// docs/tiers.md start of a file tier: creates `dir` if missing, deletes
-/// `*.tmp`, registers every `*.kvc` file that passes the meta parse and is
-/// named after the key recomputed from its contents, and deletes every
-/// other `*.kvc` file (listing it with its error). Non-`.kvc` files,
-/// symlinks and subdirectories are left alone (see the module docs).
+/// docs/tiers.md start of a file tier: makes `dir` a private directory
+/// ([`ensure_dir`]), deletes `*.tmp`, registers every `*.kvc` regular file
+/// that passes the meta parse and is named after the key recomputed from
+/// its contents, and deletes every other `*.kvc` file (listing it with its
+/// error). A `*.kvc` or `*.tmp` entry that is a symlink or another
+/// non-regular file is never opened: the entry itself is removed, logged at
+/// WARN and listed as invalid. Other names and subdirectories are left
+/// alone (see the module docs).
 ///
 /// # Errors
 ///
-/// [`FsioError::Io`] when the directory cannot be created or listed, or a
-/// file to delete cannot be removed.
+/// [`FsioError::Dir`] when the directory cannot be created or made
+/// private; [`FsioError::Io`] when it cannot be listed or an entry to
+/// delete cannot be removed.
 pub fn scan_dir(dir: &Path) -> Result<ScanReport, FsioError> {
-    ensure_dir(dir).map_err(|e| FsioError::io("create_dir", dir, e))?;
+    ensure_dir(dir).map_err(|source| FsioError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut report = ScanReport::default();
     let entries = fs::read_dir(dir).map_err(|e| FsioError::io("read_dir", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| FsioError::io("read_dir", dir, e))?;
         let path = entry.path();
-        // DirEntry::file_type does not follow symlinks.
-        let file_type = entry
-            .file_type()
-            .map_err(|e| FsioError::io("file_type", &path, e))?;
-        if !file_type.is_file() {
-            continue;
-        }
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
             continue; // Not UTF-8: not a name this crate writes.
         };
+        if !name.ends_with(TMP_EXT) && !name.ends_with(KVC_EXT) {
+            continue;
+        }
+        // DirEntry::file_type does not follow symlinks (and, from the
+        // directory listing, opens nothing: a FIFO cannot block the scan).
+        let file_type = entry
+            .file_type()
+            .map_err(|e| FsioError::io("file_type", &path, e))?;
+        if file_type.is_dir() {
+            tracing::warn!(
+                path = %path.display(),
+                "subdirectory with a tier file's name left alone"
+            );
+            continue;
+        }
+        if !file_type.is_file() {
+            let kind = file_kind(file_type);
+            tracing::warn!(
+                path = %path.display(),
+                kind,
+                "not a regular file in a tier directory: removed, not adopted"
+            );
+            remove_quiet(&path)?;
+            report
+                .removed_invalid
+                .push((path, format!("not a regular file ({kind})")));
+            continue;
+        }
         if name.ends_with(TMP_EXT) {
             remove_quiet(&path)?;
             report.removed_tmp += 1;
@@ -333,24 +616,31 @@ pub fn scan_dir(dir: &Path) -> Result<ScanReport, FsioError> {
     Ok(report)
 }
 
-/// Reads a whole file.
+/// Reads a whole tier file: a regular file, never through a symlink.
 ///
 /// # Errors
 ///
-/// Any error of the read.
+/// Any error of the open or read; a symlink or other non-regular file is
+/// an error carrying [`NotRegularFile`] (see [`not_regular`]).
 pub fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    fs::read(path)
+    let mut file = open_regular(path, false)?;
+    let len = file.metadata()?.len();
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Overwrites the hit count (4 bytes little-endian at offset 12) of an
 /// existing KVC file in place. Not synced: hit counts are advisory and
-/// outside the CRC, so a lost update is harmless.
+/// outside the CRC, so a lost update is harmless. Never written through a
+/// symlink, nor into anything but a regular file.
 ///
 /// # Errors
 ///
-/// Any error of opening or writing the file.
+/// Any error of opening or writing the file; a symlink or other
+/// non-regular file is an error carrying [`NotRegularFile`].
 pub fn write_hit_count(path: &Path, hits: u32) -> io::Result<()> {
-    let file = OpenOptions::new().write(true).open(path)?;
+    let file = open_regular(path, true)?;
     file.write_all_at(&encode_hit_count(hits), HIT_COUNT_OFFSET as u64)
 }
 
@@ -502,11 +792,15 @@ mod tests {
         fs::write(dir.join(format!("{good_key}.kvc.w.1-2-3.tmp")), b"partial").expect("w");
         fs::write(dir.join("x.tmp"), b"").expect("w");
         fs::write(dir.join("notes.txt"), b"keep me").expect("w");
-        std::os::unix::fs::symlink(
-            final_path(&dir, &good_key),
-            dir.join(format!("{}.kvc", key_of(&[9]))),
-        )
-        .expect("symlink");
+        // A link to a valid file, under its key's name: removed, not
+        // followed. Links and subdirectories with other names stay.
+        let (linked_key, linked) = whole(&[9], b"outside");
+        let outside = root.path().join("outside.kvc");
+        fs::write(&outside, &linked).expect("w");
+        std::os::unix::fs::symlink(&outside, final_path(&dir, &linked_key)).expect("symlink");
+        std::os::unix::fs::symlink(&outside, dir.join("y.tmp")).expect("symlink");
+        std::os::unix::fs::symlink(dir.join("notes.txt"), dir.join("notes.link")).expect("symlink");
+        fs::create_dir(dir.join("sub.kvc")).expect("subdir");
 
         let report = scan_dir(&dir).expect("scan");
         assert_eq!(report.removed_tmp, 2);
@@ -518,23 +812,150 @@ mod tests {
         assert_eq!(*len, good.len() as u64);
         assert_eq!(
             report.removed_invalid.len(),
-            5,
+            7,
             "{:?}",
             report.removed_invalid
         );
         for (p, why) in &report.removed_invalid {
-            assert!(!p.exists(), "{} still there", p.display());
+            assert!(
+                fs::symlink_metadata(p).is_err(),
+                "{} still there",
+                p.display()
+            );
             assert!(!why.is_empty());
         }
+        let links = report
+            .removed_invalid
+            .iter()
+            .filter(|(_, why)| why == "not a regular file (symbolic link)")
+            .count();
+        assert_eq!(links, 2);
         assert_eq!(fs::read(dir.join("notes.txt")).expect("notes"), b"keep me");
-        // The symlink is skipped, not followed or deleted.
-        assert!(fs::symlink_metadata(dir.join(format!("{}.kvc", key_of(&[9])))).is_ok());
+        // The link's target is untouched.
+        assert_eq!(fs::read(&outside).expect("outside"), linked);
         let mut names: Vec<String> = fs::read_dir(&dir)
             .expect("ls")
             .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names.len(), 3, "{names:?}");
+        let good_name = format!("{good_key}.kvc");
+        assert_eq!(
+            names,
+            [good_name.as_str(), "notes.link", "notes.txt", "sub.kvc"],
+        );
+    }
+
+    #[test]
+    fn ensure_dir_makes_existing_directories_private() {
+        let root = tempfile::tempdir().expect("tmp");
+        for (before, after) in [
+            (0o777, 0o700),
+            (0o2750, 0o700),
+            (0o755, 0o700),
+            (0o500, 0o500),
+        ] {
+            let dir = root.path().join(format!("d{before:o}"));
+            fs::create_dir(&dir).expect("mkdir");
+            fs::set_permissions(&dir, fs::Permissions::from_mode(before)).expect("chmod");
+            ensure_dir(&dir).expect("ensure");
+            assert_eq!(mode(&dir), after, "{before:o}");
+        }
+        // A shared sticky directory (like /tmp) is refused, not chmodded.
+        let shared = root.path().join("shared");
+        fs::create_dir(&shared).expect("mkdir");
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let err = ensure_dir(&shared).expect_err("sticky");
+        assert!(matches!(err, DirError::Shared { mode: 0o1777 }), "{err}");
+        let m = fs::metadata(&shared).expect("meta").permissions().mode() & 0o7777;
+        assert_eq!(m, 0o1777);
+        // A file in place of the directory.
+        let file = root.path().join("file");
+        fs::write(&file, b"x").expect("w");
+        assert!(matches!(ensure_dir(&file), Err(DirError::NotADirectory)));
+        assert!(matches!(
+            prepare_dir(&file, "w"),
+            Err(DirError::NotADirectory)
+        ));
+        // Below a file: the stat fails (ENOTDIR).
+        let err = ensure_dir(&file.join("sub")).expect_err("below a file");
+        assert!(matches!(err, DirError::Io { op: "stat", .. }), "{err}");
+    }
+
+    #[test]
+    fn prepare_dir_probes_and_leaves_nothing() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("a/b");
+        prepare_dir(&dir, "w1").expect("prepare");
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(fs::read_dir(&dir).expect("ls").count(), 0);
+        let err = prepare_dir(&dir, "a/b").expect_err("bad writer");
+        assert!(matches!(
+            err,
+            DirError::Io {
+                op: "probe file name",
+                ..
+            }
+        ));
+        // Nothing the kernel lets anyone create files in.
+        for bad in [
+            "/proc/erllama-no-such-dir/tier",
+            "/sys/erllama-no-such-dir/tier",
+        ] {
+            let err = prepare_dir(Path::new(bad), "w1").expect_err(bad);
+            assert!(matches!(err, DirError::Io { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tier_files_are_never_opened_through_links_or_as_fifos() {
+        let root = tempfile::tempdir().expect("tmp");
+        let (key, bytes) = whole(&[1, 2, 3], b"payload!");
+        let outside = root.path().join("outside.kvc");
+        fs::write(&outside, &bytes).expect("w");
+        let link = final_path(root.path(), &key);
+        std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+        let kind = |e: io::Error| not_regular(&e).map(|n| n.kind);
+        assert_eq!(
+            kind(write_hit_count(&link, 7).expect_err("link")),
+            Some("symbolic link")
+        );
+        assert_eq!(
+            kind(read_file(&link).expect_err("link")),
+            Some("symbolic link")
+        );
+        assert!(read_header(&link)
+            .expect_err("link")
+            .contains("symbolic link"));
+        assert_eq!(fs::read(&outside).expect("outside"), bytes);
+
+        let fifo = root.path().join("fifo.kvc");
+        mkfifo(&fifo);
+        // O_NONBLOCK: neither open blocks waiting for the other end.
+        assert_eq!(kind(read_file(&fifo).expect_err("fifo")), Some("FIFO"));
+        assert_eq!(
+            kind(write_hit_count(&fifo, 7).expect_err("fifo")),
+            Some("FIFO")
+        );
+        // A link at the final name is replaced (the link itself), never
+        // adopted or written through.
+        let (_, header) = parts(&[1, 2, 3], b"payload!");
+        let temp = write_temp(root.path(), &key, "w", &header, b"payload!").expect("temp");
+        assert_eq!(
+            link_into_place(&temp, &link, &key).expect("link"),
+            LinkOutcome::ReplacedInvalid
+        );
+        assert!(fs::symlink_metadata(&link).expect("meta").is_file());
+        assert_eq!(fs::read(&outside).expect("outside"), bytes);
+    }
+
+    /// Makes a FIFO at `path`.
+    pub(crate) fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the
+        // call; mkfifo only reads it.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", io::Error::last_os_error());
     }
 
     #[test]

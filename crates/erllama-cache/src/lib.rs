@@ -23,10 +23,12 @@
 //!   (startup scans read only the header) and [`parse_full`] adds the
 //!   CRC32C and key checks (loads).
 //! - **fsio** (docs/tiers.md, publish steps 2 and 4): tier file primitives —
+//!   [`prepare_dir`] (private directory, proven writable by a probe file),
 //!   [`write_temp`] (exclusive, private, synced), [`link_into_place`]
 //!   (create-if-absent, adopt a valid existing file or replace an invalid
 //!   one), the startup [`scan_dir`], [`read_file`] and the advisory
-//!   [`write_hit_count`].
+//!   [`write_hit_count`]; tier files are never opened through a symlink
+//!   or unless they are regular files.
 //! - **policy** (docs/policy.md): [`PolicyConfig`] with the defaults and
 //!   its validation, and the pure save rules ([`cold_save_split`],
 //!   [`should_continued_save`], [`should_finish_save`]) plus the
@@ -74,8 +76,9 @@ pub use bench::{
 };
 pub use counters::{Counter, Counters, TimerGuard};
 pub use fsio::{
-    ensure_dir, final_path, link_into_place, read_file, read_header, scan_dir, write_hit_count,
-    write_temp, write_temp_probed, FsioError, LinkOutcome, ScanReport, ScannedFile,
+    ensure_dir, final_path, link_into_place, not_regular, prepare_dir, read_file, read_header,
+    scan_dir, write_hit_count, write_temp, write_temp_probed, DirError, FsioError, LinkOutcome,
+    NotRegularFile, ScanReport, ScannedFile,
 };
 pub use gguf::GgufError;
 pub use key::{

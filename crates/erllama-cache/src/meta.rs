@@ -29,6 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::counters::{Counter, Counters};
+use crate::fsio::DirError;
 use crate::key::{CacheKey, KeyHasher};
 use crate::kvc::SaveReason;
 use crate::policy::{longest_prefix_probes, PolicyConfig};
@@ -44,7 +45,9 @@ pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(60);
 /// A file tier's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileTierConfig {
-    /// The directory (created private to the user when missing).
+    /// The directory: created (0700) when missing, made private to the
+    /// user (group and other permissions removed) at open, when the cache
+    /// also proves it can write there.
     pub dir: PathBuf,
     /// Byte quota of the tier.
     pub quota: u64,
@@ -104,7 +107,23 @@ pub enum OpenError {
     /// A setting is invalid.
     #[error("invalid cache config: {0}")]
     InvalidConfig(String),
-    /// A file tier could not be started.
+    /// A file tier's directory cannot hold the tier: it is not a
+    /// directory, cannot be created, is a shared sticky directory (`/tmp`),
+    /// cannot be made private (chmod), or a probe file cannot be created,
+    /// written, synced and removed in it (a read-only directory, a path
+    /// under `/proc` or `/sys`, a full disk).
+    #[error("tier {tier}: directory {} cannot hold the tier: {reason}", dir.display())]
+    UnusableDir {
+        /// Which tier.
+        tier: TierKind,
+        /// The configured directory.
+        dir: PathBuf,
+        /// What failed.
+        #[source]
+        reason: DirError,
+    },
+    /// A file tier could not be started (its directory could not be
+    /// listed, or a file in it could not be removed).
     #[error("starting tier {tier}: {source}")]
     Tier {
         /// Which tier.
@@ -449,8 +468,9 @@ impl Cache {
     /// # Errors
     ///
     /// [`OpenError::InvalidConfig`] for a zero writer limit or TTL, or a
-    /// writer name with `/`; [`OpenError::Tier`] when a directory cannot be
-    /// created, listed or cleaned.
+    /// writer name with `/`; [`OpenError::UnusableDir`] when a file tier's
+    /// directory cannot be created, made private or written (probe file);
+    /// [`OpenError::Tier`] when it cannot be listed or cleaned.
     pub fn open(config: CacheConfig) -> Result<Self, OpenError> {
         Self::open_with_counters(config, Arc::new(Counters::new()))
     }
@@ -519,9 +539,14 @@ impl Cache {
         let mut found: Vec<(TierKind, Recovered)> = Vec::new();
         for tier in TierKind::ALL {
             let Some(t) = self.tier(tier) else { continue };
-            let (rows, removed) = t
-                .recover()
-                .map_err(|source| OpenError::Tier { tier, source })?;
+            let (rows, removed) = t.recover().map_err(|source| match source {
+                TierError::Dir { dir, source } => OpenError::UnusableDir {
+                    tier,
+                    dir,
+                    reason: source,
+                },
+                source => OpenError::Tier { tier, source },
+            })?;
             self.inner
                 .counters
                 .add(Counter::CorruptFiles, removed as u64);

@@ -409,18 +409,30 @@ impl PendingSave {
     ///
     /// [`SaveError::Tier`] when writing or linking fails (nothing is left
     /// behind), [`SaveError::Expired`] when the reservation lapsed,
-    /// [`SaveError::Build`] when the header cannot be built.
+    /// [`SaveError::Build`] when the header cannot be built. Each is
+    /// counted in `saves_failed`.
     pub fn run(self) -> Result<SaveOutcome, SaveError> {
         self.run_with_probe(&|_| {})
     }
 
     /// [`PendingSave::run`], calling `probe` at each [`SaveStage`] (crash
-    /// tests stop a writer process there).
+    /// tests stop a writer process there). Every error is counted in
+    /// `saves_failed`: the save held a reservation and did not publish.
     ///
     /// # Errors
     ///
     /// As [`PendingSave::run`].
     pub fn run_with_probe(mut self, probe: &dyn Fn(SaveStage)) -> Result<SaveOutcome, SaveError> {
+        let result = self.write_and_publish(probe);
+        if result.is_err() {
+            self.cache.counters().incr(Counter::SavesFailed);
+        }
+        // Dropped here: after an error before the link the reservation is
+        // cancelled (placeholder row dropped, waiters woken).
+        result
+    }
+
+    fn write_and_publish(&mut self, probe: &dyn Fn(SaveStage)) -> Result<SaveOutcome, SaveError> {
         let request = self
             .request
             .take()
@@ -519,7 +531,9 @@ impl Drop for PendingSave {
         if self.linked.is_some() {
             let cache = self.cache.clone();
             if let Some(tier) = cache.tier(self.request_tier) {
-                let _ = self.publish(tier);
+                if self.publish(tier).is_err() {
+                    cache.counters().incr(Counter::SavesFailed);
+                }
             }
         } else {
             self.cache.cancel(&self.key, self.token);

@@ -533,7 +533,13 @@ fn bad_config_is_refused() {
     std::fs::write(&file, b"x").expect("write");
     let mut cfg = config(root.path(), 1, 1, 1);
     cfg.disk.as_mut().expect("disk").dir = file;
-    assert!(matches!(Cache::open(cfg), Err(OpenError::Tier { .. })));
+    assert!(matches!(
+        Cache::open(cfg),
+        Err(OpenError::UnusableDir {
+            tier: TierKind::Disk,
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -8,12 +8,49 @@
 
 use erllama_cache::{CtxParams, FingerprintMode, QuantType};
 
-/// Errors a backend reports; the engine maps them to one exception each.
+/// An error raised by a backend written in another language (a Python
+/// backend's exception), carried unchanged through the engine so the host
+/// can give it back to its caller as it was.
+#[derive(Clone)]
+pub struct ForeignError {
+    /// A description for logs and for hosts that cannot use the payload.
+    pub message: String,
+    /// The host's own error object (a Python backend puts its `PyErr` here).
+    pub payload: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for ForeignError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ForeignError").field(&self.message).finish()
+    }
+}
+
+impl std::fmt::Display for ForeignError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Errors a backend reports; each maps to one engine error and one
+/// exception.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// The caller's input is invalid (empty prompt, bad token id, ...).
+    /// The caller's input is invalid (bad parameter, no logits, ...).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// Something needs at least one token and got none.
+    #[error("{0} needs at least one token")]
+    EmptyInput(String),
+    /// A token id outside the vocabulary.
+    #[error("token id {token} at index {index} is out of range (vocabulary size {n_vocab})")]
+    TokenOutOfRange {
+        /// The id.
+        token: i64,
+        /// Its position in the input.
+        index: usize,
+        /// The vocabulary size.
+        n_vocab: u32,
+    },
     /// The tokens would not fit in the context window.
     #[error("context overflow: {have} + {adding} tokens exceed n_ctx = {n_ctx}")]
     ContextOverflow {
@@ -30,9 +67,24 @@ pub enum BackendError {
     /// The backend does not implement this capability.
     #[error("{0} is not supported by this backend")]
     NotSupported(&'static str),
-    /// A sampling grammar did not parse.
+    /// The model has no chat template.
+    #[error("the model has no chat template")]
+    NoTemplate,
+    /// A sampling grammar did not parse, or a grammar step failed.
     #[error("invalid grammar: {0}")]
     Grammar(String),
+    /// The backend could not create a context (memory, parameters).
+    #[error("cannot create a context: {0}")]
+    ContextCreate(String),
+    /// Computing a batch failed.
+    #[error("decode failed: {0}")]
+    Decode(String),
+    /// The request was cancelled while the backend was inside a step.
+    #[error("cancelled")]
+    Cancelled,
+    /// An error of a foreign backend, to be handed back unchanged.
+    #[error("{0}")]
+    Foreign(ForeignError),
     /// Anything else the backend reports.
     #[error("{0}")]
     Other(String),
@@ -281,6 +333,12 @@ pub trait BackendContext {
     }
     /// The tokens in the sequence.
     fn tokens(&self) -> &[u32];
+    /// The running request's cancel flag (`None` between requests); a
+    /// backend whose steps can be long (grammar sampling) checks it inside
+    /// them and fails the step with [`BackendError::Cancelled`].
+    fn set_interrupt(&mut self, flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        let _ = flag;
+    }
     /// Whether this context's state can be cached. A model that is not
     /// cacheable is looked up and saved never; the default is a plain KV
     /// cache.
@@ -319,7 +377,11 @@ pub trait BackendContext {
     /// last restore, [`BackendError::ContextOverflow`] when full.
     fn decode_one(&mut self) -> Result<u32, BackendError>;
     /// Whether `token` ends generation.
-    fn is_eog(&self, token: u32) -> bool;
+    ///
+    /// # Errors
+    ///
+    /// A backend whose check can fail (a Python backend) reports it.
+    fn is_eog(&self, token: u32) -> Result<bool, BackendError>;
     /// Packs the sequence's KV state.
     ///
     /// # Errors

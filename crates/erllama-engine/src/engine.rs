@@ -71,6 +71,23 @@ struct ModelEntry {
     /// Loaded adapters; the async lock serialises changes end to end
     /// (load, actor round trip, bookkeeping).
     adapters: tokio::sync::Mutex<Vec<Adapter>>,
+    /// Prompt preparations (tokenize, check, hand to the actor), run one
+    /// after the other on the blocking pool by a task of this model, so
+    /// requests reach the actor in the order they were submitted.
+    prepare: mpsc::UnboundedSender<PrepareJob>,
+}
+
+/// One request's preparation.
+type PrepareJob = Box<dyn FnOnce() + Send>;
+
+/// Runs a model's preparations in submission order, each on the blocking
+/// pool (tokenizing a long prompt is CPU work).
+async fn run_preparations(mut jobs: mpsc::UnboundedReceiver<PrepareJob>) {
+    while let Some(job) = jobs.recv().await {
+        // A job that panics fails only its own request (its stream sees
+        // the channel close).
+        let _ = tokio::task::spawn_blocking(job).await;
+    }
 }
 
 struct Adapter {
@@ -210,6 +227,43 @@ impl Drop for RequestStream {
     }
 }
 
+/// Tokenizes and checks a prompt for a model (the CPU part of a submit).
+fn prepare_tokens(
+    entry: &ModelEntry,
+    prompt: &Prompt,
+    options: &RequestOptions,
+) -> Result<Vec<u32>, EngineError> {
+    let tokens = match prompt {
+        Prompt::Text(t) => {
+            if t.is_empty() {
+                return Err(EngineError::EmptyPrompt);
+            }
+            entry.backend.tokenize(t, true)?
+        }
+        Prompt::Tokens(t) => t.clone(),
+    };
+    if tokens.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    let n_vocab = entry.backend.n_vocab();
+    if let Some(index) = tokens.iter().position(|&t| t >= n_vocab) {
+        return Err(EngineError::TokenOutOfRange {
+            token: i64::from(tokens[index]),
+            index,
+            n_vocab,
+        });
+    }
+    let n_ctx = entry.config.context.n_ctx;
+    if tokens.len().saturating_add(options.max_tokens) > n_ctx {
+        return Err(EngineError::ContextOverflow {
+            prompt: tokens.len(),
+            max_tokens: options.max_tokens,
+            n_ctx,
+        });
+    }
+    Ok(tokens)
+}
+
 impl Engine {
     /// An engine over `cache` with the global save `policy`.
     ///
@@ -289,6 +343,8 @@ impl Engine {
             context_size: u32::try_from(config.context.n_ctx).unwrap_or(u32::MAX),
         });
         let (tx, rx) = mpsc::channel(MAILBOX);
+        let (prepare, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(run_preparations(jobs));
         let shared = Arc::new(Shared {
             status: AtomicU8::new(ModelStatus::Prefilling as u8),
             live_tokens: std::sync::atomic::AtomicUsize::new(0),
@@ -322,6 +378,7 @@ impl Engine {
                     config: config.clone(),
                     identity: Arc::clone(&identity),
                     adapters: tokio::sync::Mutex::new(Vec::new()),
+                    prepare,
                 }),
             );
             id
@@ -389,65 +446,33 @@ impl Engine {
     ) -> Result<Vec<u32>, EngineError> {
         let entry = self.entry(model)?;
         options.sampling.validate()?;
-        let tokens = match prompt {
-            Prompt::Text(t) => {
-                if t.is_empty() {
-                    return Err(EngineError::EmptyPrompt);
-                }
-                entry.backend.tokenize(t, true)?
-            }
-            Prompt::Tokens(t) => t.clone(),
-        };
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let n_vocab = entry.backend.n_vocab();
-        if let Some(index) = tokens.iter().position(|&t| t >= n_vocab) {
-            return Err(EngineError::TokenOutOfRange {
-                token: i64::from(tokens[index]),
-                index,
-                n_vocab,
-            });
-        }
-        let n_ctx = entry.config.context.n_ctx;
-        if tokens.len().saturating_add(options.max_tokens) > n_ctx {
-            return Err(EngineError::ContextOverflow {
-                prompt: tokens.len(),
-                max_tokens: options.max_tokens,
-                n_ctx,
-            });
-        }
-        Ok(tokens)
+        prepare_tokens(&entry, prompt, options)
     }
 
-    /// Queues a prepared request on `model`; its events arrive on the
-    /// returned stream.
+    /// Submits a request to `model` and returns its stream at once, with
+    /// its id (cancellable from now on).
+    ///
+    /// The options are checked here (an error is returned at once); the
+    /// prompt is tokenized and checked (empty, ids in the vocabulary, room
+    /// in the context) on the blocking pool by the model's preparation task,
+    /// one request after the other so they reach the model in submission
+    /// order, and a prompt that fails ends the stream with that error. A
+    /// full model queue ends it with [`EngineError::Busy`].
     ///
     /// # Errors
     ///
-    /// [`EngineError::NotFound`]; `ModelGone` when the model task stopped.
+    /// [`EngineError::NotFound`]; [`EngineError::InvalidInput`] for bad
+    /// sampling values.
     pub fn submit(
         &self,
         model: &str,
-        tokens: Vec<u32>,
-        prompt_text: String,
+        prompt: Prompt,
         options: RequestOptions,
     ) -> Result<RequestStream, EngineError> {
-        let id = self.reserve_request(model)?;
-        self.submit_reserved(id, model, tokens, prompt_text, options)
-    }
-
-    /// Allocates a request id for `model` before the request is ready, so
-    /// a caller can hand the id out (and cancel it) before the first
-    /// token. Pass it to [`Engine::submit_reserved`]; a cancel before that
-    /// makes the request end `cancelled` as soon as it is admitted.
-    ///
-    /// # Errors
-    ///
-    /// [`EngineError::NotFound`].
-    pub fn reserve_request(&self, model: &str) -> Result<RequestId, EngineError> {
-        self.entry(model)?;
+        let entry = self.entry(model)?;
+        options.sampling.validate()?;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
         self.inner
             .inflight
             .lock()
@@ -456,60 +481,65 @@ impl Engine {
                 id,
                 Inflight {
                     model: model.to_owned(),
-                    cancel: Arc::new(AtomicBool::new(false)),
+                    cancel: Arc::clone(&cancel),
                 },
             );
-        Ok(id)
-    }
-
-    /// Releases a reserved id that will not be submitted.
-    pub fn release_request(&self, id: RequestId) {
-        self.forget(id);
-    }
-
-    /// [`Engine::submit`] with an id from [`Engine::reserve_request`].
-    ///
-    /// # Errors
-    ///
-    /// [`EngineError::NotFound`] (also for an id that is not reserved for
-    /// `model`); `ModelGone` when the model task stopped.
-    pub fn submit_reserved(
-        &self,
-        id: RequestId,
-        model: &str,
-        tokens: Vec<u32>,
-        prompt_text: String,
-        options: RequestOptions,
-    ) -> Result<RequestStream, EngineError> {
-        let entry = match self.entry(model) {
-            Ok(e) => e,
-            Err(e) => {
-                self.forget(id);
-                return Err(e);
-            }
-        };
-        let cancel = self
-            .inner
-            .inflight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .filter(|f| f.model == model)
-            .map(|f| Arc::clone(&f.cancel))
-            .ok_or_else(|| EngineError::NotFound(format!("request {id}")))?;
         let (events_tx, events) = mpsc::unbounded_channel();
-        let sub = Submission {
-            id,
-            tokens,
-            prompt_text,
-            options,
-            cancel: Arc::clone(&cancel),
-            events: events_tx,
-            submitted: Instant::now(),
+        let submitted = Instant::now();
+        let inflight = Arc::clone(&self.inner.inflight);
+        let model_id = model.to_owned();
+        let prepare = entry.prepare.clone();
+        let job: PrepareJob = {
+            let cancel = Arc::clone(&cancel);
+            Box::new(move || {
+                let forget = || {
+                    inflight
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&id);
+                };
+                let tokens = match prepare_tokens(&entry, &prompt, &options) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        forget();
+                        let _ = events_tx.send(Event::Done(Err(e)));
+                        return;
+                    }
+                };
+                let prompt_text = match prompt {
+                    Prompt::Text(t) => t,
+                    Prompt::Tokens(_) => String::new(),
+                };
+                let sub = Submission {
+                    id,
+                    tokens,
+                    prompt_text,
+                    options,
+                    cancel,
+                    events: events_tx,
+                    submitted,
+                };
+                match entry.tx.try_send(Command::Submit(Box::new(sub))) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Command::Submit(sub))) => {
+                        forget();
+                        let _ = sub
+                            .events
+                            .send(Event::Done(Err(EngineError::Busy(model_id))));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(Command::Submit(sub))) => {
+                        forget();
+                        let gone = entry.gone(&model_id);
+                        let _ = sub.events.send(Event::Done(Err(gone)));
+                    }
+                    Err(_) => forget(),
+                }
+            })
         };
-        if entry.tx.try_send(Command::Submit(Box::new(sub))).is_err() {
-            self.forget(id);
-            return Err(entry.gone(model));
+        if let Err(mpsc::error::SendError(job)) = prepare.send(job) {
+            // The model's preparation task is gone (its runtime shut
+            // down): prepare inline, which reports the model gone.
+            job();
         }
         Ok(RequestStream {
             id,
@@ -521,31 +551,18 @@ impl Engine {
         })
     }
 
-    fn forget(&self, id: RequestId) {
-        self.inner
-            .inflight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
-    }
-
-    /// [`Engine::prepare`] + [`Engine::submit`] + collect.
+    /// [`Engine::submit`] + collect.
     ///
     /// # Errors
     ///
-    /// As those.
+    /// As those, and the request's own error.
     pub async fn complete(
         &self,
         model: &str,
         prompt: Prompt,
         options: RequestOptions,
     ) -> Result<Completion, EngineError> {
-        let tokens = self.prepare(model, &prompt, &options)?;
-        let text = match prompt {
-            Prompt::Text(t) => t,
-            Prompt::Tokens(_) => String::new(),
-        };
-        self.submit(model, tokens, text, options)?.collect().await
+        self.submit(model, prompt, options)?.collect().await
     }
 
     /// Cancels a request by id: idempotent, and an unknown or finished id

@@ -29,8 +29,8 @@ mod stub;
 mod text;
 
 pub use backend::{
-    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
-    SamplingParams, StateSupport,
+    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ForeignError,
+    ModelFingerprint, SamplingParams, StateSupport,
 };
 pub use engine::{AdapterInfo, Engine, ModelInfo, RequestStream};
 pub use model::{ModelConfig, ModelStatus, SaveSummary};
@@ -42,4 +42,4 @@ pub use request::{
     RequestOptions, RequestStats, RestoreFailure,
 };
 pub use scheduler::{CheckOutcome, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
-pub use stub::{stub_next_token, stub_word_token, StubBackend, STUB_BOS, STUB_VOCAB};
+pub use stub::{stub_next_token, stub_word_token, stub_words, StubBackend, STUB_BOS, STUB_VOCAB};

@@ -548,6 +548,7 @@ impl Actor {
             self.fail(a, e.into());
             return None;
         }
+        self.ctx.set_interrupt(Some(Arc::clone(&a.sub.cancel)));
         self.ctx.clear();
         let restore_started = Instant::now();
         let restored = if self.cacheable {
@@ -739,8 +740,15 @@ impl Actor {
         if a.generated.len() >= a.sub.options.max_tokens {
             return Ok(Some(FinishReason::Length));
         }
-        let token = self.ctx.decode_one()?;
-        if self.ctx.is_eog(token) {
+        let token = match self.ctx.decode_one() {
+            Ok(t) => t,
+            // A cancel observed inside a long step (grammar sampling).
+            Err(crate::backend::BackendError::Cancelled) => {
+                return Ok(Some(FinishReason::Cancelled))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.ctx.is_eog(token)? {
             return Ok(Some(FinishReason::Stop));
         }
         a.generated.push(token);

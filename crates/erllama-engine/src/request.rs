@@ -191,13 +191,14 @@ pub enum Event {
     Done(Result<Completion, EngineError>),
 }
 
-/// Errors of engine calls; each maps to one Python exception.
+/// Errors of engine calls; each maps to exactly one Python exception
+/// (`erllama-py`'s `error.rs`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// Bad input (sampler values, options, …).
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    /// The prompt is empty.
+    /// The prompt (or another token list) is empty.
     #[error("the prompt is empty")]
     EmptyPrompt,
     /// A token id outside the vocabulary.
@@ -232,7 +233,7 @@ pub enum EngineError {
     /// The model has no chat template.
     #[error("the model has no chat template")]
     NoTemplate,
-    /// A grammar failed to parse.
+    /// A grammar failed to parse, or a grammar step failed.
     #[error("invalid grammar: {0}")]
     Grammar(String),
     /// Invalid KV state bytes.
@@ -241,9 +242,18 @@ pub enum EngineError {
     /// A tier that is not configured or not known.
     #[error("tier {0} is not configured")]
     UnknownTier(String),
-    /// The backend failed (decode error, …).
+    /// The backend could not create a context.
+    #[error("cannot create a context: {0}")]
+    Context(String),
+    /// Computing a batch failed.
+    #[error("decode failed: {0}")]
+    Decode(String),
+    /// The backend failed otherwise.
     #[error("backend error: {0}")]
     Backend(String),
+    /// A foreign backend's own error, handed back unchanged.
+    #[error("{0}")]
+    Foreign(crate::backend::ForeignError),
     /// Loading the model (or an adapter) failed.
     #[error("loading failed: {0}")]
     ModelLoad(String),
@@ -253,16 +263,23 @@ pub enum EngineError {
     /// The model's task stopped (it crashed or was unloaded).
     #[error("model {0:?} stopped: {1}")]
     ModelGone(String, String),
+    /// The model's queue is full: back pressure, try again later.
+    #[error("model {0:?} is busy: its queue is full")]
+    Busy(String),
     /// A blocking save did not finish in time.
     #[error("the {0} save did not finish within {1} ms")]
     SaveTimeout(&'static str, u64),
     /// A cache operation failed.
     #[error("cache: {0}")]
     Cache(String),
+    /// A bug: something that must not happen did (a caught panic). The
+    /// engine goes on serving.
+    #[error("internal error (a bug; please report it): {0}")]
+    Internal(String),
 }
 
 impl EngineError {
-    /// A stable snake_case name for the Python mapping.
+    /// A stable snake_case name of the variant.
     #[must_use]
     pub const fn name(&self) -> &'static str {
         match self {
@@ -277,12 +294,17 @@ impl EngineError {
             EngineError::Grammar(_) => "grammar",
             EngineError::KvState(_) => "kv_state",
             EngineError::UnknownTier(_) => "unknown_tier",
+            EngineError::Context(_) => "context",
+            EngineError::Decode(_) => "decode",
             EngineError::Backend(_) => "backend",
+            EngineError::Foreign(_) => "foreign",
             EngineError::ModelLoad(_) => "model_load",
             EngineError::FileNotFound(_) => "file_not_found",
             EngineError::ModelGone(..) => "model_gone",
+            EngineError::Busy(_) => "busy",
             EngineError::SaveTimeout(..) => "save_timeout",
             EngineError::Cache(_) => "cache",
+            EngineError::Internal(_) => "internal",
         }
     }
 }
@@ -291,6 +313,16 @@ impl From<BackendError> for EngineError {
     fn from(e: BackendError) -> Self {
         match e {
             BackendError::InvalidInput(m) => EngineError::InvalidInput(m),
+            BackendError::EmptyInput(_) => EngineError::EmptyPrompt,
+            BackendError::TokenOutOfRange {
+                token,
+                index,
+                n_vocab,
+            } => EngineError::TokenOutOfRange {
+                token,
+                index,
+                n_vocab,
+            },
             BackendError::ContextOverflow {
                 have,
                 adding,
@@ -301,9 +333,17 @@ impl From<BackendError> for EngineError {
                 n_ctx,
             },
             BackendError::KvState(m) => EngineError::KvState(m),
-            BackendError::NotSupported("chat_template") => EngineError::NoTemplate,
+            BackendError::NotSupported("chat_template") | BackendError::NoTemplate => {
+                EngineError::NoTemplate
+            }
             BackendError::NotSupported(what) => EngineError::NotSupported(what.to_owned()),
             BackendError::Grammar(m) => EngineError::Grammar(m),
+            BackendError::ContextCreate(m) => EngineError::Context(m),
+            BackendError::Decode(m) => EngineError::Decode(m),
+            // A step interrupted by a cancel: the actor ends the request as
+            // cancelled before this could reach a caller.
+            BackendError::Cancelled => EngineError::Backend("cancelled".into()),
+            BackendError::Foreign(f) => EngineError::Foreign(f),
             BackendError::Other(m) => EngineError::Backend(m),
         }
     }

@@ -1,8 +1,13 @@
 //! The deterministic Rust stub backend: no model file, instant, and exact,
 //! so cache behaviour can be tested in milliseconds.
 //!
-//! - one token per whitespace-separated word: the word's 32-bit FNV-1a hash
-//!   modulo [`STUB_VOCAB`] (stable across runs and machines);
+//! - one token per word: the word's 32-bit FNV-1a hash modulo
+//!   [`STUB_VOCAB`] (stable across runs and machines). A word is a maximal
+//!   run of characters that are not Unicode `White_Space` ([`stub_words`];
+//!   the Python stub splits on exactly the same characters);
+//! - greedy only: temperature, repetition penalty and grammar are refused
+//!   with `NotSupported`, like the Python stub (top-k/p and min-p never
+//!   change a greedy choice and are accepted);
 //! - `decode_one` derives the next token from the FNV-1a hash of the whole
 //!   context (its tokens as u32 little-endian) and never ends generation;
 //! - `kv_pack` is the token list as u32 little-endian; `kv_unpack` restores it;
@@ -30,6 +35,13 @@ fn fnv1a(state: u32, bytes: &[u8]) -> u32 {
     bytes
         .iter()
         .fold(state, |h, &b| (h ^ u32::from(b)).wrapping_mul(FNV_PRIME))
+}
+
+/// The words of `text`: maximal runs of characters that are not Unicode
+/// `White_Space` (`char::is_whitespace`). The Python stub's definition is
+/// the same set, written out (`erllama.backends.stub.WHITE_SPACE`).
+pub fn stub_words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(char::is_whitespace).filter(|w| !w.is_empty())
 }
 
 /// The stub token of one word.
@@ -123,7 +135,7 @@ impl Backend for StubBackend {
         if add_bos {
             out.push(STUB_BOS);
         }
-        for w in text.split_whitespace() {
+        for w in stub_words(text) {
             let t = stub_word_token(w);
             words.entry(t).or_insert_with(|| w.to_owned());
             out.push(t);
@@ -189,10 +201,17 @@ impl StubContext {
 }
 
 impl BackendContext for StubContext {
-    /// The stub is deterministic: every sampling setting is accepted and
-    /// ignored (a grammar is still required to be non-empty).
+    /// Greedy only: the values are validated, and anything that would
+    /// change a greedy choice (temperature, repetition penalty, grammar) is
+    /// `NotSupported`, exactly as for a Python backend without
+    /// `set_sampling`.
     fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
-        params.validate()
+        params.validate()?;
+        if params.is_greedy() {
+            Ok(())
+        } else {
+            Err(BackendError::NotSupported("sampling"))
+        }
     }
 
     fn set_adapters(&mut self, adapters: &[(AdapterHandle, f32)]) -> Result<(), BackendError> {
@@ -250,8 +269,8 @@ impl BackendContext for StubContext {
         Ok(t)
     }
 
-    fn is_eog(&self, _token: u32) -> bool {
-        false
+    fn is_eog(&self, _token: u32) -> Result<bool, BackendError> {
+        Ok(false)
     }
 
     fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {

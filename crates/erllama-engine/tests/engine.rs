@@ -240,7 +240,7 @@ async fn cancel_mid_stream_ends_cancelled_and_still_saves() {
         .prepare(&m, &Prompt::Text(words(20, "c")), &opts(1000))
         .expect("prepare");
     let mut stream = engine
-        .submit(&m, tokens, String::new(), opts(1000))
+        .submit(&m, Prompt::Tokens(tokens), opts(1000))
         .expect("submit");
     let id = stream.id;
     let mut seen = 0;
@@ -325,7 +325,7 @@ impl BackendContext for LoggedCtx {
         self.log.lock().expect("log").push(('d', tag));
         Ok(t)
     }
-    fn is_eog(&self, token: u32) -> bool {
+    fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
         self.inner.is_eog(token)
     }
     fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
@@ -376,7 +376,7 @@ async fn queued_requests_run_one_at_a_time_in_fifo_order_and_status_is_prompt() 
             .prepare(&m, &Prompt::Text(format!("req{i} a b c")), &o)
             .expect("prepare");
         tags.push(t[1]);
-        streams.push(engine.submit(&m, t, String::new(), o).expect("submit"));
+        streams.push(engine.submit(&m, Prompt::Tokens(t), o).expect("submit"));
     }
     let mut saw_generating = false;
     for _ in 0..2000 {
@@ -603,7 +603,7 @@ impl BackendContext for PanickyCtx {
         assert!(!self.0.tokens().contains(&self.1), "the backend crashed");
         self.0.decode_one()
     }
-    fn is_eog(&self, token: u32) -> bool {
+    fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
         self.0.is_eog(token)
     }
     fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
@@ -641,7 +641,7 @@ async fn a_crashing_model_fails_its_requests_and_spares_the_others() {
             .expect("prepare");
         streams.push(
             engine
-                .submit(&crashy, t, String::new(), o.clone())
+                .submit(&crashy, Prompt::Tokens(t), o.clone())
                 .expect("submit"),
         );
     }

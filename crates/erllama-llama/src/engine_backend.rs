@@ -36,7 +36,9 @@
 
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use erllama_cache::{
     fingerprint_file_safe, fingerprint_gguf_chunked, read_gguf_file_type, CtxParams,
@@ -55,6 +57,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::backend::backend;
 use crate::error::{LlamaError, Result};
+use crate::grammar::{build_grammar, check_grammar, GrammarStep, GrammarStepError};
 use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model, ModelParams};
 use crate::session::{Session, SessionParams};
@@ -65,23 +68,34 @@ pub const PENALTY_LAST_N: usize = 64;
 /// Seed of the sampling RNG when a request gives none, so runs repeat.
 pub const DEFAULT_SAMPLING_SEED: u32 = 0x2545_F491;
 
-/// Largest grammar text accepted, in bytes. llama.cpp's grammar parser and
-/// its stack walk are recursive; bounding the text bounds their depth.
-pub const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
+/// How long llama.cpp may take to parse a grammar (off the model's thread)
+/// before the request fails.
+pub const GRAMMAR_PARSE_BUDGET: Duration = Duration::from_secs(2);
 
-/// Deepest parenthesis nesting accepted in a grammar (see
-/// [`MAX_GRAMMAR_BYTES`]).
-pub const MAX_GRAMMAR_NESTING: usize = 64;
+/// How long one grammar-constrained sampling step may take before its
+/// request fails: the grammar is applied to the candidates in chunks, and
+/// the deadline (and the request's cancel flag) is checked between them.
+pub const GRAMMAR_STEP_BUDGET: Duration = Duration::from_secs(2);
 
 impl From<LlamaError> for BackendError {
+    /// One engine error kind per llama error kind, so a failure keeps its
+    /// meaning (and its Python class) whichever API it came through.
     fn from(e: LlamaError) -> Self {
         match e {
             LlamaError::InvalidParam { .. }
-            | LlamaError::EmptyInput(_)
-            | LlamaError::TokenOutOfRange { .. }
             | LlamaError::TextTooLarge(_)
             | LlamaError::NoLogits
             | LlamaError::LoraLoad { .. } => BackendError::InvalidInput(e.to_string()),
+            LlamaError::EmptyInput(what) => BackendError::EmptyInput(what.to_owned()),
+            LlamaError::TokenOutOfRange {
+                token,
+                index,
+                n_vocab,
+            } => BackendError::TokenOutOfRange {
+                token,
+                index,
+                n_vocab,
+            },
             LlamaError::ContextOverflow {
                 have,
                 adding,
@@ -92,8 +106,17 @@ impl From<LlamaError> for BackendError {
                 n_ctx: n_ctx as usize,
             },
             LlamaError::KvState(msg) => BackendError::KvState(msg),
-            LlamaError::NoChatTemplate => BackendError::NotSupported("chat_template"),
-            other => BackendError::Other(other.to_string()),
+            LlamaError::NoChatTemplate => BackendError::NoTemplate,
+            LlamaError::ContextCreate(msg) => BackendError::ContextCreate(msg),
+            LlamaError::Decode(msg) => BackendError::Decode(msg),
+            LlamaError::BackendInit(_)
+            | LlamaError::ModelNotFound(_)
+            | LlamaError::ModelUnreadable { .. }
+            | LlamaError::NotGguf { .. }
+            | LlamaError::ModelLoad { .. }
+            | LlamaError::ChatTemplate(_)
+            | LlamaError::LoraApply(_)
+            | LlamaError::WorkerGone(_) => BackendError::Other(e.to_string()),
         }
     }
 }
@@ -294,6 +317,7 @@ impl Backend for LlamaBackend {
         Ok(Box::new(LlamaContextBackend {
             session,
             sampler: None,
+            interrupt: None,
         }))
     }
 
@@ -389,63 +413,26 @@ impl LlamaBackend {
     }
 }
 
-/// Checks grammar text before llama.cpp parses it.
-fn check_grammar(text: &str) -> Result<(), BackendError> {
-    let bad = |m: String| Err(BackendError::Grammar(m));
-    if text.trim().is_empty() {
-        return bad("the grammar is empty".into());
-    }
-    if text.len() > MAX_GRAMMAR_BYTES {
-        return bad(format!(
-            "the grammar is {} bytes, more than {MAX_GRAMMAR_BYTES}",
-            text.len()
-        ));
-    }
-    if text.contains('\0') {
-        return bad("the grammar contains a NUL character".into());
-    }
-    // Parenthesis depth outside string literals and character classes.
-    let mut depth = 0usize;
-    let mut max_depth = 0usize;
-    let mut chars = text.chars();
-    let mut in_quote = false;
-    let mut in_class = false;
-    let mut in_comment = false;
-    while let Some(c) = chars.next() {
-        if in_comment {
-            in_comment = c != '\n';
-            continue;
+/// A grammar problem as a backend error.
+fn grammar_err(msg: String) -> BackendError {
+    BackendError::Grammar(msg)
+}
+
+/// A failed grammar step as a backend error.
+fn step_err(e: GrammarStepError) -> BackendError {
+    match e {
+        GrammarStepError::Cancelled => BackendError::Cancelled,
+        GrammarStepError::TooSlow { elapsed } => BackendError::Grammar(format!(
+            "a grammar-constrained step took {:.1} s, more than the {} s budget; the grammar is \
+             too ambiguous for this vocabulary",
+            elapsed.as_secs_f64(),
+            GRAMMAR_STEP_BUDGET.as_secs()
+        )),
+        GrammarStepError::NoCandidate => {
+            BackendError::Grammar("the grammar allows no next token".into())
         }
-        match c {
-            '\\' if in_quote || in_class => {
-                chars.next();
-            }
-            '"' if !in_class => in_quote = !in_quote,
-            '[' if !in_quote => in_class = true,
-            ']' if in_class => in_class = false,
-            '#' if !in_quote && !in_class => in_comment = true,
-            '(' if !in_quote && !in_class => {
-                depth += 1;
-                max_depth = max_depth.max(depth);
-            }
-            ')' if !in_quote && !in_class => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+        other => BackendError::Grammar(other.to_string()),
     }
-    if max_depth > MAX_GRAMMAR_NESTING {
-        return bad(format!(
-            "the grammar nests parentheses {max_depth} deep, more than {MAX_GRAMMAR_NESTING}"
-        ));
-    }
-    let has_root = text.lines().any(|l| {
-        l.trim_start()
-            .strip_prefix("root")
-            .is_some_and(|r| r.trim_start().starts_with("::="))
-    });
-    if !has_root {
-        return bad("the grammar has no `root ::= ...` rule".into());
-    }
-    Ok(())
 }
 
 /// Folds a 64-bit seed into llama.cpp's 32 bits, avoiding
@@ -466,8 +453,9 @@ fn seed32(seed: Option<u64>) -> u32 {
 
 /// The sampler state of one request.
 struct Sampler {
-    /// The grammar, applied first and checked separately.
-    grammar: Option<LlamaSampler>,
+    /// The grammar, applied first (in chunks, under a deadline) and checked
+    /// separately.
+    grammar: Option<(LlamaSampler, GrammarStep)>,
     /// penalty → top-k → top-p → min-p → temp → dist, or … → greedy.
     chain: LlamaSampler,
     /// The penalty still has to see the sequence's recent tokens.
@@ -488,17 +476,10 @@ impl Sampler {
         let grammar = match params.grammar.as_deref() {
             None => None,
             Some(text) => {
-                check_grammar(text)?;
-                let g = LlamaSampler::grammar(&model.inner.model, text, "root").map_err(|e| {
-                    BackendError::Grammar(match e {
-                        llama_cpp_2::GrammarError::NullGrammar => "llama.cpp could not parse the \
-                             grammar (syntax error, undefined rule, missing `root` rule or left \
-                             recursion)"
-                            .into(),
-                        other => other.to_string(),
-                    })
-                })?;
-                Some(g)
+                // Checked, then parsed by llama.cpp off this thread within
+                // a time budget (crate::grammar).
+                let g = build_grammar(model, text, GRAMMAR_PARSE_BUDGET).map_err(grammar_err)?;
+                Some((g, GrammarStep::new(model)))
             }
         };
         let mut stages = Vec::new();
@@ -545,6 +526,9 @@ pub struct LlamaContextBackend {
     session: Session,
     /// `None`: plain greedy decoding through the session's argmax.
     sampler: Option<Sampler>,
+    /// The running request's cancel flag, checked inside long grammar
+    /// steps.
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl LlamaContextBackend {
@@ -554,6 +538,7 @@ impl LlamaContextBackend {
         Self {
             session,
             sampler: None,
+            interrupt: None,
         }
     }
 
@@ -595,8 +580,13 @@ impl LlamaContextBackend {
             }
             s.prime_penalty = false;
         }
-        if let Some(g) = s.grammar.as_mut() {
-            cands.apply_sampler(g);
+        if let Some((g, step)) = s.grammar.as_mut() {
+            let deadline = Instant::now() + GRAMMAR_STEP_BUDGET;
+            let cancel = self.interrupt.clone();
+            step.apply(g, &mut cands, deadline, || {
+                cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+            })
+            .map_err(step_err)?;
             if !cands.data.iter().any(|d| d.logit() > f32::NEG_INFINITY) {
                 return Err(BackendError::Grammar(
                     "the grammar allows no next token".into(),
@@ -622,8 +612,8 @@ impl LlamaContextBackend {
             })?;
         self.session.accept(token)?;
         // Only now that the token is in the sequence: the samplers advance.
-        if let Some(g) = s.grammar.as_mut() {
-            g.accept(chosen.id());
+        if let Some((g, step)) = s.grammar.as_mut() {
+            step.accept(g, chosen.id()).map_err(step_err)?;
         }
         s.chain.accept(chosen.id());
         Ok(token)
@@ -639,7 +629,7 @@ impl BackendContext for LlamaContextBackend {
         self.sampler = None;
         // The grammar first, so an empty one is a grammar error too.
         if let Some(text) = params.grammar.as_deref() {
-            check_grammar(text)?;
+            check_grammar(text).map_err(grammar_err)?;
         }
         params.validate()?;
         if params.is_greedy() {
@@ -653,6 +643,10 @@ impl BackendContext for LlamaContextBackend {
 
     fn tokens(&self) -> &[u32] {
         self.session.tokens()
+    }
+
+    fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.interrupt = flag;
     }
 
     /// The layout this context's probe learned: plain and sliding-window
@@ -753,8 +747,8 @@ impl BackendContext for LlamaContextBackend {
         self.sample()
     }
 
-    fn is_eog(&self, token: u32) -> bool {
-        self.session.model().is_eog(token)
+    fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
+        Ok(self.session.model().is_eog(token))
     }
 
     fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
@@ -779,19 +773,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grammar_precheck() {
-        assert!(check_grammar("root ::= \"yes\" | \"no\"").is_ok());
-        assert!(check_grammar("  ").is_err());
-        assert!(check_grammar("root ::= \"a\0\"").is_err());
-        assert!(check_grammar("start ::= \"a\"").is_err());
-        let deep = format!("root ::= {}\"a\"{}", "(".repeat(100), ")".repeat(100));
+    fn grammar_step_errors_keep_their_meaning() {
         assert!(matches!(
-            check_grammar(&deep),
-            Err(BackendError::Grammar(_))
+            step_err(GrammarStepError::Cancelled),
+            BackendError::Cancelled
         ));
-        // Parentheses inside literals and classes do not count.
-        let lit = format!("root ::= \"{}\" [(]", "(".repeat(100));
-        assert!(check_grammar(&lit).is_ok());
+        let slow = step_err(GrammarStepError::TooSlow {
+            elapsed: Duration::from_secs(3),
+        });
+        assert!(matches!(&slow, BackendError::Grammar(m) if m.contains("budget")));
     }
 
     #[test]
@@ -805,7 +795,7 @@ mod tests {
     #[test]
     fn errors_map_to_backend_errors() {
         let e: BackendError = LlamaError::EmptyInput("prefill").into();
-        assert!(matches!(e, BackendError::InvalidInput(_)));
+        assert!(matches!(e, BackendError::EmptyInput(_)));
         let e: BackendError = LlamaError::ContextOverflow {
             have: 1,
             adding: 2,
@@ -821,12 +811,14 @@ mod tests {
             }
         ));
         let e: BackendError = LlamaError::NoChatTemplate.into();
-        assert!(matches!(e, BackendError::NotSupported("chat_template")));
+        assert!(matches!(e, BackendError::NoTemplate));
         let e: BackendError = LlamaError::KvState("x".into()).into();
         assert!(matches!(e, BackendError::KvState(_)));
         let e: BackendError = LlamaError::NoLogits.into();
         assert!(matches!(e, BackendError::InvalidInput(_)));
         let e: BackendError = LlamaError::Decode("x".into()).into();
-        assert!(matches!(e, BackendError::Other(_)));
+        assert!(matches!(e, BackendError::Decode(_)));
+        let e: BackendError = LlamaError::ContextCreate("x".into()).into();
+        assert!(matches!(e, BackendError::ContextCreate(_)));
     }
 }

@@ -30,6 +30,7 @@
 mod backend;
 mod engine_backend;
 mod error;
+mod grammar;
 mod lora;
 mod model;
 mod session;
@@ -38,10 +39,16 @@ mod worker;
 
 pub use backend::{backend, system_info};
 pub use engine_backend::{
-    LlamaBackend, LlamaContextBackend, DEFAULT_SAMPLING_SEED, MAX_GRAMMAR_BYTES,
-    MAX_GRAMMAR_NESTING, PENALTY_LAST_N,
+    LlamaBackend, LlamaContextBackend, DEFAULT_SAMPLING_SEED, GRAMMAR_PARSE_BUDGET,
+    GRAMMAR_STEP_BUDGET, PENALTY_LAST_N,
 };
 pub use error::{LlamaError, Result};
+pub use grammar::{
+    build_grammar, check_grammar, grammar_stats, GrammarStats, GrammarStep, GrammarStepError,
+    DEFAULT_GRAMMAR_CHUNK, MAX_GRAMMAR_BREADTH, MAX_GRAMMAR_BYTES, MAX_GRAMMAR_ELEMENTS,
+    MAX_GRAMMAR_NESTING, MAX_GRAMMAR_PROBE, MAX_GRAMMAR_REPETITION, MAX_GRAMMAR_STACKS,
+    MAX_GRAMMAR_WORK,
+};
 pub use lora::LoraAdapter;
 pub use model::{Model, ModelMeta, ModelParams};
 pub use session::{Session, SessionParams};

@@ -1,7 +1,7 @@
 //! Loading a GGUF model, its metadata, and its vocabulary.
 
-use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -89,14 +89,41 @@ impl std::fmt::Debug for Model {
 }
 
 /// Checks that `path` names a readable GGUF file before llama.cpp sees it.
+///
+/// The path must be a regular file (after following symlinks): a FIFO, a
+/// device, a socket or a directory is refused from its metadata alone,
+/// without opening it (opening a FIFO for reading blocks until a writer
+/// comes). The file is then opened non-blocking and checked again through
+/// the descriptor, so a path swapped in between cannot block either.
 pub(crate) fn check_gguf(path: &Path) -> Result<()> {
-    let mut file = File::open(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => LlamaError::ModelNotFound(path.to_path_buf()),
-        _ => LlamaError::ModelUnreadable {
-            path: path.to_path_buf(),
-            source,
-        },
-    })?;
+    let not_regular = || LlamaError::NotGguf {
+        path: path.to_path_buf(),
+        reason: "not a regular file (a FIFO, device, socket or directory)".into(),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => return Err(not_regular()),
+        Ok(_) => {}
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LlamaError::ModelNotFound(path.to_path_buf()))
+        }
+        Err(source) => {
+            return Err(LlamaError::ModelUnreadable {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => LlamaError::ModelNotFound(path.to_path_buf()),
+            _ => LlamaError::ModelUnreadable {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
     let not_gguf = |reason: &str| LlamaError::NotGguf {
         path: path.to_path_buf(),
         reason: reason.to_owned(),

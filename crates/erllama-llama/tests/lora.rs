@@ -118,7 +118,7 @@ fn run(ctx: &mut dyn BackendContext, adapters: &[(AdapterHandle, f32)]) -> Vec<u
     while out.len() < N {
         let t = ctx.decode_one().expect("decode");
         out.push(t);
-        if ctx.is_eog(t) {
+        if ctx.is_eog(t).unwrap() {
             break;
         }
     }

@@ -57,7 +57,19 @@ where
     let target = py_fut.clone().unbind();
     let event_loop = event_loop.unbind();
     runtime().spawn(async move {
-        let result = fut.await;
+        // The work runs as its own task so a panic in it is caught (as a
+        // failed join) and becomes an InternalError instead of a Python
+        // future that never resolves.
+        let result = match runtime().spawn(fut).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => {
+                Err(crate::error::internal("an engine call", &e.into_panic()))
+            }
+            Err(e) => Err(crate::error::err(
+                crate::error::Kind::Internal,
+                format!("an engine task was cancelled: {e}"),
+            )),
+        };
         // Results arriving while the interpreter closes are dropped (their
         // Python references are released by pyo3 without the GIL).
         let _ = enter_python(move |py| {

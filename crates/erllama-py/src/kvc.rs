@@ -4,16 +4,13 @@ use std::path::PathBuf;
 
 use erllama_cache::{parse_full, read_header, scan_dir, CacheKey};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
-use crate::error::erllama_err;
+use crate::error::{err, Kind};
+use crate::records::KvcFile;
 
-/// One `*.kvc` file of `dir`, header-parsed (no CRC): a dict with `file`,
-/// `key` (recomputed from the contents), `name_ok`, `tokens`,
-/// `save_reason`, `hits`, `size`, `created`, `last_used`, `context_size`,
-/// `quant`, `prompt`, `error` (None when the header parses).
+/// Every `*.kvc` regular file of `dir`, header-parsed (no CRC).
 #[pyfunction]
-pub fn kvc_list<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Vec<Bound<'py, PyDict>>> {
+pub fn kvc_list(py: Python<'_>, dir: PathBuf) -> PyResult<Vec<KvcFile>> {
     let entries = py.detach(|| -> std::io::Result<Vec<_>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
             .filter_map(Result::ok)
@@ -30,48 +27,51 @@ pub fn kvc_list<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Vec<Bound<'py, P
             })
             .collect())
     });
-    let entries =
-        entries.map_err(|e| erllama_err("CacheError", format!("{}: {e}", dir.display())))?;
-    let mut out = Vec::with_capacity(entries.len());
-    for (path, result) in entries {
-        let d = PyDict::new(py);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        d.set_item("file", &name)?;
-        match result {
-            Ok((meta, size)) => {
-                let key = meta.key();
-                d.set_item("key", key.to_hex())?;
-                d.set_item("name_ok", name == format!("{key}.kvc"))?;
-                d.set_item("tokens", meta.cached_token_count)?;
-                d.set_item("save_reason", meta.save_reason.label())?;
-                d.set_item("hits", meta.hit_count)?;
-                d.set_item("size", size)?;
-                d.set_item("created", meta.creation_time)?;
-                d.set_item("last_used", meta.last_used_time)?;
-                d.set_item("context_size", meta.context_size)?;
-                d.set_item("quant", meta.quant_type.label())?;
-                d.set_item(
-                    "prompt",
-                    meta.prompt_text.chars().take(80).collect::<String>(),
-                )?;
-                d.set_item("error", None::<String>)?;
+    let entries = entries.map_err(|e| err(Kind::Cache, format!("{}: {e}", dir.display())))?;
+    Ok(entries
+        .into_iter()
+        .map(|(path, result)| {
+            let file = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match result {
+                Ok((meta, size)) => {
+                    let key = meta.key();
+                    KvcFile {
+                        name_ok: file == format!("{key}.kvc"),
+                        file,
+                        key: Some(key.to_hex()),
+                        tokens: meta.cached_token_count,
+                        save_reason: Some(meta.save_reason.label().into()),
+                        hits: meta.hit_count,
+                        size,
+                        created: meta.creation_time,
+                        last_used: meta.last_used_time,
+                        context_size: meta.context_size,
+                        quant: Some(meta.quant_type.label().into()),
+                        prompt: Some(meta.prompt_text.chars().take(80).collect()),
+                        error: None,
+                    }
+                }
+                Err(why) => KvcFile {
+                    size: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+                    file,
+                    key: None,
+                    name_ok: false,
+                    tokens: 0,
+                    save_reason: None,
+                    hits: 0,
+                    created: 0,
+                    last_used: 0,
+                    context_size: 0,
+                    quant: None,
+                    prompt: None,
+                    error: Some(why),
+                },
             }
-            Err(why) => {
-                d.set_item("key", None::<String>)?;
-                d.set_item("name_ok", false)?;
-                d.set_item(
-                    "size",
-                    std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
-                )?;
-                d.set_item("error", why)?;
-            }
-        }
-        out.push(d);
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// Full parse of one KVC file (framing, CRC32C, key recomputed and
@@ -103,7 +103,7 @@ type GcReport = (usize, usize, Vec<(String, String)>);
 pub fn kvc_gc(py: Python<'_>, dir: PathBuf) -> PyResult<GcReport> {
     let report = py
         .detach(|| scan_dir(&dir))
-        .map_err(|e| erllama_err("CacheError", e.to_string()))?;
+        .map_err(|e| err(Kind::Cache, e.to_string()))?;
     Ok((
         report.registered.len(),
         report.removed_tmp,

@@ -4,12 +4,15 @@
 //! blocking call releases the GIL; errors become the exception classes of
 //! `erllama.errors` in one place ([`error`]).
 
+mod args;
 mod bridge;
 mod engine;
 mod error;
 mod kvc;
 mod llama;
 mod pybackend;
+mod records;
+mod stream;
 
 use pyo3::prelude::*;
 
@@ -24,13 +27,48 @@ fn init_logging() {
     }
 }
 
+/// Panics inside the boundary guard (for the tests that prove a panic
+/// becomes `InternalError`, never `PanicException`).
+#[pyfunction]
+fn _test_panic() -> PyResult<()> {
+    error::guard("_test_panic", || panic!("deliberate test panic"))
+}
+
+/// Like [`_test_panic`], inside an awaitable.
+#[pyfunction]
+fn _test_panic_async(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    bridge::future_into_py(py, async {
+        if std::hint::black_box(true) {
+            panic!("deliberate test panic");
+        }
+        Ok(())
+    })
+}
+
 #[pymodule]
 fn _erllama(m: &Bound<'_, PyModule>) -> PyResult<()> {
     init_logging();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(bridge::_quiesce, m)?)?;
+    m.add_function(wrap_pyfunction!(_test_panic, m)?)?;
+    m.add_function(wrap_pyfunction!(_test_panic_async, m)?)?;
     m.add_class::<engine::PyEngine>()?;
-    m.add_class::<engine::PyStream>()?;
+    m.add_class::<stream::PyStream>()?;
+    m.add_class::<records::Stats>()?;
+    m.add_class::<records::Completion>()?;
+    m.add_class::<records::ModelInfo>()?;
+    m.add_class::<records::AdapterInfo>()?;
+    m.add_class::<records::SaveSummary>()?;
+    m.add_class::<records::CacheRow>()?;
+    m.add_class::<records::CheckResult>()?;
+    m.add_class::<records::SchedulerStatus>()?;
+    m.add_class::<records::LlamaModelInfo>()?;
+    m.add_class::<records::KvcFile>()?;
+    m.add(
+        "EXCEPTION_CLASSES",
+        pyo3::types::PyTuple::new(m.py(), error::class_names())?,
+    )?;
+    m.add("REQUEST_OPTIONS", args::RequestArgs::table(m.py())?)?;
     m.add_function(wrap_pyfunction!(engine::sample_pressure, m)?)?;
     m.add_function(wrap_pyfunction!(kvc::kvc_list, m)?)?;
     m.add_function(wrap_pyfunction!(kvc::kvc_verify, m)?)?;

@@ -7,25 +7,34 @@ use std::time::Duration;
 use erllama_llama::{LlamaError, Model, ModelParams, Session, SessionParams, SessionWorker};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyBytes;
 
-use crate::error::llama_err;
+use crate::args::{str_arg, u32_in, usize_in};
+use crate::error::{err, guard, llama_err, Kind};
+use crate::records::LlamaModelInfo;
 
-/// A size option from Python: must be in `1..=u32::MAX`.
-fn positive(name: &'static str, v: i64) -> PyResult<u32> {
-    u32::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| {
-        llama_err(LlamaError::InvalidParam {
-            name,
-            reason: format!("{v} must be a positive integer"),
-        })
-    })
-}
-
-/// Validates Python ints as token ids of `model`.
-fn token_ids(model: &Model, tokens: &[i64]) -> PyResult<Vec<u32>> {
-    model.check_tokens(tokens).map_err(llama_err)?;
-    // In range 0..n_vocab, so they fit a u32.
-    Ok(tokens.iter().map(|&t| t as u32).collect())
+/// Python ints as token ids of `model` (any int, bool-free; out of range
+/// is `TokenOutOfRangeError` naming the index).
+fn token_ids(model: &Model, tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    let iter = tokens
+        .try_iter()
+        .map_err(|_| crate::error::invalid("tokens must be a sequence of int token ids"))?;
+    let n_vocab = model.n_vocab();
+    let mut out = Vec::new();
+    for (index, t) in iter.enumerate() {
+        let t = t?;
+        let id = crate::args::int_in(&t, "token", 0, i128::from(n_vocab) - 1).map_err(|_| {
+            err(
+                Kind::TokenOutOfRange,
+                format!(
+                    "token id {} at index {index} is out of range (vocabulary size {n_vocab})",
+                    t.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+                ),
+            )
+        })?;
+        out.push(u32::try_from(id).unwrap_or(u32::MAX));
+    }
+    Ok(out)
 }
 
 /// Runs `job` on the session thread and waits without the GIL, checking for
@@ -79,22 +88,30 @@ pub struct PyModel {
 #[pymethods]
 impl PyModel {
     #[new]
-    #[pyo3(signature = (path, *, n_gpu_layers = 0, use_mmap = true))]
+    #[pyo3(signature = (path, *, n_gpu_layers = None, use_mmap = true))]
     fn new(
         py: Python<'_>,
-        path: std::path::PathBuf,
-        n_gpu_layers: u32,
+        path: &Bound<'_, PyAny>,
+        n_gpu_layers: Option<&Bound<'_, PyAny>>,
         use_mmap: bool,
     ) -> PyResult<Self> {
-        let params = ModelParams {
-            n_gpu_layers,
-            use_mmap,
-            use_mlock: false,
-        };
-        let model = py
-            .detach(|| Model::load(&path, &params))
-            .map_err(llama_err)?;
-        Ok(Self { model })
+        guard("LlamaModel()", || {
+            let path: std::path::PathBuf = path
+                .extract()
+                .map_err(|_| crate::error::invalid("path must be a str or os.PathLike"))?;
+            let params = ModelParams {
+                n_gpu_layers: match n_gpu_layers {
+                    Some(v) if !v.is_none() => u32_in(v, "n_gpu_layers", 0, 100_000)?,
+                    _ => 0,
+                },
+                use_mmap,
+                use_mlock: false,
+            };
+            let model = py
+                .detach(|| Model::load(&path, &params))
+                .map_err(llama_err)?;
+            Ok(Self { model })
+        })
     }
 
     #[getter]
@@ -107,48 +124,61 @@ impl PyModel {
         self.model.n_vocab()
     }
 
-    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let m = self.model.meta();
-        let model = self.model.clone();
-        // The first call probes the state layout in a small context.
-        let support = py.detach(move || model.cache_support());
-        let d = PyDict::new(py);
-        d.set_item("architecture", &m.architecture)?;
-        d.set_item("name", &m.name)?;
-        d.set_item("quant_type", &m.quant_type)?;
-        d.set_item("n_ctx_train", m.n_ctx_train)?;
-        d.set_item("n_vocab", m.n_vocab)?;
-        d.set_item("n_layer", m.n_layer)?;
-        d.set_item("n_embd", m.n_embd)?;
-        d.set_item("n_params", m.n_params)?;
-        d.set_item("size_bytes", m.size_bytes)?;
-        d.set_item("has_chat_template", m.has_chat_template)?;
-        d.set_item("n_swa", self.model.n_swa())?;
-        d.set_item("memory", &support.memory)?;
-        d.set_item("cacheable", support.cacheable)?;
-        d.set_item("cache_reason", support.reason.as_deref())?;
-        Ok(d)
+    /// Metadata, and whether the model's state is cacheable (the first
+    /// call probes the state layout in a small context).
+    fn info(&self, py: Python<'_>) -> PyResult<LlamaModelInfo> {
+        guard("LlamaModel.info", || {
+            let m = self.model.meta();
+            let model = self.model.clone();
+            let support = py.detach(move || model.cache_support());
+            Ok(LlamaModelInfo {
+                architecture: m.architecture.clone(),
+                name: m.name.clone(),
+                quant_type: m.quant_type.clone(),
+                n_ctx_train: m.n_ctx_train,
+                n_vocab: m.n_vocab,
+                n_layer: m.n_layer,
+                n_embd: m.n_embd,
+                n_params: m.n_params,
+                size_bytes: m.size_bytes,
+                has_chat_template: m.has_chat_template,
+                n_swa: self.model.n_swa(),
+                memory: support.memory,
+                cacheable: support.cacheable,
+                cache_reason: support.reason,
+            })
+        })
     }
 
     #[pyo3(signature = (text, *, add_bos = true, special = false))]
     fn tokenize(
         &self,
         py: Python<'_>,
-        text: String,
+        text: &Bound<'_, PyAny>,
         add_bos: bool,
         special: bool,
     ) -> PyResult<Vec<u32>> {
-        let model = &self.model;
-        py.detach(|| model.tokenize(&text, add_bos, special))
-            .map_err(llama_err)
+        guard("LlamaModel.tokenize", || {
+            let text = str_arg(text, "text", usize::MAX)?;
+            let model = &self.model;
+            py.detach(|| model.tokenize(&text, add_bos, special))
+                .map_err(llama_err)
+        })
     }
 
     #[pyo3(signature = (tokens, *, special = false))]
-    fn detokenize(&self, py: Python<'_>, tokens: Vec<i64>, special: bool) -> PyResult<String> {
-        let ids = token_ids(&self.model, &tokens)?;
-        let model = &self.model;
-        py.detach(|| model.detokenize(&ids, special))
-            .map_err(llama_err)
+    fn detokenize(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        special: bool,
+    ) -> PyResult<String> {
+        guard("LlamaModel.detokenize", || {
+            let ids = token_ids(&self.model, tokens)?;
+            let model = &self.model;
+            py.detach(|| model.detokenize(&ids, special))
+                .map_err(llama_err)
+        })
     }
 
     #[pyo3(signature = (messages, *, add_assistant = true))]
@@ -158,9 +188,11 @@ impl PyModel {
         messages: Vec<(String, String)>,
         add_assistant: bool,
     ) -> PyResult<String> {
-        let model = &self.model;
-        py.detach(|| model.apply_chat_template(&messages, add_assistant))
-            .map_err(llama_err)
+        guard("LlamaModel.apply_chat_template", || {
+            let model = &self.model;
+            py.detach(|| model.apply_chat_template(&messages, add_assistant))
+                .map_err(llama_err)
+        })
     }
 
     #[pyo3(signature = (messages, *, add_assistant = true))]
@@ -170,40 +202,54 @@ impl PyModel {
         messages: Vec<(String, String)>,
         add_assistant: bool,
     ) -> PyResult<Vec<u32>> {
-        let model = &self.model;
-        py.detach(|| model.chat_tokens(&messages, add_assistant))
-            .map_err(llama_err)
+        guard("LlamaModel.chat_tokens", || {
+            let model = &self.model;
+            py.detach(|| model.chat_tokens(&messages, add_assistant))
+                .map_err(llama_err)
+        })
     }
 
-    fn is_eog(&self, token: i64) -> PyResult<bool> {
-        let ids = token_ids(&self.model, &[token])?;
-        Ok(self.model.is_eog(ids[0]))
+    fn is_eog(&self, token: &Bound<'_, PyAny>) -> PyResult<bool> {
+        guard("LlamaModel.is_eog", || {
+            let one = pyo3::types::PyList::new(token.py(), [token])?;
+            let ids = token_ids(&self.model, one.as_any())?;
+            Ok(self.model.is_eog(ids[0]))
+        })
     }
 
-    #[pyo3(signature = (*, n_ctx = 4096, n_batch = 512, n_threads = None, n_seq_max = 1))]
+    #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, n_seq_max = None))]
     fn new_context(
         &self,
         py: Python<'_>,
-        n_ctx: i64,
-        n_batch: i64,
-        n_threads: Option<i64>,
-        n_seq_max: i64,
+        n_ctx: Option<&Bound<'_, PyAny>>,
+        n_batch: Option<&Bound<'_, PyAny>>,
+        n_threads: Option<&Bound<'_, PyAny>>,
+        n_seq_max: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyContext> {
-        let params = SessionParams {
-            n_ctx: positive("n_ctx", n_ctx)?,
-            n_batch: positive("n_batch", n_batch)?,
-            n_threads: n_threads.map(|n| positive("n_threads", n)).transpose()?,
-            n_seq_max: positive("n_seq_max", n_seq_max)?,
-        };
-        let n_ctx = params.n_ctx;
-        let model = &self.model;
-        let worker = py
-            .detach(|| SessionWorker::spawn(model, &params))
-            .map_err(llama_err)?;
-        Ok(PyContext {
-            worker,
-            model: self.model.clone(),
-            n_ctx,
+        guard("LlamaModel.new_context", || {
+            let get = |v: Option<&Bound<'_, PyAny>>, name, lo, hi, default| match v {
+                Some(v) if !v.is_none() => u32_in(v, name, lo, hi),
+                _ => Ok(default),
+            };
+            let params = SessionParams {
+                n_ctx: get(n_ctx, "n_ctx", 8, 1 << 22, 4096)?,
+                n_batch: get(n_batch, "n_batch", 1, 1 << 16, 512)?,
+                n_threads: match n_threads {
+                    Some(v) if !v.is_none() => Some(u32_in(v, "n_threads", 1, 1024)?),
+                    _ => None,
+                },
+                n_seq_max: get(n_seq_max, "n_seq_max", 1, 256, 1)?,
+            };
+            let n_ctx = params.n_ctx;
+            let model = &self.model;
+            let worker = py
+                .detach(|| SessionWorker::spawn(model, &params))
+                .map_err(llama_err)?;
+            Ok(PyContext {
+                worker,
+                model: self.model.clone(),
+                n_ctx,
+            })
         })
     }
 
@@ -235,54 +281,75 @@ impl PyContext {
 
     #[getter]
     fn n_past(&self, py: Python<'_>) -> PyResult<usize> {
-        run(py, &self.worker, None, |s| Ok(s.n_past()))
+        guard("Context.n_past", || {
+            run(py, &self.worker, None, |s| Ok(s.n_past()))
+        })
     }
 
     fn tokens(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
-        run(py, &self.worker, None, |s| Ok(s.tokens().to_vec()))
+        guard("Context.tokens", || {
+            run(py, &self.worker, None, |s| Ok(s.tokens().to_vec()))
+        })
     }
 
-    fn prefill(&self, py: Python<'_>, tokens: Vec<i64>) -> PyResult<()> {
-        let ids = token_ids(&self.model, &tokens)?;
-        run(py, &self.worker, None, move |s| s.prefill(&ids))
+    fn prefill(&self, py: Python<'_>, tokens: &Bound<'_, PyAny>) -> PyResult<()> {
+        guard("Context.prefill", || {
+            let ids = token_ids(&self.model, tokens)?;
+            run(py, &self.worker, None, move |s| s.prefill(&ids))
+        })
     }
 
     fn decode_one(&self, py: Python<'_>) -> PyResult<u32> {
-        run(py, &self.worker, None, Session::decode_one)
+        guard("Context.decode_one", || {
+            run(py, &self.worker, None, Session::decode_one)
+        })
     }
 
-    fn generate(&self, py: Python<'_>, max_tokens: i64) -> PyResult<Vec<u32>> {
-        let max_tokens = usize::try_from(max_tokens).map_err(|_| {
-            llama_err(LlamaError::InvalidParam {
-                name: "max_tokens",
-                reason: format!("{max_tokens} is negative"),
+    fn generate(&self, py: Python<'_>, max_tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+        guard("Context.generate", || {
+            let max_tokens = usize_in(max_tokens, "max_tokens", 0, u32::MAX as usize)?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&cancel);
+            run(py, &self.worker, Some(cancel), move |s| {
+                s.generate_until(max_tokens, &flag)
             })
-        })?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&cancel);
-        run(py, &self.worker, Some(cancel), move |s| {
-            s.generate_until(max_tokens, &flag)
         })
     }
 
     fn kv_pack<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = run(py, &self.worker, None, |s| s.kv_pack())?;
-        Ok(PyBytes::new(py, &bytes))
+        guard("Context.kv_pack", || {
+            let bytes = run(py, &self.worker, None, |s| s.kv_pack())?;
+            Ok(PyBytes::new(py, &bytes))
+        })
     }
 
-    fn kv_unpack(&self, py: Python<'_>, data: PyBackedBytes, tokens: Vec<i64>) -> PyResult<()> {
-        let ids = token_ids(&self.model, &tokens)?;
-        run(py, &self.worker, None, move |s| s.kv_unpack(&data, &ids))
+    fn kv_unpack(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        guard("Context.kv_unpack", || {
+            let data: PyBackedBytes = data
+                .extract()
+                .map_err(|_| crate::error::invalid("data must be bytes"))?;
+            let ids = token_ids(&self.model, tokens)?;
+            run(py, &self.worker, None, move |s| s.kv_unpack(&data, &ids))
+        })
     }
 
     fn remove_last(&self, py: Python<'_>) -> PyResult<()> {
-        run(py, &self.worker, None, Session::remove_last)
+        guard("Context.remove_last", || {
+            run(py, &self.worker, None, Session::remove_last)
+        })
     }
 
     fn clear(&self, py: Python<'_>) -> PyResult<()> {
-        run(py, &self.worker, None, |s| {
-            s.clear();
-            Ok(())
+        guard("Context.clear", || {
+            run(py, &self.worker, None, |s| {
+                s.clear();
+                Ok(())
+            })
         })
     }
 }

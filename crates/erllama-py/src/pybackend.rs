@@ -10,48 +10,60 @@
 //! `kv_unpack(data, tokens)`, `remove_last()`, `clear()` and optionally
 //! `set_sampling(params: dict)`. Every call takes the GIL for its duration
 //! only; the token list is mirrored on the Rust side so `tokens()` needs no
-//! call. Exceptions become backend errors by class (an `erllama.errors`
-//! class keeps its meaning), so one failing call fails one request.
+//! call. A failing call fails one request, and its exception reaches the
+//! caller: an `erllama.errors` class raised on purpose comes back
+//! unchanged; any other exception comes back as `BackendError` with the
+//! original chained as its `__cause__`.
+
+use std::sync::Arc;
 
 use erllama_cache::{FingerprintMode, QuantType};
 use erllama_engine::{
-    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
-    SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ForeignError,
+    ModelFingerprint, SamplingParams,
 };
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt};
 
 use crate::bridge::enter_python;
+use crate::error::{err, invalid, Kind};
 use pyo3::types::PyDict;
 use sha2::{Digest, Sha256};
 
-/// Maps a Python exception raised by backend code to a backend error.
-fn backend_err(py: Python<'_>, e: &PyErr) -> BackendError {
+/// The methods a context object must have.
+const CONTEXT_METHODS: [&str; 6] = [
+    "prefill",
+    "decode_one",
+    "kv_pack",
+    "kv_unpack",
+    "remove_last",
+    "clear",
+];
+
+/// Carries an exception raised by backend code through the engine: an
+/// `ErllamaError` as it is, anything else as `BackendError` caused by it.
+fn backend_err(py: Python<'_>, e: PyErr, method: &str) -> BackendError {
     let name = e
         .get_type(py)
         .name()
         .map(|n| n.to_string())
         .unwrap_or_else(|_| "Exception".into());
-    let msg = e.value(py).to_string();
-    let is = |class: &str| {
-        py.import("erllama.errors")
-            .and_then(|m| m.getattr(class))
-            .is_ok_and(|c| e.get_type(py).is_subclass(&c).unwrap_or(false))
-    };
-    if is("ContextOverflowError")
-        || is("TokenOutOfRangeError")
-        || is("EmptyInputError")
-        || is("InvalidInputError")
-    {
-        BackendError::InvalidInput(msg)
-    } else if is("KvStateError") {
-        BackendError::KvState(msg)
-    } else if is("NoTemplateError") {
-        BackendError::NotSupported("chat_template")
-    } else if is("NotSupportedError") {
-        BackendError::NotSupported("this capability")
+    let message = format!("{method}() raised {name}: {}", e.value(py));
+    let ours = py
+        .import("erllama.errors")
+        .and_then(|m| m.getattr("ErllamaError"))
+        .is_ok_and(|c| e.is_instance(py, &c));
+    let payload = if ours {
+        e
     } else {
-        BackendError::Other(format!("{name}: {msg}"))
-    }
+        let wrapped = err(Kind::Backend, format!("the Python backend's {message}"));
+        wrapped.set_cause(py, Some(e));
+        wrapped
+    };
+    BackendError::Foreign(ForeignError {
+        message,
+        payload: Arc::new(payload),
+    })
 }
 
 fn call<T>(
@@ -66,7 +78,7 @@ where
         obj.bind(py)
             .call_method1(method, args)
             .and_then(|r| r.extract::<T>().map_err(Into::into))
-            .map_err(|e| backend_err(py, &e))
+            .map_err(|e| backend_err(py, e, method))
     })
     .unwrap_or_else(|| Err(gone()))
 }
@@ -85,7 +97,7 @@ fn call_unit(
         obj.bind(py)
             .call_method1(method, args)
             .map(|_| ())
-            .map_err(|e| backend_err(py, &e))
+            .map_err(|e| backend_err(py, e, method))
     })
     .unwrap_or_else(|| Err(gone()))
 }
@@ -115,34 +127,45 @@ impl PyBackend {
     ///
     /// `InvalidInputError` when a required attribute is missing.
     pub fn new(obj: &Bound<'_, PyAny>, label: &str) -> PyResult<Self> {
-        let missing = |what: &str| {
-            crate::error::erllama_err(
-                "InvalidInputError",
-                format!("a backend object needs {what}"),
-            )
-        };
+        let missing = |what: &str| invalid(format!("a backend object needs {what}"));
         for m in ["tokenize", "detokenize", "new_context"] {
-            if !obj.hasattr(m)? {
-                return Err(missing(m));
+            if !obj.getattr(m).is_ok_and(|f| f.is_callable()) {
+                return Err(missing(&format!("a {m}() method")));
             }
         }
-        let name: String = obj
-            .getattr("name")
-            .and_then(|n| n.extract())
-            .unwrap_or_else(|_| "python".into());
-        let n_vocab: u32 = obj
+        let name: String = match obj.getattr("name") {
+            Ok(n) => n
+                .extract()
+                .map_err(|_| invalid("a backend's name must be a str"))?,
+            Err(_) => "python".into(),
+        };
+        let n_vocab_obj = obj
             .getattr("n_vocab")
-            .and_then(|n| n.extract())
-            .map_err(|_| missing("an int n_vocab"))?;
+            .map_err(|_| missing("an int n_vocab >= 1"))?;
+        if n_vocab_obj.is_instance_of::<PyBool>() || !n_vocab_obj.is_instance_of::<PyInt>() {
+            return Err(missing("an int n_vocab >= 1"));
+        }
+        let n_vocab: u32 = n_vocab_obj
+            .extract::<u32>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "a backend's n_vocab must be an int in 1..={}, got {}",
+                    u32::MAX,
+                    n_vocab_obj
+                        .repr()
+                        .map_or_else(|_| "?".into(), |r| r.to_string())
+                ))
+            })?;
         let fingerprint = match obj.hasattr("fingerprint")? {
             true => {
-                let b: Vec<u8> = obj.call_method0("fingerprint")?.extract()?;
-                <[u8; 32]>::try_from(b.as_slice()).map_err(|_| {
-                    crate::error::erllama_err(
-                        "InvalidInputError",
-                        "fingerprint() must return 32 bytes".into(),
-                    )
-                })?
+                let b: Vec<u8> = obj
+                    .call_method0("fingerprint")?
+                    .extract()
+                    .map_err(|_| invalid("fingerprint() must return 32 bytes"))?;
+                <[u8; 32]>::try_from(b.as_slice())
+                    .map_err(|_| invalid("fingerprint() must return 32 bytes"))?
             }
             false => {
                 let mut sha = Sha256::new();
@@ -229,20 +252,33 @@ impl Backend for PyBackend {
 
     fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
         let ctx: Py<PyAny> = call(&self.obj, "new_context", (params.n_ctx, params.n_batch))?;
-        let (has_sampling, has_eog, backend) = enter_python(|py| {
+        let (missing, has_sampling, has_eog, backend) = enter_python(|py| {
+            let c = ctx.bind(py);
+            let missing: Vec<&str> = CONTEXT_METHODS
+                .into_iter()
+                .filter(|m| !c.getattr(*m).is_ok_and(|f| f.is_callable()))
+                .collect();
             (
-                ctx.bind(py).hasattr("set_sampling").unwrap_or(false),
+                missing,
+                c.hasattr("set_sampling").unwrap_or(false),
                 self.obj.bind(py).hasattr("is_eog").unwrap_or(false),
                 self.obj.clone_ref(py),
             )
         })
         .ok_or_else(gone)?;
+        if !missing.is_empty() {
+            return Err(BackendError::ContextCreate(format!(
+                "the Python backend's new_context() returned an object without {}",
+                missing.join(", ")
+            )));
+        }
         Ok(Box::new(PyContext {
             ctx,
             backend,
             tokens: Vec::new(),
             has_sampling,
             has_eog,
+            n_vocab: self.n_vocab,
         }))
     }
 }
@@ -254,6 +290,7 @@ struct PyContext {
     tokens: Vec<u32>,
     has_sampling: bool,
     has_eog: bool,
+    n_vocab: u32,
 }
 
 impl BackendContext for PyContext {
@@ -281,7 +318,7 @@ impl BackendContext for PyContext {
                     .call_method1("set_sampling", (d.clone(),))?;
                 Ok(())
             };
-            set().map_err(|e| backend_err(py, &e))
+            set().map_err(|e| backend_err(py, e, "set_sampling"))
         })
         .unwrap_or_else(|| Err(gone()))
     }
@@ -310,7 +347,7 @@ impl BackendContext for PyContext {
                 .bind(py)
                 .call_method1("set_adapters", (list,))
                 .map(|_| ())
-                .map_err(|e| backend_err(py, &e))
+                .map_err(|e| backend_err(py, e, "set_adapters"))
         })
         .unwrap_or_else(|| Err(gone()))
     }
@@ -327,12 +364,23 @@ impl BackendContext for PyContext {
 
     fn decode_one(&mut self) -> Result<u32, BackendError> {
         let t: u32 = call(&self.ctx, "decode_one", ())?;
+        if t >= self.n_vocab {
+            return Err(BackendError::Other(format!(
+                "the Python backend's decode_one() returned token {t}, outside its vocabulary \
+                 of {}",
+                self.n_vocab
+            )));
+        }
         self.tokens.push(t);
         Ok(t)
     }
 
-    fn is_eog(&self, token: u32) -> bool {
-        self.has_eog && call::<bool>(&self.backend, "is_eog", (token,)).unwrap_or(false)
+    fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
+        if self.has_eog {
+            call::<bool>(&self.backend, "is_eog", (token,))
+        } else {
+            Ok(false)
+        }
     }
 
     fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
@@ -346,7 +394,7 @@ impl BackendContext for PyContext {
                 .bind(py)
                 .call_method1("kv_unpack", (data, tokens.to_vec()))
                 .map(|_| ())
-                .map_err(|e| backend_err(py, &e))
+                .map_err(|e| backend_err(py, e, "kv_unpack"))
         })
         .unwrap_or_else(|| Err(gone()));
         match result {

@@ -1,12 +1,18 @@
 """The deterministic stub backend in pure Python.
 
 It behaves exactly like the Rust stub (``backend="stub"``): one token per
-whitespace-separated word (FNV-1a of the word modulo 65536; token 1 is BOS),
+word (FNV-1a of the word modulo 65536; token 1 is BOS), where a word is a
+maximal run of characters that are not Unicode ``White_Space`` (the
+characters of :data:`WHITE_SPACE`, the set Rust's ``char::is_whitespace``
+uses; ``str.split()`` would also split on U+001C..U+001F and so disagree),
 the next token is the FNV-1a hash of the whole context (tokens as u32
 little-endian) modulo 65536 and generation never ends by itself, the packed
 state is the token list as u32 little-endian, and embeddings are 16 floats in
-[0, 1]. It exists to prove that a backend can be written in Python and to keep
-cache tests fast.
+[0, 1]. Decoding is greedy only: like the Rust stub, it has no
+``set_sampling``, so temperature, repetition penalty and grammar are refused
+with :class:`~erllama.errors.NotSupportedError` (after the same value checks).
+It exists to prove that a backend can be written in Python and to keep cache
+tests fast.
 
 The protocol, as used by the engine (the Rust model task calls these with the
 GIL held only for the call):
@@ -30,12 +36,22 @@ True
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 
 from erllama.errors import ContextOverflowError, InvalidInputError, KvStateError
 
-__all__ = ["STUB_BOS", "STUB_VOCAB", "StubBackend", "StubContext", "next_token", "word_token"]
+__all__ = [
+    "STUB_BOS",
+    "STUB_VOCAB",
+    "WHITE_SPACE",
+    "StubBackend",
+    "StubContext",
+    "next_token",
+    "word_token",
+    "words",
+]
 
 STUB_VOCAB = 65536
 STUB_BOS = 1
@@ -48,6 +64,21 @@ def _fnv1a(state: int, data: bytes) -> int:
     for b in data:
         state = ((state ^ b) * _FNV_PRIME) & _MASK
     return state
+
+
+WHITE_SPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+"""The Unicode ``White_Space`` characters: what separates the stub's words."""
+
+_SPLIT = re.compile("[" + re.escape("".join(sorted(WHITE_SPACE))) + "]+")
+
+
+def words(text: str) -> list[str]:
+    """The stub's words of ``text`` (maximal runs of non-:data:`WHITE_SPACE`)."""
+    return [w for w in _SPLIT.split(text) if w]
 
 
 def word_token(word: str) -> int:
@@ -88,7 +119,7 @@ class StubBackend:
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         out = [STUB_BOS] if add_bos else []
-        for w in text.split():
+        for w in words(text):
             t = word_token(w)
             self._words.setdefault(t, w)
             out.append(t)

@@ -12,7 +12,8 @@ use super::{
     Committed, LoadError, Payload, Recovered, SaveStage, Staged, TierError, TierKind, Visible,
 };
 use crate::fsio::{
-    final_path, link_into_place, scan_dir, write_hit_count, write_temp_probed, FsioError,
+    final_path, link_into_place, not_regular, open_regular, prepare_dir, read_file, scan_dir,
+    write_hit_count, write_temp_probed, FsioError,
 };
 use crate::key::CacheKey;
 use crate::kvc::{parse_full, parse_meta_with_len, KvcError, PAYLOAD_OFFSET_OFFSET};
@@ -111,6 +112,13 @@ impl FileStore {
     }
 
     pub(crate) fn recover(&self) -> Result<(Vec<Recovered>, usize), TierError> {
+        // Prove the directory can hold the tier before touching anything in
+        // it: a directory that cannot take a save would otherwise fail
+        // every save later, logged but otherwise silent.
+        prepare_dir(&self.dir, &self.writer).map_err(|source| TierError::Dir {
+            dir: self.dir.clone(),
+            source,
+        })?;
         let report = scan_dir(&self.dir)?;
         let rows = report
             .registered
@@ -140,7 +148,9 @@ impl FileStore {
         };
         let dest = self.path(key);
         let outcome = link_into_place(&temp, &dest, key)?;
-        let size = std::fs::metadata(&dest)
+        // lstat: the size of the entry itself, which link_into_place left a
+        // regular file (linked, renamed, or adopted after a no-follow read).
+        let size = std::fs::symlink_metadata(&dest)
             .map_err(|e| FsioError::Io {
                 op: "metadata",
                 path: dest.clone(),
@@ -165,6 +175,19 @@ impl FileStore {
                     tier: self.kind,
                     reason: "file not found".into(),
                 }
+            } else if let Some(nr) = not_regular(&source) {
+                // Replaced underneath by a link or a FIFO: the row's bytes
+                // are gone; the index drops the row and unlinks the entry.
+                tracing::warn!(
+                    path = %path.display(),
+                    kind = nr.kind,
+                    "not a regular file at a tier file's name: not read"
+                );
+                LoadError::Missing {
+                    key: *key,
+                    tier: self.kind,
+                    reason: nr.to_string(),
+                }
             } else {
                 LoadError::Io {
                     key: *key,
@@ -173,7 +196,7 @@ impl FileStore {
                 }
             }
         };
-        let file = File::open(&path).map_err(io_err)?;
+        let file = open_regular(&path, false).map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
         if len != expected_size {
             // Truncated or grown underneath: never read a file whose size
@@ -259,8 +282,22 @@ impl FileStore {
 
     pub(crate) fn validate_visible(&self, key: &CacheKey) -> Visible {
         let path = self.path(key);
-        let Ok(bytes) = std::fs::read(&path) else {
-            return Visible::Absent;
+        let bytes = match read_file(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if let Some(nr) = not_regular(&e) {
+                    // Never adopted; unlink removes the entry, not a
+                    // link's target.
+                    tracing::warn!(
+                        path = %path.display(),
+                        kind = nr.kind,
+                        "not a regular file in a tier directory: removed, not adopted"
+                    );
+                    let _ = std::fs::remove_file(&path);
+                    return Visible::RemovedInvalid;
+                }
+                return Visible::Absent;
+            }
         };
         match parse_full(&bytes, key) {
             Ok(meta) => Visible::Valid(Box::new(Recovered {

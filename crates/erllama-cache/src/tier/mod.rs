@@ -31,7 +31,7 @@ pub use file::FileLoad;
 pub use ram::RamTier;
 pub use ramfile::RamFileTier;
 
-use crate::fsio::{FsioError, LinkOutcome};
+use crate::fsio::{DirError, FsioError, LinkOutcome};
 use crate::key::CacheKey;
 use crate::kvc::{KvcError, KvcMeta};
 
@@ -300,6 +300,16 @@ pub enum TierError {
     /// A file operation failed.
     #[error(transparent)]
     Fsio(#[from] FsioError),
+    /// A file tier's directory cannot hold the tier (it cannot be created
+    /// or made private, or the probe file failed).
+    #[error("directory {}: {source}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: DirError,
+    },
     /// An I/O call failed.
     #[error("{op}: {source}")]
     Io {
@@ -377,14 +387,15 @@ pub trait Tier: Send + Sync + fmt::Debug {
         None
     }
 
-    /// Startup recovery: file tiers scan their directory (docs/tiers.md); the
+    /// Startup recovery: file tiers make their directory private, prove
+    /// they can write in it (a probe file) and scan it (docs/tiers.md); the
     /// RAM tier starts empty. Returns the registered rows and how many
     /// files were deleted as invalid.
     ///
     /// # Errors
     ///
-    /// [`TierError`] when the directory cannot be created, listed or
-    /// cleaned.
+    /// [`TierError::Dir`] when the directory cannot hold the tier; another
+    /// [`TierError`] when it cannot be listed or cleaned.
     fn recover(&self) -> Result<(Vec<Recovered>, usize), TierError>;
 
     /// docs/tiers.md, publish step 2: makes `header ‖ payload` durable but invisible.
@@ -431,10 +442,11 @@ pub trait Tier: Send + Sync + fmt::Debug {
     fn remove(&self, key: &CacheKey) -> Result<(), TierError>;
 
     /// Persists a new hit count (file tiers: 4 bytes at offset 12,
-    /// advisory, not synced).
+    /// advisory, not synced, never through a symlink).
     fn record_hits(&self, key: &CacheKey, hits: u32);
 
     /// The orphan sweep: is there a visible, fully valid row for `key`?
-    /// An invalid one is removed.
+    /// An invalid one is removed (for files: also a symlink or another
+    /// non-regular file, whose entry is unlinked, never followed).
     fn validate_visible(&self, key: &CacheKey) -> Visible;
 }

@@ -15,8 +15,9 @@ use super::{FileLoad, TierKind};
 pub struct RamFileTier(FileStore);
 
 impl RamFileTier {
-    /// A tier over `dir` (created 0o700 by [`Tier::recover`](super::Tier::recover) when
-    /// missing); `writer` names this writer in temp file names.
+    /// A tier over `dir` (created when missing, made 0o700 and probed by
+    /// [`Tier::recover`](super::Tier::recover)); `writer` names this writer
+    /// in temp file names.
     #[must_use]
     pub fn new(dir: impl Into<PathBuf>, writer: &str, load: FileLoad) -> Self {
         Self(FileStore::new(
