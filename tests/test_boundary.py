@@ -248,16 +248,16 @@ class _Failing(StubBackend):
             raise ZeroDivisionError("is_eog broke")
         return False
 
-    def new_context(self, n_ctx: int, n_batch: int) -> Any:
+    def new_context(self, n_ctx: int, n_batch: int, n_seq: int = 1) -> Any:
         if self.mode == "none":
             return None
-        ctx = super().new_context(n_ctx, n_batch)
+        ctx = super().new_context(n_ctx, n_batch, n_seq)
         if self.mode == "decode":
 
-            def decode_one() -> int:
+            def decode(batch: Any) -> None:
                 raise errors.DecodeError("no KV slot")
 
-            ctx.decode_one = decode_one  # type: ignore[method-assign]
+            ctx.decode = decode  # type: ignore[method-assign]
         return ctx
 
 

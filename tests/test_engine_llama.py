@@ -64,9 +64,16 @@ async def test_a_cache_hit_gives_the_cold_completion(
         SYSTEM + " Question: name one feature of planet 5.",
     ]
     for prompt in prompts:
+        await model.evict()
         cold = await model.complete(prompt, max_tokens=12)
         assert cold.stats.cache_hit_kind in ("cold", "partial")
         assert engine.cache.settle()
+        # The finished sequence, kept warm and taken over.
+        shared = await model.complete(prompt, max_tokens=12)
+        assert (shared.stats.cache_hit_kind, shared.stats.hit_source) == ("exact", "shared")
+        assert shared.tokens == cold.tokens
+        # The cached row, once the sequences are gone.
+        await model.evict()
         warm = await model.complete(prompt, max_tokens=12)
         assert warm.stats.cache_hit_kind == "exact"
         assert warm.stats.cache_tier == tier
@@ -76,6 +83,7 @@ async def test_a_cache_hit_gives_the_cold_completion(
     # The second prompt shares the system prompt: a longest-prefix hit.
     counters = engine.cache.counters()
     assert counters["hits_exact"] == 2
+    assert counters["hits_shared"] == 2
     assert counters["hits_longest_prefix"] >= 1
     assert counters[f"bytes_{tier}"] > 0
 
@@ -89,9 +97,17 @@ async def test_resume_a_chat_turn(engine: erllama.Engine, model_path: Path) -> N
     assert r1.finish_key is not None
     follow = await model.tokenize(" Thanks. And number 4?", add_bos=False)
     turn2 = [*turn1, *r1.tokens, *follow]
+    # Turn 1's sequence, kept warm, is taken over and continued.
+    shared = await model.complete(turn2, max_tokens=10, parent_key=r1.finish_key)
+    assert shared.stats.hit_source == "shared"
+    assert shared.stats.cached_tokens == len(turn1) + len(r1.tokens) - 1
+    # Once it is gone, the turn resumes from the saved row.
+    await model.evict()
     r2 = await model.complete(turn2, max_tokens=10, parent_key=r1.finish_key)
     assert r2.stats.hit_source == "resume"
-    assert r2.stats.cached_tokens == len(turn1) + len(r1.tokens)
+    # The row holds turn 1 and its answer but the answer's last token.
+    assert r2.stats.cached_tokens == len(turn1) + len(r1.tokens) - 1
+    assert r2.tokens == shared.tokens
     # The same turn without any cache gives the same tokens.
     async with erllama.Engine(policy=POLICY) as fresh:
         other = await load(fresh, model_path)

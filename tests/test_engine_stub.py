@@ -8,8 +8,10 @@ request only. The same flows on the real model are in test_engine_llama.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +64,27 @@ async def test_cold_then_exact_then_partial(backend: Any) -> None:
         assert len(cold.tokens) == 12
         assert cold.stats.finish_reason == "length"
         assert engine.cache.settle()
+        # The finished sequence is kept: the repeat takes it over.
+        shared = await model.complete(prompt, max_tokens=12)
+        assert (shared.stats.cache_hit_kind, shared.stats.hit_source) == ("exact", "shared")
+        assert shared.stats.cached_tokens == 41
+        assert shared.stats.cache_tier is None
+        assert shared.tokens == cold.tokens
+        # Once the sequences are evicted, the repeat restores the cached row.
+        await model.evict()
         warm = await model.complete(prompt, max_tokens=12)
-        assert warm.stats.cache_hit_kind == "exact"
+        assert (warm.stats.cache_hit_kind, warm.stats.hit_source) == ("exact", "exact")
         assert warm.stats.cached_tokens == 41
         assert warm.stats.cache_tier == "ram"
         assert warm.tokens == cold.tokens
         assert warm.text == cold.text
+        await model.evict()
         longer = await model.complete(prompt + " and more words", max_tokens=3)
         assert longer.stats.cache_hit_kind == "partial"
         assert longer.stats.hit_source == "longest_prefix"
         counters = engine.cache.counters()
         assert counters["hits_exact"] == 1
+        assert counters["hits_shared"] == 1
         assert counters["hits_longest_prefix"] == 1
         assert counters["misses"] == 1
         assert counters["saves_cold"] >= 2
@@ -95,16 +107,27 @@ async def test_parent_key_resumes_a_turn(tmp_path: Path, backend: Any) -> None:
     cache = erllama.CacheConfig(disk_dir=tmp_path / "disk")
     async with erllama.Engine(cache=cache, policy=POLICY) as engine:
         model = await engine.load_model("chat", backend=backend, tier="disk")
+        # Another model of the same weights: the same keys, none of the
+        # first one's sequences (no warm sequence to take over).
+        other = await engine.load_model("chat", backend=backend, tier="disk")
         turn1 = await model.tokenize(words(20, "t1"))
         r1 = await model.complete(turn1, max_tokens=6)
         assert r1.finish_key is not None
         turn2 = [*turn1, *r1.tokens, *await model.tokenize(words(5, "t2"), add_bos=False)]
-        r2 = await model.complete(turn2, max_tokens=6, parent_key=r1.finish_key)
+        # No settle: the resume waits for the row being written.
+        r2 = await other.complete(turn2, max_tokens=6, parent_key=r1.finish_key)
         assert r2.stats.cache_hit_kind == "partial"
         assert r2.stats.hit_source == "resume"
-        assert r2.stats.cached_tokens == len(turn1) + 6
+        # The row holds turn 1 and its answer but the answer's last token
+        # (sampled, never fed).
+        assert r2.stats.cached_tokens == len(turn1) + 5
         assert r2.stats.cache_tier == "disk"
         assert engine.cache.counters()["hits_resume"] == 1
+        # On the first model turn 1's sequence is still warm: it is taken
+        # over and continued, with the same answer.
+        r2b = await model.complete(turn2, max_tokens=6, parent_key=r1.finish_key)
+        assert r2b.stats.hit_source in ("shared", "exact")
+        assert r2b.tokens == r2.tokens
 
 
 CHILD = """
@@ -167,45 +190,63 @@ async def test_cancel_mid_stream_still_saves(backend: Any) -> None:
 
 async def test_cancel_before_the_first_token() -> None:
     async with erllama.Engine(policy=POLICY) as engine:
-        model = await engine.load_model("m", backend="stub")
+        # One sequence, busy with a slow request: the next one is queued.
+        model = await engine.load_model("m", backend=Logging(), parallel=1)
+        busy = model.stream("x y z", max_tokens=50)
         stream = model.stream("a b c", max_tokens=10)
         assert await engine.cancel(stream.request_id)
         result = await stream.result()
         assert result.stats.finish_reason == "cancelled"
         assert result.tokens == []
+        assert len((await busy.result()).tokens) == 50
 
 
 class Logging(StubBackend):
-    """A Python backend logging which request each decode serves."""
+    """A Python backend logging which request each sample serves."""
 
     def __init__(self) -> None:
         super().__init__()
         self.log: list[int] = []
 
-    def new_context(self, n_ctx: int, n_batch: int) -> Any:
-        ctx = super().new_context(n_ctx, n_batch)
-        original = ctx.decode_one
+    def new_context(self, n_ctx: int, n_batch: int, n_seq: int = 1) -> Any:
+        ctx = super().new_context(n_ctx, n_batch, n_seq)
+        original = ctx.sample
 
-        def decode_one() -> int:
-            self.log.append(ctx.tokens[1])  # the request's first word
-            return original()
+        def sample(seq: int) -> int:
+            self.log.append(ctx.seqs[seq][1])  # the request's first word
+            time.sleep(0.001)  # long enough for the next submission to arrive
+            return original(seq)
 
-        ctx.decode_one = decode_one  # type: ignore[method-assign]
+        ctx.sample = sample  # type: ignore[method-assign]
         return ctx
 
 
-async def test_queued_streams_run_one_at_a_time_in_fifo_order() -> None:
+async def _three_at_once(parallel: int) -> tuple[list[int], list[int]]:
     backend = Logging()
     async with erllama.Engine(policy=POLICY) as engine:
-        model = await engine.load_model("m", backend=backend)
+        model = await engine.load_model("m", backend=backend, parallel=parallel)
         # Each stream is submitted when it is created, in this order.
         streams = [model.stream(f"req{i} a b", max_tokens=30) for i in range(3)]
         ids = [s.request_id for s in streams]
         assert ids == sorted(ids)
         results = await asyncio.gather(*(s.result() for s in streams))
         assert [len(r.tokens) for r in results] == [30, 30, 30]
-        blocks = [t for i, t in enumerate(backend.log) if i == 0 or backend.log[i - 1] != t]
-        assert blocks == [word_token(f"req{i}") for i in range(3)]
+    return [word_token(f"req{i}") for i in range(3)], backend.log
+
+
+async def test_with_parallel_1_queued_streams_run_one_at_a_time_in_fifo_order() -> None:
+    tags, log = await _three_at_once(1)
+    blocks = [t for i, t in enumerate(log) if i == 0 or log[i - 1] != t]
+    assert blocks == tags
+
+
+async def test_with_parallel_4_streams_decode_together() -> None:
+    tags, log = await _three_at_once(4)
+    assert [log.count(t) for t in tags] == [30, 30, 30]
+    switches = sum(1 for a, b in itertools.pairwise(log) if a != b)
+    assert switches >= 30, log
+    # The last request started before the first one ended.
+    assert log.index(tags[2]) < len(log) - 1 - log[::-1].index(tags[0])
 
 
 async def test_eight_tasks_times_twenty_requests_each_answered_once() -> None:
@@ -263,19 +304,19 @@ async def test_bad_input_raises_specific_errors_and_the_engine_keeps_serving(
 
 
 class Exploding(StubBackend):
-    """A Python backend whose decode fails for one marked prompt."""
+    """A Python backend whose sampling fails for one marked prompt."""
 
-    def new_context(self, n_ctx: int, n_batch: int) -> Any:
-        ctx = super().new_context(n_ctx, n_batch)
-        original = ctx.decode_one
+    def new_context(self, n_ctx: int, n_batch: int, n_seq: int = 1) -> Any:
+        ctx = super().new_context(n_ctx, n_batch, n_seq)
+        original = ctx.sample
         boom = word_token("boom")
 
-        def decode_one() -> int:
-            if boom in ctx.tokens:
+        def sample(seq: int) -> int:
+            if boom in ctx.seqs[seq]:
                 raise RuntimeError("decode exploded")
-            return original()
+            return original(seq)
 
-        ctx.decode_one = decode_one  # type: ignore[method-assign]
+        ctx.sample = sample  # type: ignore[method-assign]
         return ctx
 
 
@@ -301,16 +342,16 @@ async def test_models_info_status_evict_unload() -> None:
         assert info.tier == "ram"
         assert len(info.fingerprint) == 64
         assert a.status() == "idle"
-        assert await a.evict() is None
+        assert await a.evict() == []
         await a.complete(words(4, "e"), max_tokens=2)
+        # BOS + 4 words + the first generated token (the last is never fed).
         saved = await a.evict()
-        assert saved is not None
-        assert saved.tokens == 7
+        assert [s.tokens for s in saved] == [6]
         assert engine.cache.counters()["saves_evict"] == 1
+        assert await a.evict() == []
         await a.complete(words(4, "f"), max_tokens=2)
         summary = await engine.unload(a.id)
-        assert summary is not None
-        assert summary.tokens == 7
+        assert [s.tokens for s in summary] == [6]
         assert engine.cache.counters()["saves_shutdown"] == 1
         assert engine.models() == ["erllama_model_2"]
 
@@ -359,3 +400,41 @@ async def test_adapters_isolate_cache_rows(tmp_path: Path, backend: Any) -> None
             await model.unload_adapter("nope")
         with pytest.raises(NotFoundError):
             await model.set_adapter_scale("nope", 0.5)
+
+
+async def test_a_request_cancelled_while_queued_saves_nothing_and_has_no_finish_key() -> None:
+    # Regression: a request cancelled before admission used to finish-save the
+    # previous request's context and return that row as its own finish_key.
+    backend = Logging()
+    async with erllama.Engine(policy=POLICY) as engine:
+        model = await engine.load_model("m", backend=backend, parallel=1)
+        first = await model.complete(words(20, "first"), max_tokens=4)
+        assert first.finish_key is not None
+        assert engine.cache.settle()
+        finishes = engine.cache.counters()["saves_finish"]
+        busy = model.stream(words(20, "busy"), max_tokens=200)
+        queued = model.stream(words(20, "queued"), max_tokens=4)
+        assert await engine.cancel(queued.request_id)
+        r = await queued.result()
+        assert (r.stats.finish_reason, r.tokens, r.finish_key) == ("cancelled", [], None)
+        await busy.result()
+        assert engine.cache.settle()
+        assert engine.cache.counters()["saves_finish"] == finishes + 1, "only the busy one's"
+
+
+async def test_continued_saves_count_from_the_end_of_the_prompt() -> None:
+    # Regression: for a prompt longer than cold_max_tokens the first
+    # generated token triggered a "continued" save of the whole context.
+    policy = erllama.Policy(
+        min_tokens=8, cold_min_tokens=8, cold_max_tokens=32, continued_interval=16
+    )
+    async with erllama.Engine(policy=policy) as engine:
+        model = await engine.load_model("m", backend="stub")
+        await model.complete(words(100, "long"), max_tokens=10)
+        assert engine.cache.settle()
+        assert engine.cache.counters()["saves_continued"] == 0
+        await model.evict()
+        await model.complete(words(100, "other"), max_tokens=40)
+        assert engine.cache.settle()
+        # After 16 and 32 generated tokens.
+        assert engine.cache.counters()["saves_continued"] == 2

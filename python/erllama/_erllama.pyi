@@ -179,6 +179,21 @@ class ModelInfo(_Record):
     @property
     def cache_reason(self) -> str | None:
         """Why the state is not cacheable."""
+    @property
+    def parallel(self) -> int:
+        """Sequences computed together (``load_model(parallel=...)``)."""
+    @property
+    def running(self) -> int:
+        """Requests running now."""
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a sequence or for KV cells."""
+    @property
+    def warm_sequences(self) -> int:
+        """Finished sequences kept for sharing their prefix."""
+    @property
+    def kv_cells_used(self) -> int:
+        """KV cells in use (a shared prefix counts once), out of ``n_ctx``."""
 
 @final
 class LlamaModelInfo(_Record):
@@ -482,8 +497,8 @@ class Model:
                 (1..65536; None: 512).
             n_threads: CPU threads for decoding; ``None`` picks a default from
                 the number of cores.
-            n_seq_max: sequences the context can hold, sharing one unified KV
-                cache of ``n_ctx`` cells (1..256; None: 1).
+            n_seq_max: sequences the context can hold, each with ``n_ctx``
+                KV cells of its own (1..256; None: 1).
 
         Raises:
             InvalidInputError: a size is zero, negative or out of range.
@@ -518,6 +533,13 @@ class Context:
             TokenOutOfRangeError: a token id is negative or ``>= n_vocab``.
             ContextOverflowError: ``n_past + len(tokens) > n_ctx``.
             DecodeError: ``llama_decode`` failed.
+        """
+
+    def logits(self) -> list[float]:
+        """The logits for the next token, one per vocabulary entry.
+
+        Raises:
+            InvalidInputError: nothing was decoded since the last restore, removal or clear.
         """
 
     def decode_one(self) -> int:
@@ -615,6 +637,7 @@ class Engine:
         tier: str,
         policy: Mapping[str, int] | None,
         fingerprint_mode: str,
+        parallel: int,
     ) -> Awaitable[str]:
         """Load a model (``backend``: ``"llama"``, ``"stub"`` or an object); resolves to its id."""
 
@@ -660,9 +683,9 @@ class Engine:
     ) -> Awaitable[AdapterInfo]: ...
     def unload_adapter(self, model_id: str, adapter_id: str) -> Awaitable[None]: ...
     def adapters(self, model_id: str) -> Awaitable[list[AdapterInfo]]: ...
-    def evict(self, model_id: str) -> Awaitable[SaveSummary | None]: ...
-    def save_now(self, model_id: str) -> Awaitable[SaveSummary | None]: ...
-    def unload(self, model_id: str) -> Awaitable[SaveSummary | None]: ...
+    def evict(self, model_id: str) -> Awaitable[list[SaveSummary]]: ...
+    def save_now(self, model_id: str) -> Awaitable[list[SaveSummary]]: ...
+    def unload(self, model_id: str) -> Awaitable[list[SaveSummary]]: ...
     def shutdown(self) -> Awaitable[None]: ...
     def cache_counters(self) -> dict[str, int]: ...
     def cache_reset_counters(self) -> None: ...

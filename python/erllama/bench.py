@@ -8,9 +8,14 @@ Parts (each figure the median of ``repeats`` runs):
   (state bytes / restore time) beside the raw bound measured on the same
   bytes in the same run: a ``memcpy`` for ``ram``, a plain read of the
   row's file for the file tiers;
-- **agents** — 4 concurrent agents whose prompts share a 2048-token prefix
-  (saved by a first, cold agent): min / p50 / p99 / mean time to first
-  token against one warm request alone, and the hit counts;
+- **agents** — 4 and 8 concurrent agents (``parallel`` = their number)
+  whose prompts share a 2048-token prefix saved by a first, cold agent, each
+  with its own ~70-token suffix and 32 generated tokens: min / p50 / p99 /
+  mean time to first token against one warm agent alone on the same model,
+  and how many shared the prefix (``seq_cp``) instead of restoring it;
+- **parallel** — aggregate decode tok/s of 4 concurrent sequences against
+  one, and a lone request on ``parallel=4`` against ``parallel=1`` (TTFT of
+  a 512-token prompt and decode tok/s), runs alternating;
 - **restart** — warm time to first token in a fresh process over the disk
   tier written by another;
 - **peer** (``--peer llama-cpp-python``) — the same prompts through
@@ -153,62 +158,162 @@ async def _ttft_tier(
     return rows
 
 
-async def _agents(path: Path, threads: int | None, repeats: int) -> dict[str, Any]:
-    """4 concurrent agents sharing a 2048-token prefix on one model."""
-    async with erllama.Engine() as engine:
-        model = await engine.load_model(path, n_ctx=2560, n_batch=512, n_threads=threads)
-        prefix = await prompt_tokens(model, 2048, salt=7)
-        # Suffixes longer than boundary_trim_tokens, so the first agent's cold
-        # save covers the whole 2048-token prefix.
-        suffixes = [
-            await model.tokenize(
-                f" Agent {i} asks about keeper number {i} and the storms of that winter." * 5,
-                add_bos=False,
+async def _stream_timed(model: erllama.Model, tokens: list[int], max_tokens: int) -> dict[str, Any]:
+    """One streamed request: time to first token, end, and its stats."""
+    t0 = time.perf_counter()
+    stream = model.stream(tokens, max_tokens=max_tokens)
+    first: float | None = None
+    async for _ in stream:
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    c = stream.completion
+    assert c is not None
+    return {
+        "ttft_ms": ((first or end) - t0) * 1e3,
+        "start": t0,
+        "first": first or end,
+        "end": end,
+        "tokens": c.stats.completion_tokens,
+        "hit_source": c.stats.hit_source,
+        "cached": c.stats.cached_tokens,
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+async def _agents(
+    path: Path, threads: int | None, repeats: int, counts: tuple[int, ...] = (4, 8)
+) -> list[dict[str, Any]]:
+    """N concurrent agents sharing a 2048-token prefix (in the cache), each
+    with its own ~70-token suffix and 32 generated tokens, on one model with
+    ``parallel=N``, against one warm agent alone on the same model."""
+    out = []
+    for n in counts:
+        async with erllama.Engine() as engine:
+            model = await engine.load_model(
+                path, n_ctx=4096, n_batch=512, n_threads=threads, parallel=n
             )
-            for i in range(12)
-        ]
-        _say("agents: the first agent computes and saves the shared prefix")
-        await model.complete([*prefix, *suffixes[0]], max_tokens=1)
-        engine.cache.settle(300)
-        singles, all_ttft, hits0 = [], [], engine.cache.counters()["hits_longest_prefix"]
-        used = 1
-        for r in range(repeats):
-            _say(f"agents: run {r + 1}/{repeats}")
-            t, c = await _complete_timed(model, [*prefix, *suffixes[used]])
-            used += 1
-            assert c.stats.cache_hit_kind == "partial", c.stats
-            singles.append(t)
-
-            async def agent(tokens: list[int]) -> float:
-                t0 = time.perf_counter()
-                stream = model.stream(tokens, max_tokens=1)
-                async for _ in stream:
-                    break
-                async for _ in stream:
-                    pass
-                return (time.perf_counter() - t0) * 1e3
-
-            batch = [[*prefix, *suffixes[(used + k) % len(suffixes)]] for k in range(4)]
-            used += 4
-            all_ttft += await asyncio.gather(*(agent(b) for b in batch))
-            engine.cache.gc()
+            prefix = await prompt_tokens(model, 2048, salt=7)
+            suffixes = [
+                await model.tokenize(
+                    f" Agent {i} asks about keeper number {i} and the storms of that winter." * 5,
+                    add_bos=False,
+                )
+                for i in range(1 + repeats * (n + 1))
+            ]
+            _say(f"agents x{n}: the first agent computes and saves the shared prefix")
             await model.complete([*prefix, *suffixes[0]], max_tokens=1)
             engine.cache.settle(300)
-        hits = engine.cache.counters()["hits_longest_prefix"] - hits0
-    all_ttft.sort()
-    single = statistics.median(singles)
-    mean = statistics.fmean(all_ttft)
-    return {
-        "agents": 4,
-        "shared_prefix_tokens": 2048,
-        "single_warm_ms": round(single, 1),
-        "min_ms": round(all_ttft[0], 1),
-        "p50_ms": round(statistics.median(all_ttft), 1),
-        "p99_ms": round(all_ttft[min(len(all_ttft) - 1, int(0.99 * len(all_ttft)))], 1),
-        "mean_ms": round(mean, 1),
-        "mean_over_single": round(mean / single, 2),
-        "hits_longest_prefix": hits,
+            used = 1
+            singles: list[float] = []
+            ttfts: list[float] = []
+            shared = 0
+            for r in range(repeats):
+                _say(f"agents x{n}: run {r + 1}/{repeats}")
+                # Both start from the cache alone (no warm sequence).
+                await model.evict()
+                one = await _stream_timed(model, [*prefix, *suffixes[used]], 32)
+                used += 1
+                assert one["cached"] >= 2048, one
+                singles.append(one["ttft_ms"])
+                await model.evict()
+                runs = await asyncio.gather(
+                    *(_stream_timed(model, [*prefix, *suffixes[used + k]], 32) for k in range(n))
+                )
+                used += n
+                ttfts += [x["ttft_ms"] for x in runs]
+                shared += sum(1 for x in runs if x["hit_source"] == "shared")
+            single = statistics.median(singles)
+            mean = statistics.fmean(ttfts)
+            out.append(
+                {
+                    "agents": n,
+                    "shared_prefix_tokens": 2048,
+                    "suffix_tokens": len(suffixes[1]),
+                    "single_warm_ms": round(single, 1),
+                    "min_ms": round(min(ttfts), 1),
+                    "p50_ms": round(statistics.median(ttfts), 1),
+                    "p99_ms": round(_pct(ttfts, 0.99), 1),
+                    "mean_ms": round(mean, 1),
+                    "mean_over_single": round(mean / single, 2),
+                    "shared_hits": shared,
+                    "requests": len(ttfts),
+                }
+            )
+    return out
+
+
+async def _parallel(path: Path, threads: int | None, repeats: int) -> dict[str, Any]:
+    """Decode throughput of 1 and 4 concurrent sequences, and a lone request
+    on ``parallel=4`` against ``parallel=1`` (TTFT of a 512-token prompt,
+    decode tok/s over 128 tokens), runs alternating, medians."""
+    prompts_text = [
+        f"Count slowly from {i} to one thousand, one number per line:" for i in range(9)
+    ]
+    lone: dict[int, dict[str, list[float]]] = {
+        1: {"ttft": [], "decode": []},
+        4: {"ttft": [], "decode": []},
     }
+    agg: dict[int, list[float]] = {1: [], 4: []}
+    async with erllama.Engine() as engine:
+        models = {
+            par: await engine.load_model(
+                path,
+                model_id=f"p{par}",
+                n_ctx=4096,
+                n_batch=512,
+                n_threads=threads,
+                parallel=par,
+            )
+            for par in (1, 4)
+        }
+        long_prompts = [
+            await prompt_tokens(models[1], 512, salt=100 + i) for i in range(2 * repeats)
+        ]
+        shorts = [await models[4].tokenize(t) for t in prompts_text]
+        for r in range(repeats):
+            _say(f"parallel: run {r + 1}/{repeats}")
+            for par in (1, 4):
+                m = models[par]
+                await m.evict()
+                x = await _stream_timed(m, long_prompts[2 * r + (par == 4)], 128)
+                lone[par]["ttft"].append(x["ttft_ms"])
+                lone[par]["decode"].append((x["tokens"] - 1) / (x["end"] - x["first"]))
+            for k in (1, 4):
+                m = models[4]
+                await m.evict()
+                runs = await asyncio.gather(*(_stream_timed(m, shorts[i], 128) for i in range(k)))
+                # From the moment every sequence decodes to the first end.
+                first = max(x["first"] for x in runs)
+                end = min(x["end"] for x in runs)
+                agg[k].append(_decoded_between(runs, first, end) / (end - first))
+    med = statistics.median
+    return {
+        "lone_parallel1_ttft_ms": round(med(lone[1]["ttft"]), 1),
+        "lone_parallel4_ttft_ms": round(med(lone[4]["ttft"]), 1),
+        "lone_parallel1_decode_tok_s": round(med(lone[1]["decode"]), 1),
+        "lone_parallel4_decode_tok_s": round(med(lone[4]["decode"]), 1),
+        "decode_1_seq_tok_s": round(med(agg[1]), 1),
+        "decode_4_seq_tok_s": round(med(agg[4]), 1),
+        "decode_4_over_1": round(med(agg[4]) / med(agg[1]), 2),
+    }
+
+
+def _decoded_between(runs: list[dict[str, Any]], since: float, until: float) -> float:
+    """Tokens the runs generated between ``since`` and ``until``, each at its
+    steady rate between its first token and its end."""
+    total = 0.0
+    for x in runs:
+        span = x["end"] - x["first"]
+        if span <= 0:
+            continue
+        inside = min(until, x["end"]) - max(since, x["first"])
+        total += (x["tokens"] - 1) * max(inside, 0.0) / span
+    return total
 
 
 async def _restart_once(path: Path, cache_dir: Path, n: int, threads: int | None) -> float:
@@ -370,6 +475,9 @@ def run_bench(
     if "agents" in parts:
         result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
         _say("agents results: " + json.dumps(result["agents"]))
+    if "parallel" in parts:
+        result["parallel"] = asyncio.run(_parallel(model_path, threads, repeats))
+        _say("parallel results: " + json.dumps(result["parallel"]))
     if "restart" in parts:
         result["restart"] = _restart(model_path, 2048, threads)
         _say("restart results: " + json.dumps(result["restart"]))
@@ -423,13 +531,30 @@ def render(r: dict[str, Any]) -> str:
             )
         out.append("")
     if "agents" in r:
-        a = r["agents"]
         out += [
-            f"4 agents sharing a 2048-token prefix: one warm request alone "
-            f"{a['single_warm_ms']:.0f} ms; concurrent TTFT min {a['min_ms']:.0f} / p50 "
-            f"{a['p50_ms']:.0f} / p99 {a['p99_ms']:.0f} / mean {a['mean_ms']:.0f} ms "
-            f"({a['mean_over_single']:.2f}x one warm hit); "
-            f"{a['hits_longest_prefix']} longest-prefix hits",
+            "| agents | one warm agent alone | TTFT min | p50 | p99 | mean | mean / alone "
+            "| shared hits |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for a in r["agents"]:
+            out.append(
+                f"| {a['agents']} | {a['single_warm_ms']:.0f} ms | {a['min_ms']:.0f} ms | "
+                f"{a['p50_ms']:.0f} ms | {a['p99_ms']:.0f} ms | {a['mean_ms']:.0f} ms | "
+                f"{a['mean_over_single']:.2f}x | {a['shared_hits']}/{a['requests']} |"
+            )
+        out.append("")
+    if "parallel" in r:
+        x = r["parallel"]
+        out += [
+            "| | parallel=1 | parallel=4 |",
+            "|---|---:|---:|",
+            f"| lone request, 512-token TTFT | {x['lone_parallel1_ttft_ms']:.0f} ms | "
+            f"{x['lone_parallel4_ttft_ms']:.0f} ms |",
+            f"| lone request, decode | {x['lone_parallel1_decode_tok_s']:.1f} tok/s | "
+            f"{x['lone_parallel4_decode_tok_s']:.1f} tok/s |",
+            "",
+            f"aggregate decode: 1 sequence {x['decode_1_seq_tok_s']:.1f} tok/s, 4 sequences "
+            f"{x['decode_4_seq_tok_s']:.1f} tok/s ({x['decode_4_over_1']:.2f}x)",
             "",
         ]
     if "restart" in r:

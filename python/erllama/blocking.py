@@ -105,7 +105,7 @@ class Model:
     def status(self) -> str:
         return self._model.status()
 
-    def evict(self) -> SaveSummary | None:
+    def evict(self) -> list[SaveSummary]:
         return self._loop.run(self._model.evict())
 
 
@@ -141,7 +141,7 @@ class Engine:
     def cancel(self, request_id: int) -> bool:
         return self._loop.run(self._engine.cancel(request_id))
 
-    def unload(self, model_id: str) -> SaveSummary | None:
+    def unload(self, model_id: str) -> list[SaveSummary]:
         return self._loop.run(self._engine.unload(model_id))
 
     def close(self) -> None:

@@ -649,7 +649,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description=(
             "Measure, on the same machine in one run: cold vs warm time to first token per "
             "tier and prompt length; restore bandwidth beside the raw copy/read bound; "
-            "4 agents sharing a prefix; warm after a process restart; and, with --peer "
+            "4 and 8 concurrent agents sharing a prefix; decode throughput of 4 sequences "
+            "against 1 and a lone request on parallel=4 against parallel=1; warm after a "
+            "process restart; and, with --peer "
             "llama-cpp-python, the same prompts through llama-cpp-python's RAM and disk "
             "caches. Each figure is the median of --repeats runs."
         ),
@@ -681,10 +683,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=("ttft", "agents", "restart", "speed"),
-        default=["ttft", "agents", "restart", "speed"],
-        help="which parts to run (default: all); speed: cold prefill and decode tok/s "
-        "(beside the peer, with --peer)",
+        choices=("ttft", "agents", "parallel", "restart", "speed"),
+        default=["ttft", "agents", "parallel", "restart", "speed"],
+        help="which parts to run (default: all); parallel: decode throughput of 4 "
+        "sequences against 1, a lone request on parallel=4 against parallel=1; speed: cold "
+        "prefill and decode tok/s (beside the peer, with --peer)",
     )
     bench.add_argument(
         "--peer", choices=("llama-cpp-python",), default=None, help="also run a peer runtime"

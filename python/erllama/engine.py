@@ -98,6 +98,7 @@ class LoadOptions(TypedDict, total=False):
     n_ctx: int
     n_batch: int
     n_threads: int | None
+    parallel: int
     n_gpu_layers: int
     use_mmap: bool
     tier: Tier
@@ -282,15 +283,18 @@ class Model:
         """The loaded adapters, in load order."""
         return await self._native.adapters(self.id)
 
-    async def evict(self) -> SaveSummary | None:
-        """Saves the live context (reason ``evict``) and releases it."""
+    async def evict(self) -> list[SaveSummary]:
+        """Saves every sequence that holds tokens (reason ``evict``) and
+        releases them; waits for running requests to end first. One summary
+        per row written or already stored."""
         return await self._native.evict(self.id)
 
-    async def save_now(self) -> SaveSummary | None:
-        """Saves the live context now (reason ``shutdown``) and keeps it."""
+    async def save_now(self) -> list[SaveSummary]:
+        """Saves every sequence that holds tokens now (reason ``shutdown``)
+        and keeps them."""
         return await self._native.save_now(self.id)
 
-    async def unload(self) -> SaveSummary | None:
+    async def unload(self) -> list[SaveSummary]:
         """Unloads the model (see :meth:`Engine.unload`)."""
         return await self._engine.unload(self.id)
 
@@ -415,6 +419,7 @@ class Engine:
         n_ctx: int = 4096,
         n_batch: int = 512,
         n_threads: int | None = None,
+        parallel: int = 4,
         n_gpu_layers: int = 0,
         use_mmap: bool = True,
         tier: Tier = "ram",
@@ -429,6 +434,16 @@ class Engine:
         defaults to ``erllama_model_<N>``; a taken id raises
         :class:`~erllama.errors.AlreadyLoadedError`. ``tier`` is where this
         model's saves go; ``policy`` overrides the engine's.
+
+        ``parallel`` is how many requests the model serves at once (1 to
+        256): one context of ``parallel`` sequences over one KV cache of
+        ``n_ctx`` cells that they share, computed together one batch per
+        step. A lone request may use all ``n_ctx`` cells; requests whose
+        prompts plus ``max_tokens`` do not fit together wait in FIFO order;
+        one that cannot fit even alone fails at once with
+        :class:`~erllama.errors.ContextOverflowError`. Finished sequences
+        stay warm (their prefix is shared with later requests) until their
+        cells or sequence are needed.
         """
         mid = await self._native.load_model(
             backend,
@@ -438,6 +453,7 @@ class Engine:
             n_batch=n_batch,
             n_threads=n_threads,
             n_gpu_layers=n_gpu_layers,
+            parallel=parallel,
             use_mmap=use_mmap,
             tier=tier,
             policy=None if policy is None else policy.to_dict(),
@@ -469,9 +485,10 @@ class Engine:
         """
         return self._native.cancel(request_id)
 
-    async def unload(self, model_id: str) -> SaveSummary | None:
-        """Unloads a model: its running request is cancelled, queued ones fail,
-        its live context is saved (reason ``shutdown``)."""
+    async def unload(self, model_id: str) -> list[SaveSummary]:
+        """Unloads a model: its running requests are cancelled, queued ones
+        fail, every sequence that holds tokens is saved (reason
+        ``shutdown``)."""
         summary = await self._native.unload(model_id)
         self._models.pop(model_id, None)
         return summary

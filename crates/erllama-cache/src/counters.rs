@@ -60,6 +60,9 @@ counters! {
     HitsResume => "hits_resume",
     /// Longest-prefix hits.
     HitsLongestPrefix => "hits_longest_prefix",
+    /// Prompts that started from a prefix another sequence of the same
+    /// context held (shared cells, nothing restored).
+    HitsShared => "hits_shared",
     /// Lookups that found nothing.
     Misses => "misses",
     /// Cold saves.
@@ -230,10 +233,11 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    const SPEC_NAMES: [&str; 22] = [
+    const SPEC_NAMES: [&str; 23] = [
         "hits_exact",
         "hits_resume",
         "hits_longest_prefix",
+        "hits_shared",
         "misses",
         "saves_cold",
         "saves_continued",

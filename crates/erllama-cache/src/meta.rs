@@ -1033,7 +1033,15 @@ impl Cache {
         }
     }
 
-    pub(crate) fn acquire_permit(&self) -> Result<crate::semaphore::Permit, PoolError> {
+    pub(crate) fn acquire_permit(
+        &self,
+        reason: crate::kvc::SaveReason,
+    ) -> Result<crate::semaphore::Permit, PoolError> {
+        // A continued save is opportunistic: it never takes the last free
+        // slot, which stays for a cold, finish, evict or shutdown save.
+        if reason == crate::kvc::SaveReason::Continued {
+            return self.inner.pool.try_acquire_leaving(1);
+        }
         let timeout = self.inner.config.writer_acquire_timeout;
         if timeout.is_zero() {
             self.inner.pool.try_acquire()

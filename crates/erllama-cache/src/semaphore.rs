@@ -131,6 +131,23 @@ impl WriterPool {
             .ok_or(PoolError::MaxConcurrent { limit: st.limit })
     }
 
+    /// Takes a slot only if at least `reserve` others stay free after it:
+    /// how an opportunistic save (a continued save) leaves room for the
+    /// saves that matter more (cold, finish, evict). Never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::MaxConcurrent`] when fewer than `reserve + 1` slots are
+    /// free.
+    pub fn try_acquire_leaving(&self, reserve: usize) -> Result<Permit, PoolError> {
+        let mut st = self.shared.lock();
+        if st.in_use.saturating_add(reserve) >= st.limit {
+            return Err(PoolError::MaxConcurrent { limit: st.limit });
+        }
+        self.take(&mut st)
+            .ok_or(PoolError::MaxConcurrent { limit: st.limit })
+    }
+
     /// Takes a slot, waiting up to `timeout` for one to be freed.
     ///
     /// # Errors
@@ -280,6 +297,25 @@ mod tests {
         assert_eq!(pool.in_use(), 0);
         assert!(pool.try_acquire().is_ok());
         assert_eq!(pool.in_use(), 0);
+    }
+
+    #[test]
+    fn try_acquire_leaving_keeps_the_reserve_free() {
+        let pool = WriterPool::new(3).expect("pool");
+        let a = pool.try_acquire_leaving(1).expect("a");
+        let b = pool.try_acquire_leaving(1).expect("b");
+        assert_eq!(
+            pool.try_acquire_leaving(1).err(),
+            Some(PoolError::MaxConcurrent { limit: 3 })
+        );
+        // The reserved slot is still there for a plain acquire.
+        let c = pool.try_acquire().expect("c");
+        assert_eq!(pool.in_use(), 3);
+        drop((a, b, c));
+        assert_eq!(pool.in_use(), 0);
+        // A reserve as large as the pool refuses at once.
+        assert!(pool.try_acquire_leaving(3).is_err());
+        assert!(pool.try_acquire_leaving(usize::MAX).is_err());
     }
 
     #[test]

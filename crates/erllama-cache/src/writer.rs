@@ -238,7 +238,7 @@ impl Cache {
             self.counters().incr(Counter::DuplicateDropped);
             return Err(SaveError::AlreadyPresent(key));
         }
-        let permit = self.acquire_permit().map_err(|_| {
+        let permit = self.acquire_permit(request.reason).map_err(|_| {
             self.counters().incr(Counter::SavesDropped);
             SaveError::MaxConcurrent
         })?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{config, identity, open, payload, request, toks};
 use erllama_cache::{
     Cache, CacheConfig, ClaimError, Counter, LinkOutcome, Lookup, OpenError, PolicyConfig,
-    PrefixLookup, RowStatus, SaveError, SaveReason, SaveStage, TierKind,
+    PrefixLookup, RowStatus, SaveError, SaveReason, SaveRequest, SaveStage, TierKind,
 };
 
 fn hit(lookup: Lookup) -> erllama_cache::Claim {
@@ -177,6 +177,30 @@ fn writer_pool_full_drops_the_save_without_a_row() {
     cache
         .save(request(TierKind::Ram, &toks(2, 10), 100))
         .expect("slot free again");
+}
+
+#[test]
+fn continued_saves_leave_the_last_writer_slot_to_a_finish_save() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(root.path(), 1 << 20, 1 << 20, 1 << 20);
+    cfg.writer_limit = 2;
+    let cache = Cache::open(cfg).expect("open");
+    let continued = |base| SaveRequest {
+        reason: SaveReason::Continued,
+        ..request(TierKind::Ram, &toks(base, 10), 100)
+    };
+    let first = cache.begin_save(continued(1)).expect("one slot of two");
+    let err = cache
+        .begin_save(continued(2))
+        .expect_err("a continued save never takes the last slot");
+    assert!(matches!(err, SaveError::MaxConcurrent));
+    assert_eq!(cache.counters().get(Counter::SavesDropped), 1);
+    let finish = cache
+        .begin_save(request(TierKind::Ram, &toks(3, 10), 100))
+        .expect("the finish save gets the last slot");
+    finish.run().expect("finish");
+    first.run().expect("continued");
+    assert_eq!(cache.len(), 2);
 }
 
 #[test]

@@ -165,6 +165,37 @@ impl SamplingParams {
     }
 }
 
+/// How much of a sequence's cells outlive cutting it back, and so can be
+/// kept ([`BackendContext::truncate`]) or shared with another sequence
+/// ([`BackendContext::copy_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixReuse {
+    /// Any prefix (a plain KV cache: every token's cell stays).
+    Any,
+    /// The whole sequence or all but its last token (a sliding-window
+    /// cache: cells that left the window may already be reused, and only
+    /// the last token's window is certain to be whole).
+    LastToken,
+    /// None (a recurrent state, one per sequence): sequences are only
+    /// filled and cleared.
+    Nothing,
+}
+
+/// How a context's KV cells are divided between its sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCells {
+    /// One pool of `n_ctx` cells that all sequences draw from (a unified
+    /// cache): a lone request may use them all, and a copied prefix shares
+    /// its cells with the source. Requests wait for cells as well as for a
+    /// sequence.
+    #[default]
+    Pooled,
+    /// `n_ctx` cells of each sequence's own (llama.cpp's non-unified
+    /// cache): the context holds `n_seq × n_ctx` cells, a copied prefix is
+    /// a copy, and a request waits only for a sequence.
+    PerSequence,
+}
+
 /// Whether a context's state can be cached (saved and restored).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateSupport {
@@ -174,6 +205,8 @@ pub struct StateSupport {
     pub memory: String,
     /// Why it is not cacheable (`None` when it is).
     pub reason: Option<String>,
+    /// Which prefixes can be kept or shared between sequences.
+    pub reuse: PrefixReuse,
 }
 
 impl Default for StateSupport {
@@ -182,6 +215,20 @@ impl Default for StateSupport {
             cacheable: true,
             memory: "kv".into(),
             reason: None,
+            reuse: PrefixReuse::Any,
+        }
+    }
+}
+
+impl PrefixReuse {
+    /// Whether the first `n` tokens of a sequence of `len` can be kept or
+    /// shared.
+    #[must_use]
+    pub fn allows(self, n: usize, len: usize) -> bool {
+        match self {
+            PrefixReuse::Any => n <= len,
+            PrefixReuse::LastToken => n <= len && n + 1 >= len,
+            PrefixReuse::Nothing => n == 0,
         }
     }
 }
@@ -204,12 +251,17 @@ pub struct ModelFingerprint {
 /// Options for a new context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextParams {
-    /// Context window in tokens.
+    /// KV cells: the context window of each request. Shared by all
+    /// sequences or one such window each, as the backend's
+    /// [`BackendContext::kv_cells`] says.
     pub n_ctx: usize,
-    /// Tokens per prefill step.
+    /// Tokens per prefill chunk (chunks start at multiples of it).
     pub n_batch: usize,
     /// Compute threads (`None`: every core).
     pub n_threads: Option<u32>,
+    /// Sequences computed together (`parallel`): concurrent requests and
+    /// kept warm sequences.
+    pub n_seq: usize,
 }
 
 impl Default for ContextParams {
@@ -218,6 +270,7 @@ impl Default for ContextParams {
             n_ctx: 4096,
             n_batch: 512,
             n_threads: None,
+            n_seq: 4,
         }
     }
 }
@@ -239,6 +292,8 @@ pub trait Backend: Send + Sync {
             n_ubatch: n(params.n_batch),
             type_k: "f16".into(),
             type_v: "f16".into(),
+            // A row is one sequence's state, the same whichever context
+            // (of any parallelism) saved or restores it.
             n_seq_max: 1,
             kv_unified: true,
             flash_attn: false,
@@ -313,31 +368,66 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// One live token sequence. Invariant: its KV state holds exactly
-/// [`BackendContext::tokens`].
+/// A sequence of a context: `0..n_seq`.
+pub type SeqId = usize;
+
+/// Tokens for one sequence in a [`BackendContext::decode`] batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    /// The sequence they are appended to.
+    pub seq: SeqId,
+    /// The tokens, at the sequence's next positions.
+    pub tokens: &'a [u32],
+    /// Whether the logits of the last of them are wanted (they become the
+    /// sequence's current logits, for [`BackendContext::sample`]).
+    pub logits: bool,
+}
+
+/// One context holding up to `n_seq` token sequences, with `n_ctx` KV cells
+/// shared by all of them or `n_ctx` each ([`BackendContext::kv_cells`]).
+///
+/// Invariants: the KV cells of sequence `s` hold exactly
+/// [`BackendContext::tokens`]`(s)`, at positions `0..len`; the logits a
+/// [`BackendContext::decode`] computed last until the next `decode` (of
+/// any sequence) or until their sequence changes.
 pub trait BackendContext {
-    /// Configures how [`BackendContext::decode_one`] chooses tokens until
-    /// the next call (the engine sets it at the start of every request).
+    /// How many sequences the context holds.
+    fn n_seq(&self) -> usize;
+    /// The tokens in sequence `seq`.
+    fn tokens(&self, seq: SeqId) -> &[u32];
+    /// Configures how [`BackendContext::sample`] chooses `seq`'s tokens
+    /// until the next call (the engine sets it when a request starts on
+    /// the sequence).
     ///
     /// # Errors
     ///
-    /// [`BackendError::InvalidInput`] for a grammar that does not parse;
+    /// [`BackendError::Grammar`] for a grammar that does not parse;
     /// [`BackendError::NotSupported`] for anything but greedy decoding
     /// unless the backend implements sampling.
-    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+    fn set_sampling(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), BackendError> {
+        let _ = seq;
+        params.validate()?;
         if params.is_greedy() {
             Ok(())
         } else {
             Err(BackendError::NotSupported("sampling"))
         }
     }
-    /// The tokens in the sequence.
-    fn tokens(&self) -> &[u32];
-    /// The running request's cancel flag (`None` between requests); a
-    /// backend whose steps can be long (grammar sampling) checks it inside
-    /// them and fails the step with [`BackendError::Cancelled`].
-    fn set_interrupt(&mut self, flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
-        let _ = flag;
+    /// The cancel flag of the request running on `seq` (`None` between
+    /// requests); a backend whose steps can be long (grammar sampling)
+    /// checks it inside them and fails the step with
+    /// [`BackendError::Cancelled`].
+    fn set_interrupt(
+        &mut self,
+        seq: SeqId,
+        flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) {
+        let _ = (seq, flag);
+    }
+    /// How the context's KV cells are divided between its sequences; the
+    /// default is one pool shared by all.
+    fn kv_cells(&self) -> KvCells {
+        KvCells::Pooled
     }
     /// Whether this context's state can be cached. A model that is not
     /// cacheable is looked up and saved never; the default is a plain KV
@@ -346,9 +436,9 @@ pub trait BackendContext {
         StateSupport::default()
     }
     /// Applies exactly these adapters with these scales from now on (an
-    /// empty list removes all). The engine calls it between requests and
-    /// clears the sequence afterwards: KV computed under other adapters is
-    /// never reused.
+    /// empty list removes all) and clears every sequence: KV computed
+    /// under other adapters is never reused. The engine calls it only when
+    /// no request runs.
     ///
     /// # Errors
     ///
@@ -362,44 +452,62 @@ pub trait BackendContext {
             Err(BackendError::NotSupported("lora"))
         }
     }
-    /// Appends tokens and computes the logits of the last one.
+    /// Appends each item's tokens to its sequence, all in one step; an
+    /// item that asks for logits makes its last token's logits the
+    /// sequence's current logits. On error every sequence of the batch is
+    /// as it was before the call.
     ///
     /// # Errors
     ///
-    /// [`BackendError::InvalidInput`] (empty, bad id),
-    /// [`BackendError::ContextOverflow`].
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError>;
-    /// Chooses the next token, appends it and returns it.
+    /// [`BackendError::EmptyInput`] (an item without tokens),
+    /// [`BackendError::TokenOutOfRange`], [`BackendError::ContextOverflow`]
+    /// (no room for the tokens), [`BackendError::Decode`].
+    fn decode(&mut self, batch: &[BatchItem<'_>]) -> Result<(), BackendError>;
+    /// Chooses `seq`'s next token from its current logits (its sampler
+    /// chain and grammar advance); the token is *not* appended — the
+    /// engine feeds it in a later [`BackendContext::decode`] only if
+    /// generation goes on.
     ///
     /// # Errors
     ///
-    /// [`BackendError::InvalidInput`] when nothing was prefilled since the
-    /// last restore, [`BackendError::ContextOverflow`] when full.
-    fn decode_one(&mut self) -> Result<u32, BackendError>;
+    /// [`BackendError::InvalidInput`] when `seq` has no logits,
+    /// [`BackendError::Grammar`], [`BackendError::Cancelled`].
+    fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError>;
     /// Whether `token` ends generation.
     ///
     /// # Errors
     ///
     /// A backend whose check can fail (a Python backend) reports it.
     fn is_eog(&self, token: u32) -> Result<bool, BackendError>;
-    /// Packs the sequence's KV state.
+    /// Packs `seq`'s KV state.
     ///
     /// # Errors
     ///
     /// [`BackendError::KvState`] when the backend cannot pack.
-    fn kv_pack(&self) -> Result<Vec<u8>, BackendError>;
-    /// Restores a packed state holding `tokens` into the cleared sequence.
+    fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError>;
+    /// Restores a packed state holding `tokens` into `seq`, which is
+    /// cleared first. No logits afterwards.
     ///
     /// # Errors
     ///
-    /// [`BackendError::KvState`] for bytes that are not such a state.
-    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError>;
-    /// Removes the last token's KV cell.
+    /// [`BackendError::KvState`] for bytes that are not such a state (the
+    /// sequence is then empty).
+    fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError>;
+    /// Keeps the first `n` tokens of `seq` (no logits afterwards).
     ///
     /// # Errors
     ///
-    /// [`BackendError::InvalidInput`] on an empty sequence.
-    fn remove_last(&mut self) -> Result<(), BackendError>;
-    /// Empties the sequence.
-    fn clear(&mut self);
+    /// [`BackendError::InvalidInput`] when `n` exceeds its length.
+    fn truncate(&mut self, seq: SeqId, n: usize) -> Result<(), BackendError>;
+    /// Makes the empty sequence `dst` hold `src`'s first `n` tokens without
+    /// computing them: sharing their KV cells ([`KvCells::Pooled`]) or
+    /// copying them ([`KvCells::PerSequence`]). No logits.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidInput`] when `dst` is not empty, `src ==
+    /// dst` or `n` exceeds `src`'s length.
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), BackendError>;
+    /// Empties `seq`.
+    fn clear(&mut self, seq: SeqId);
 }

@@ -2,32 +2,31 @@
 //! shared cache.
 //!
 //! Models are found by string id (explicit, or `erllama_model_<N>`); each
-//! is an actor ([`crate::model`]) reached through a bounded mailbox.
-//! Request ids map to a cancel flag and their model so `cancel` routes
-//! without going through any mailbox; an id is forgotten when its request
-//! ends. Calls that do CPU work (tokenizing a long prompt) are plain
-//! functions: async callers run them on a blocking thread.
+//! is an actor ([`crate::model`]) reached through its [`ModelHandle`],
+//! which owns the mailbox protocol. Request ids map to a cancel flag and
+//! their model so `cancel` routes without going through any mailbox; each
+//! request's stream owns its in-flight entry and removes it when the
+//! request ends (or the stream is dropped). Calls that do CPU work
+//! (tokenizing a long prompt) run on the blocking pool.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use erllama_cache::{
-    ctx_params_hash, effective_fingerprint, fingerprint_file_safe, validate_config, Cache,
-    CacheKey, ModelIdentity, PolicyConfig, TierKind,
+    ctx_params_hash, fingerprint_file_safe, validate_config, Cache, CacheKey, ModelIdentity,
+    PolicyConfig, TierKind,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::backend::{AdapterHandle, Backend, BackendError};
+use crate::backend::{Backend, BackendError};
 use crate::model::{
-    self, ActorSetup, AdapterChange, Command, ModelConfig, ModelStatus, SaveSummary, Shared,
-    Submission,
+    self, ActorSetup, Adapter, ModelConfig, ModelHandle, ModelStatus, SaveSummary, Submission,
 };
 use crate::request::{Completion, EngineError, Event, Prompt, RequestId, RequestOptions};
 
-/// Mailbox depth of a model actor.
-const MAILBOX: usize = 1024;
+pub use crate::model::AdapterInfo;
 
 /// What `info` reports about a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,18 +58,24 @@ pub struct ModelInfo {
     pub memory: String,
     /// Why it is not cacheable.
     pub cache_reason: Option<String>,
+    /// Sequences computed together (`parallel`).
+    pub parallel: usize,
+    /// Requests running now (on a sequence).
+    pub running: usize,
+    /// Requests waiting for a sequence or for KV cells.
+    pub queued: usize,
+    /// Finished sequences kept for sharing.
+    pub warm_sequences: usize,
+    /// KV cells in use (shared cells counted once), out of `n_ctx`.
+    pub kv_cells_used: usize,
 }
 
 struct ModelEntry {
-    tx: mpsc::Sender<Command>,
-    shared: Arc<Shared>,
+    handle: ModelHandle,
     backend: Arc<dyn Backend>,
     config: ModelConfig,
     /// The identity without adapters.
     identity: Arc<ModelIdentity>,
-    /// Loaded adapters; the async lock serialises changes end to end
-    /// (load, actor round trip, bookkeeping).
-    adapters: tokio::sync::Mutex<Vec<Adapter>>,
     /// Prompt preparations (tokenize, check, hand to the actor), run one
     /// after the other on the blocking pool by a task of this model, so
     /// requests reach the actor in the order they were submitted.
@@ -87,37 +92,6 @@ async fn run_preparations(mut jobs: mpsc::UnboundedReceiver<PrepareJob>) {
         // A job that panics fails only its own request (its stream sees
         // the channel close).
         let _ = tokio::task::spawn_blocking(job).await;
-    }
-}
-
-struct Adapter {
-    info: AdapterInfo,
-    handle: AdapterHandle,
-}
-
-/// A LoRA adapter loaded on a model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdapterInfo {
-    /// Its id (given, or `adapter_<N>`).
-    pub id: String,
-    /// The adapter file.
-    pub path: std::path::PathBuf,
-    /// SHA-256 of the file (hex).
-    pub sha256: String,
-    /// The scale it is applied with (0 = loaded but inactive).
-    pub scale: f32,
-}
-
-impl ModelEntry {
-    fn gone(&self, id: &str) -> EngineError {
-        let why = self
-            .shared
-            .stop_reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_else(|| "the model task stopped".into());
-        EngineError::ModelGone(id.to_owned(), why)
     }
 }
 
@@ -149,10 +123,27 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// A request's entry in the in-flight table, removed when dropped.
+struct InflightEntry {
+    id: RequestId,
+    table: Arc<Mutex<HashMap<RequestId, Inflight>>>,
+}
+
+impl Drop for InflightEntry {
+    fn drop(&mut self) {
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
 /// A started request: its id, then its events.
 ///
-/// Dropping the stream before the request ends cancels the request (no
-/// one is listening any more) and forgets its id.
+/// The stream owns the request's in-flight entry: it is removed when the
+/// request's final event is read, or when the stream is dropped. Dropping
+/// the stream before the request ends cancels the request (no one is
+/// listening any more).
 pub struct RequestStream {
     /// The request id (known before the first token).
     pub id: RequestId,
@@ -160,8 +151,7 @@ pub struct RequestStream {
     pub model: String,
     events: mpsc::UnboundedReceiver<Event>,
     cancel: Arc<AtomicBool>,
-    inflight: Arc<Mutex<HashMap<RequestId, Inflight>>>,
-    ended: bool,
+    entry: Option<InflightEntry>,
 }
 
 impl std::fmt::Debug for RequestStream {
@@ -169,7 +159,7 @@ impl std::fmt::Debug for RequestStream {
         f.debug_struct("RequestStream")
             .field("id", &self.id)
             .field("model", &self.model)
-            .field("ended", &self.ended)
+            .field("ended", &self.entry.is_none())
             .finish_non_exhaustive()
     }
 }
@@ -177,7 +167,8 @@ impl std::fmt::Debug for RequestStream {
 impl RequestStream {
     fn seen(&mut self, ev: Option<Event>) -> Option<Event> {
         if !matches!(ev, Some(Event::Token { .. })) {
-            self.ended = true;
+            // The end (or the model died): the id is forgotten.
+            self.entry = None;
         }
         ev
     }
@@ -215,15 +206,9 @@ impl RequestStream {
 
 impl Drop for RequestStream {
     fn drop(&mut self) {
-        if !self.ended {
+        if self.entry.is_some() {
             self.cancel.store(true, Ordering::Relaxed);
         }
-        // Finished ids are forgotten by the model; this covers a model
-        // that died, or a request abandoned before it ended.
-        self.inflight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
     }
 }
 
@@ -318,7 +303,7 @@ impl Engine {
     ///
     /// [`EngineError::AlreadyLoaded`], [`EngineError::UnknownTier`] for a
     /// tier the cache lacks, [`EngineError::InvalidInput`] for a bad
-    /// policy, or the backend's context error.
+    /// policy or sizes, or the backend's context error.
     pub async fn load_model(
         &self,
         backend: Arc<dyn Backend>,
@@ -334,6 +319,12 @@ impl Engine {
                 "n_ctx and n_batch must be positive".into(),
             ));
         }
+        if !(1..=256).contains(&config.context.n_seq) {
+            return Err(EngineError::InvalidInput(format!(
+                "parallel must be in 1..=256, got {}",
+                config.context.n_seq
+            )));
+        }
         let fp = backend.fingerprint();
         let identity = Arc::new(ModelIdentity {
             fingerprint: fp.bytes,
@@ -342,21 +333,13 @@ impl Engine {
             ctx_params_hash: ctx_params_hash(&backend.ctx_params(&config.context)),
             context_size: u32::try_from(config.context.n_ctx).unwrap_or(u32::MAX),
         });
-        let (tx, rx) = mpsc::channel(MAILBOX);
-        let (prepare, jobs) = mpsc::unbounded_channel();
-        tokio::spawn(run_preparations(jobs));
-        let shared = Arc::new(Shared {
-            status: AtomicU8::new(ModelStatus::Prefilling as u8),
-            live_tokens: std::sync::atomic::AtomicUsize::new(0),
-            stop_reason: Mutex::new(None),
-            state_support: std::sync::OnceLock::new(),
-        });
         let id = {
-            let mut models = self.models_lock();
-            let id = match id {
+            let models = self.models_lock();
+            match id {
                 Some(id) if id.is_empty() => {
                     return Err(EngineError::InvalidInput("model id is empty".into()))
                 }
+                Some(id) if models.contains_key(&id) => return Err(EngineError::AlreadyLoaded(id)),
                 Some(id) => id,
                 None => loop {
                     let n = self.inner.next_model.fetch_add(1, Ordering::Relaxed);
@@ -365,40 +348,16 @@ impl Engine {
                         break candidate;
                     }
                 },
-            };
-            if models.contains_key(&id) {
-                return Err(EngineError::AlreadyLoaded(id));
             }
-            models.insert(
-                id.clone(),
-                Arc::new(ModelEntry {
-                    tx,
-                    shared: Arc::clone(&shared),
-                    backend: Arc::clone(&backend),
-                    config: config.clone(),
-                    identity: Arc::clone(&identity),
-                    adapters: tokio::sync::Mutex::new(Vec::new()),
-                    prepare,
-                }),
-            );
-            id
         };
-        let inflight = Arc::clone(&self.inner.inflight);
         let crashed = Arc::clone(&self.inner.inflight);
         let crashed_id = id.clone();
         let setup = ActorSetup {
             model_id: id.clone(),
-            backend,
-            config,
-            identity,
+            backend: Arc::clone(&backend),
+            config: config.clone(),
+            identity: Arc::clone(&identity),
             cache: self.inner.cache.clone(),
-            shared,
-            on_done: Arc::new(move |rid| {
-                inflight
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&rid);
-            }),
             // The task's requests died with it (their streams report
             // `model_gone`): forget their ids.
             on_crash: Arc::new(move || {
@@ -408,13 +367,30 @@ impl Engine {
                     .retain(|_, f| f.model != crashed_id);
             }),
         };
-        let ready = match model::spawn(setup, rx) {
-            Ok(r) => r,
-            Err(e) => {
-                self.models_lock().remove(&id);
-                return Err(e);
+        let (handle, ready) = model::spawn(setup)?;
+        let (prepare, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(run_preparations(jobs));
+        let entry = Arc::new(ModelEntry {
+            handle: handle.clone(),
+            backend,
+            config,
+            identity,
+            prepare,
+        });
+        let inserted = {
+            let mut models = self.models_lock();
+            if models.contains_key(&id) {
+                false
+            } else {
+                models.insert(id.clone(), entry);
+                true
             }
         };
+        if !inserted {
+            // Loaded meanwhile under the same id: this one goes.
+            let _ = handle.stop().await;
+            return Err(EngineError::AlreadyLoaded(id));
+        }
         match ready.await {
             Ok(Ok(())) => Ok(id),
             Ok(Err(e)) => {
@@ -487,7 +463,6 @@ impl Engine {
         let (events_tx, events) = mpsc::unbounded_channel();
         let submitted = Instant::now();
         let inflight = Arc::clone(&self.inner.inflight);
-        let model_id = model.to_owned();
         let prepare = entry.prepare.clone();
         let job: PrepareJob = {
             let cancel = Arc::clone(&cancel);
@@ -519,20 +494,9 @@ impl Engine {
                     events: events_tx,
                     submitted,
                 };
-                match entry.tx.try_send(Command::Submit(Box::new(sub))) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(Command::Submit(sub))) => {
-                        forget();
-                        let _ = sub
-                            .events
-                            .send(Event::Done(Err(EngineError::Busy(model_id))));
-                    }
-                    Err(mpsc::error::TrySendError::Closed(Command::Submit(sub))) => {
-                        forget();
-                        let gone = entry.gone(&model_id);
-                        let _ = sub.events.send(Event::Done(Err(gone)));
-                    }
-                    Err(_) => forget(),
+                if let Err((e, sub)) = entry.handle.submit(Box::new(sub)) {
+                    forget();
+                    let _ = sub.events.send(Event::Done(Err(e)));
                 }
             })
         };
@@ -546,8 +510,10 @@ impl Engine {
             model: model.to_owned(),
             events,
             cancel,
-            inflight: Arc::clone(&self.inner.inflight),
-            ended: false,
+            entry: Some(InflightEntry {
+                id,
+                table: Arc::clone(&self.inner.inflight),
+            }),
         })
     }
 
@@ -605,8 +571,13 @@ impl Engine {
         let mut v: Vec<(String, usize)> = self
             .models_lock()
             .iter()
-            .filter(|(_, e)| e.shared.status() == ModelStatus::Idle)
-            .map(|(id, e)| (id.clone(), e.shared.live_tokens.load(Ordering::Relaxed)))
+            .filter(|(_, e)| e.handle.shared.status() == ModelStatus::Idle)
+            .map(|(id, e)| {
+                (
+                    id.clone(),
+                    e.handle.shared.live_tokens.load(Ordering::Relaxed),
+                )
+            })
             .filter(|(_, n)| *n > 0)
             .collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
@@ -627,7 +598,7 @@ impl Engine {
     ///
     /// [`EngineError::NotFound`].
     pub fn status(&self, model: &str) -> Result<ModelStatus, EngineError> {
-        Ok(self.entry(model)?.shared.status())
+        Ok(self.entry(model)?.handle.shared.status())
     }
 
     /// A model's description.
@@ -637,11 +608,18 @@ impl Engine {
     /// [`EngineError::NotFound`].
     pub fn info(&self, model: &str) -> Result<ModelInfo, EngineError> {
         let e = self.entry(model)?;
-        let support = e.shared.state_support.get().cloned().unwrap_or_default();
+        let occupancy = e.handle.shared.occupancy();
+        let support = e
+            .handle
+            .shared
+            .state_support
+            .get()
+            .cloned()
+            .unwrap_or_default();
         Ok(ModelInfo {
             id: model.to_owned(),
             backend: e.backend.name().to_owned(),
-            status: e.shared.status(),
+            status: e.handle.shared.status(),
             n_ctx: e.config.context.n_ctx,
             n_vocab: e.backend.n_vocab(),
             quant_type: e.identity.quant_type.label().to_owned(),
@@ -652,6 +630,11 @@ impl Engine {
             cacheable: support.cacheable,
             memory: support.memory,
             cache_reason: support.reason,
+            parallel: e.config.context.n_seq,
+            running: occupancy.running,
+            queued: occupancy.queued,
+            warm_sequences: occupancy.warm,
+            kv_cells_used: occupancy.cells,
         })
     }
 
@@ -674,49 +657,10 @@ impl Engine {
         Ok(Arc::clone(&self.entry(model)?.identity))
     }
 
-    /// Applies `adapters` on the model's actor (between requests) under
-    /// the effective fingerprint they give.
-    async fn apply_adapters(
-        &self,
-        model: &str,
-        entry: &ModelEntry,
-        adapters: &[Adapter],
-    ) -> Result<(), EngineError> {
-        let pairs: Vec<([u8; 32], f64)> = adapters
-            .iter()
-            .filter(|a| a.info.scale != 0.0)
-            .map(|a| {
-                let sha = CacheKey::from_hex(&a.info.sha256)
-                    .map(|k| k.0)
-                    .unwrap_or([0; 32]);
-                (sha, f64::from(a.info.scale))
-            })
-            .collect();
-        let fingerprint = effective_fingerprint(&entry.identity.fingerprint, &pairs)
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
-        let identity = Arc::new(ModelIdentity {
-            fingerprint,
-            ..(*entry.identity).clone()
-        });
-        let (reply, rx) = oneshot::channel();
-        let change = AdapterChange {
-            identity,
-            adapters: adapters
-                .iter()
-                .filter(|a| a.info.scale != 0.0)
-                .map(|a| (Arc::clone(&a.handle), a.info.scale))
-                .collect(),
-            reply,
-        };
-        if entry.tx.send(Command::Adapters(change)).await.is_err() {
-            return Err(entry.gone(model));
-        }
-        rx.await.map_err(|_| entry.gone(model))?
-    }
-
-    /// Loads a LoRA adapter on `model` and applies it with `scale`. The
-    /// effective fingerprint changes (cache rows of different adapter sets
-    /// never mix); requests already admitted finish under the old set.
+    /// Loads a LoRA adapter on `model` and applies it with `scale` (once
+    /// no request runs on the model). The effective fingerprint changes
+    /// (cache rows of different adapter sets never mix); requests already
+    /// admitted finish under the old set.
     ///
     /// # Errors
     ///
@@ -739,23 +683,28 @@ impl Engine {
                 "adapter scale must be finite, got {scale}"
             )));
         }
-        if !path.is_file() {
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
             return Err(EngineError::FileNotFound(path.display().to_string()));
         }
-        let mut adapters = entry.adapters.lock().await;
         let id = match id {
             Some(id) if id.is_empty() => {
                 return Err(EngineError::InvalidInput("adapter id is empty".into()))
             }
             Some(id) => id,
-            None => (1..)
-                .map(|n| format!("adapter_{n}"))
-                .find(|c| adapters.iter().all(|a| &a.info.id != c))
-                .expect("an unused id exists"),
+            None => {
+                let taken: Vec<String> = entry
+                    .handle
+                    .adapters()
+                    .await?
+                    .into_iter()
+                    .map(|a| a.id)
+                    .collect();
+                (1..)
+                    .map(|n| format!("adapter_{n}"))
+                    .find(|c| !taken.contains(c))
+                    .expect("an unused id exists")
+            }
         };
-        if adapters.iter().any(|a| a.info.id == id) {
-            return Err(EngineError::AlreadyLoaded(format!("adapter {id}")));
-        }
         let backend = Arc::clone(&entry.backend);
         let p = path.clone();
         let (sha, handle) = tokio::task::spawn_blocking(move || {
@@ -769,25 +718,19 @@ impl Engine {
             Ok::<_, EngineError>((sha, handle))
         })
         .await
-        .map_err(|e| EngineError::Backend(format!("adapter loading task failed: {e}")))??;
-        let adapter = Adapter {
-            info: AdapterInfo {
-                id,
-                path,
-                sha256: CacheKey(sha).to_hex(),
-                scale,
-            },
-            handle,
-        };
-        let info = adapter.info.clone();
-        adapters.push(adapter);
-        if let Err(e) = self.apply_adapters(model, &entry, &adapters).await {
-            adapters.pop();
-            // Best effort back to the previous set.
-            let _ = self.apply_adapters(model, &entry, &adapters).await;
-            return Err(e);
-        }
-        Ok(info)
+        .map_err(|e| EngineError::Internal(format!("adapter loading task failed: {e}")))??;
+        entry
+            .handle
+            .add_adapter(Adapter {
+                info: AdapterInfo {
+                    id,
+                    path,
+                    sha256: CacheKey(sha).to_hex(),
+                    scale,
+                },
+                handle,
+            })
+            .await
     }
 
     /// Changes an adapter's scale (0 deactivates it without unloading).
@@ -809,18 +752,7 @@ impl Engine {
                 "adapter scale must be finite, got {scale}"
             )));
         }
-        let mut adapters = entry.adapters.lock().await;
-        let i = adapters
-            .iter()
-            .position(|a| a.info.id == id)
-            .ok_or_else(|| EngineError::NotFound(format!("adapter {id}")))?;
-        let old = std::mem::replace(&mut adapters[i].info.scale, scale);
-        if let Err(e) = self.apply_adapters(model, &entry, &adapters).await {
-            adapters[i].info.scale = old;
-            let _ = self.apply_adapters(model, &entry, &adapters).await;
-            return Err(e);
-        }
-        Ok(adapters[i].info.clone())
+        entry.handle.set_adapter_scale(id, scale).await
     }
 
     /// Unloads an adapter.
@@ -829,18 +761,7 @@ impl Engine {
     ///
     /// [`EngineError::NotFound`] for an unknown model or adapter id.
     pub async fn unload_adapter(&self, model: &str, id: &str) -> Result<(), EngineError> {
-        let entry = self.entry(model)?;
-        let mut adapters = entry.adapters.lock().await;
-        let i = adapters
-            .iter()
-            .position(|a| a.info.id == id)
-            .ok_or_else(|| EngineError::NotFound(format!("adapter {id}")))?;
-        let removed = adapters.remove(i);
-        if let Err(e) = self.apply_adapters(model, &entry, &adapters).await {
-            adapters.insert(i, removed);
-            return Err(e);
-        }
-        Ok(())
+        self.entry(model)?.handle.remove_adapter(id).await
     }
 
     /// The adapters loaded on `model`, in load order.
@@ -849,61 +770,42 @@ impl Engine {
     ///
     /// [`EngineError::NotFound`].
     pub async fn adapters(&self, model: &str) -> Result<Vec<AdapterInfo>, EngineError> {
-        let entry = self.entry(model)?;
-        let adapters = entry.adapters.lock().await;
-        Ok(adapters.iter().map(|a| a.info.clone()).collect())
+        self.entry(model)?.handle.adapters().await
     }
 
-    async fn ask(
-        &self,
-        model: &str,
-        make: impl FnOnce(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>) -> Command,
-    ) -> Result<Option<SaveSummary>, EngineError> {
-        let entry = self.entry(model)?;
-        let (tx, rx) = oneshot::channel();
-        if entry.tx.send(make(tx)).await.is_err() {
-            return Err(entry.gone(model));
-        }
-        rx.await.map_err(|_| entry.gone(model))?
-    }
-
-    /// Asks a model to save its live context (reason `evict`) and release
-    /// it; waits for the save (bounded by `evict_save_timeout_ms`). A
-    /// running request finishes first. `None` for an empty context.
+    /// Asks a model to save every sequence it holds (reason `evict`) and
+    /// release them; waits for the saves (each bounded by
+    /// `evict_save_timeout_ms`). Running requests finish first.
     ///
     /// # Errors
     ///
     /// [`EngineError::NotFound`], a save error or timeout.
-    pub async fn evict(&self, model: &str) -> Result<Option<SaveSummary>, EngineError> {
-        self.ask(model, Command::Evict).await
+    pub async fn evict(&self, model: &str) -> Result<Vec<SaveSummary>, EngineError> {
+        self.entry(model)?.handle.evict().await
     }
 
-    /// Saves a model's live context now (reason `shutdown`), keeping it.
+    /// Saves every sequence a model holds now (reason `shutdown`), keeping
+    /// them.
     ///
     /// # Errors
     ///
     /// As [`Engine::evict`].
-    pub async fn shutdown_save(&self, model: &str) -> Result<Option<SaveSummary>, EngineError> {
-        self.ask(model, Command::SaveNow).await
+    pub async fn shutdown_save(&self, model: &str) -> Result<Vec<SaveSummary>, EngineError> {
+        self.entry(model)?.handle.save_now().await
     }
 
-    /// Unloads a model: its running request is cancelled (finish save
-    /// fired), queued ones fail, the live context is saved (reason
+    /// Unloads a model: its running requests are cancelled (finish saves
+    /// fired), queued ones fail, what its sequences hold is saved (reason
     /// `shutdown`), then the model is freed and its id released.
     ///
     /// # Errors
     ///
-    /// [`EngineError::NotFound`]; the save's error (the model is unloaded
+    /// [`EngineError::NotFound`]; the saves' error (the model is unloaded
     /// anyway).
-    pub async fn unload(&self, model: &str) -> Result<Option<SaveSummary>, EngineError> {
+    pub async fn unload(&self, model: &str) -> Result<Vec<SaveSummary>, EngineError> {
         let entry = self.entry(model)?;
-        let (tx, rx) = oneshot::channel();
-        let sent = entry.tx.send(Command::Stop(tx)).await.is_ok();
         self.models_lock().remove(model);
-        if !sent {
-            return Ok(None);
-        }
-        rx.await.unwrap_or(Ok(None))
+        entry.handle.stop().await
     }
 
     /// Unloads every model.

@@ -20,6 +20,7 @@
 //!   models' contexts, when memory runs high.
 
 mod backend;
+mod cells;
 mod engine;
 mod model;
 mod pressure;
@@ -29,9 +30,10 @@ mod stub;
 mod text;
 
 pub use backend::{
-    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ForeignError,
-    ModelFingerprint, SamplingParams, StateSupport,
+    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, ForeignError,
+    KvCells, ModelFingerprint, PrefixReuse, SamplingParams, SeqId, StateSupport,
 };
+pub use cells::CellLedger;
 pub use engine::{AdapterInfo, Engine, ModelInfo, RequestStream};
 pub use model::{ModelConfig, ModelStatus, SaveSummary};
 pub use pressure::{

@@ -1,51 +1,68 @@
-//! The per-model actor: one dedicated thread owns the model's context
-//! (llama.cpp's is `!Send`) and runs the loop `idle → prefilling →
-//! generating → idle`.
+//! The per-model actor: a batch scheduler over one context of `n_seq`
+//! sequences that share one KV cache.
 //!
-//! Each turn of the loop does one unit of work — one prefill chunk of at
-//! most `n_batch` tokens or one decoded token — and then drains the
-//! mailbox, so cancels, evicts and new requests interleave between tokens.
-//! Status is an atomic the handle reads directly, so it is answered at
-//! once even mid-generation. Requests are admitted in FIFO order.
+//! One dedicated thread owns the context (llama.cpp's is `!Send`). Each turn
+//! of its loop builds one batch — one token for every generating sequence
+//! plus at most one prefill piece (chunked prefill: a long prompt never
+//! stalls the others' decoding) — runs it, samples every sequence that got
+//! logits, and then drains the mailbox, so cancels, evicts and new requests
+//! interleave between steps. Requests are admitted in FIFO order while a
+//! sequence and enough KV cells are free (a request reserves its prompt plus
+//! `max_tokens` cells; a copied prefix costs none); a request that cannot
+//! fit even alone was refused at submission.
 //!
-//! Cache wiring (docs/policy.md): on admission the prompt is looked up — exact
-//! key, then the request's `parent_key` (exact-or-wait, must be a prefix
-//! of the prompt), then the longest-prefix walk — and a hit is restored
-//! into the cleared sequence. A cold prompt is prefilled up to its
-//! trimmed-aligned boundary, saved, then prefilled to the end, where the
-//! whole prompt is saved too (so a repeated prompt is an exact hit). Saves
-//! pack
-//! the state on this thread (the only part on the request path), reserve
-//! the key at once (so the next turn's exact-or-wait finds it), and write
-//! on a separate thread; `evict` and `shutdown` saves wait for the write,
-//! bounded by `evict_save_timeout_ms`.
+//! Where a prompt's prefix comes from, best first: another sequence of the
+//! context (a running one, one still prefilling it — the newcomer waits for
+//! those chunks and copies them — or a finished one kept warm) whose cells
+//! are shared without recomputing or restoring anything; the cache (exact
+//! key, `parent_key`, longest prefix), restored into the cleared sequence;
+//! or nothing (cold).
+//!
+//! Exactness: a prompt is prefilled in chunks that end at multiples of
+//! `n_batch` counted from position 0, with its last token decoded on its
+//! own, so the state after a prompt is a function of its tokens alone; a
+//! shared or restored prefix is one that such a prefill produces. A sampled
+//! token is fed only when the next token is wanted.
+//!
+//! Cache wiring (docs/policy.md): a cold prompt is saved at its aligned
+//! chunk boundary and whole; continued saves every `continued_interval`
+//! generated tokens (counted from the end of the prompt); a finish save at
+//! the end. Saves pack on this thread (the only part on the request path)
+//! and write on another; `evict` and `shutdown` saves wait for the write.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use erllama_cache::{
-    cold_save_split, should_continued_save, should_finish_save, Cache, CacheKey, Claim, Counter,
-    Lookup, ModelIdentity, PolicyConfig, PrefixLookup, SaveError, SaveReason, SaveRequest,
-    TierKind,
+    cold_save_split, effective_fingerprint, should_continued_save, should_finish_save, Cache,
+    CacheKey, Claim, Counter, Lookup, ModelIdentity, PolicyConfig, PrefixLookup, SaveError,
+    SaveReason, SaveRequest, TierKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{AdapterHandle, Backend, BackendContext, ContextParams, StateSupport};
+use crate::backend::{
+    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, KvCells,
+    PrefixReuse, SeqId, StateSupport,
+};
+use crate::cells::CellLedger;
 use crate::request::{
     Completion, EngineError, Event, FinishReason, HitKind, HitSource, RequestId, RequestOptions,
     RequestStats, RestoreFailure,
 };
 use crate::text::TextStream;
 
+/// Mailbox depth of a model actor.
+const MAILBOX: usize = 1024;
+
 /// A model's state as seen from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelStatus {
     /// No request running.
     Idle,
-    /// Restoring or prefilling a prompt.
+    /// Restoring or prefilling a prompt (possibly while others generate).
     Prefilling,
     /// Generating tokens.
     Generating,
@@ -78,7 +95,7 @@ impl ModelStatus {
 /// Settings of one loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
-    /// Context options.
+    /// Context options (`n_seq` is the parallelism).
     pub context: ContextParams,
     /// The tier this model's saves go to.
     pub tier: TierKind,
@@ -96,13 +113,13 @@ impl Default for ModelConfig {
     }
 }
 
-/// A request on its way to the actor.
+/// A request on its way to the actor (prepared: tokenized and checked).
 pub(crate) struct Submission {
     pub(crate) id: RequestId,
     pub(crate) tokens: Vec<u32>,
     pub(crate) prompt_text: String,
     pub(crate) options: RequestOptions,
-    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) events: mpsc::UnboundedSender<Event>,
     pub(crate) submitted: Instant,
 }
@@ -118,33 +135,89 @@ pub struct SaveSummary {
     pub already_present: bool,
 }
 
-pub(crate) enum Command {
+/// A LoRA adapter loaded on a model (see `Engine::load_adapter`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterInfo {
+    /// Its id (given, or `adapter_<N>`).
+    pub id: String,
+    /// The adapter file.
+    pub path: std::path::PathBuf,
+    /// SHA-256 of the file (hex).
+    pub sha256: String,
+    /// The scale it is applied with (0 = loaded but inactive).
+    pub scale: f32,
+}
+
+/// A loaded adapter: its description and the backend's handle.
+pub(crate) struct Adapter {
+    pub(crate) info: AdapterInfo,
+    pub(crate) handle: AdapterHandle,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// The actor's commands. Built only by [`ModelHandle`].
+enum Command {
     Submit(Box<Submission>),
-    /// Save the live context (reason evict) and clear it.
-    Evict(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>),
-    /// Save the live context (reason shutdown) and keep serving.
-    SaveNow(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>),
+    /// Save every sequence with content (reason evict) and free them, once
+    /// no request runs.
+    Evict(Reply<Vec<SaveSummary>>),
+    /// Save every sequence with content now (reason shutdown), keep them.
+    SaveNow(Reply<Vec<SaveSummary>>),
     /// Cancel everything, save (reason shutdown) and stop.
-    Stop(oneshot::Sender<Result<Option<SaveSummary>, EngineError>>),
-    /// Apply a new adapter set (between requests) and clear the context.
-    Adapters(AdapterChange),
+    Stop(Reply<Vec<SaveSummary>>),
+    /// Adapter changes, applied once no request runs.
+    Adapters(AdapterCommand),
+}
+
+enum AdapterCommand {
+    Add(Adapter, Reply<AdapterInfo>),
+    Scale(String, f32, Reply<AdapterInfo>),
+    Remove(String, Reply<()>),
+    List(Reply<Vec<AdapterInfo>>),
+}
+
+/// What a model's sequences hold now (published after every step).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Occupancy {
+    pub(crate) running: usize,
+    pub(crate) queued: usize,
+    pub(crate) warm: usize,
+    pub(crate) cells: usize,
 }
 
 /// Shared between the handle and the actor.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) status: AtomicU8,
-    /// Tokens in the live context (for the scheduler's idle-model evict).
-    pub(crate) live_tokens: std::sync::atomic::AtomicUsize,
-    pub(crate) stop_reason: std::sync::Mutex<Option<String>>,
-    /// Whether the context's state can be cached (set once the context
-    /// exists).
-    pub(crate) state_support: std::sync::OnceLock<StateSupport>,
+    status: AtomicU8,
+    /// KV cells in use (for the scheduler's idle-model evict).
+    pub(crate) live_tokens: AtomicUsize,
+    occupancy: Mutex<Occupancy>,
+    stop_reason: Mutex<Option<String>>,
+    /// Whether the context's state can be cached (set once it exists).
+    pub(crate) state_support: OnceLock<StateSupport>,
 }
 
 impl Shared {
+    fn new() -> Self {
+        Self {
+            status: AtomicU8::new(ModelStatus::Prefilling as u8),
+            live_tokens: AtomicUsize::new(0),
+            occupancy: Mutex::new(Occupancy::default()),
+            stop_reason: Mutex::new(None),
+            state_support: OnceLock::new(),
+        }
+    }
+
     pub(crate) fn status(&self) -> ModelStatus {
         ModelStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn occupancy(&self) -> Occupancy {
+        *self
+            .occupancy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set(&self, s: ModelStatus) {
@@ -152,8 +225,99 @@ impl Shared {
     }
 }
 
-/// Called when a request ends (the engine forgets its id).
-pub(crate) type OnDone = Arc<dyn Fn(RequestId) + Send + Sync>;
+/// The cloneable handle of one model's actor: the mailbox protocol lives
+/// here (commands are built in one place), and a full mailbox is back
+/// pressure ([`EngineError::Busy`]), never "model gone".
+#[derive(Clone)]
+pub(crate) struct ModelHandle {
+    id: String,
+    tx: mpsc::Sender<Command>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ModelHandle {
+    fn gone(&self) -> EngineError {
+        let why = self
+            .shared
+            .stop_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "the model task stopped".into());
+        EngineError::ModelGone(self.id.clone(), why)
+    }
+
+    /// Queues a prepared request. On failure the submission comes back
+    /// with the reason (its stream is still the caller's to answer).
+    pub(crate) fn submit(
+        &self,
+        sub: Box<Submission>,
+    ) -> Result<(), (EngineError, Box<Submission>)> {
+        match self.tx.try_send(Command::Submit(sub)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Command::Submit(sub))) => {
+                Err((EngineError::Busy(self.id.clone()), sub))
+            }
+            Err(mpsc::error::TrySendError::Closed(Command::Submit(sub))) => Err((self.gone(), sub)),
+            Err(_) => unreachable!("a Submit command comes back as sent"),
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.try_send(make(tx)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(EngineError::Busy(self.id.clone()))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.gone()),
+        }
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    pub(crate) async fn evict(&self) -> Result<Vec<SaveSummary>, EngineError> {
+        self.ask(Command::Evict).await
+    }
+
+    pub(crate) async fn save_now(&self) -> Result<Vec<SaveSummary>, EngineError> {
+        self.ask(Command::SaveNow).await
+    }
+
+    /// Stops the actor (a stopped actor answers `Ok(vec![])`).
+    pub(crate) async fn stop(&self) -> Result<Vec<SaveSummary>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Stop(tx)).await.is_err() {
+            return Ok(Vec::new());
+        }
+        rx.await.unwrap_or(Ok(Vec::new()))
+    }
+
+    pub(crate) async fn add_adapter(&self, adapter: Adapter) -> Result<AdapterInfo, EngineError> {
+        self.ask(|r| Command::Adapters(AdapterCommand::Add(adapter, r)))
+            .await
+    }
+
+    pub(crate) async fn set_adapter_scale(
+        &self,
+        id: &str,
+        scale: f32,
+    ) -> Result<AdapterInfo, EngineError> {
+        let id = id.to_owned();
+        self.ask(|r| Command::Adapters(AdapterCommand::Scale(id, scale, r)))
+            .await
+    }
+
+    pub(crate) async fn remove_adapter(&self, id: &str) -> Result<(), EngineError> {
+        let id = id.to_owned();
+        self.ask(|r| Command::Adapters(AdapterCommand::Remove(id, r)))
+            .await
+    }
+
+    pub(crate) async fn adapters(&self) -> Result<Vec<AdapterInfo>, EngineError> {
+        self.ask(|r| Command::Adapters(AdapterCommand::List(r)))
+            .await
+    }
+}
 
 pub(crate) struct ActorSetup {
     pub(crate) model_id: String,
@@ -161,55 +325,46 @@ pub(crate) struct ActorSetup {
     pub(crate) config: ModelConfig,
     pub(crate) identity: Arc<ModelIdentity>,
     pub(crate) cache: Cache,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) on_done: OnDone,
-    /// Called once if the task panics: its requests are lost with it.
+    /// Called once if the task panics.
     pub(crate) on_crash: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// Starts the actor thread; resolves once the context exists.
+/// Starts the actor thread; the receiver resolves once the context
+/// exists.
 pub(crate) fn spawn(
     setup: ActorSetup,
-    rx: mpsc::Receiver<Command>,
-) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+) -> Result<(ModelHandle, oneshot::Receiver<Result<(), EngineError>>), EngineError> {
+    let (tx, rx) = mpsc::channel(MAILBOX);
+    let shared = Arc::new(Shared::new());
+    let handle = ModelHandle {
+        id: setup.model_id.clone(),
+        tx,
+        shared: Arc::clone(&shared),
+    };
     let (ready_tx, ready_rx) = oneshot::channel();
     let name = format!("erllama-model-{}", setup.model_id);
-    let shared = Arc::clone(&setup.shared);
-    let on_crash = Arc::clone(&setup.on_crash);
     std::thread::Builder::new()
         .name(name)
-        .spawn(move || {
-            let model_id = setup.model_id.clone();
-            let crashed = move || {
-                // Runs before the actor's state (and with it the event
-                // senders of its requests) is dropped, so a request that
-                // sees its stream close also sees the model stopped.
-                shared.set(ModelStatus::Stopped);
-                tracing::error!(model = %model_id, "model task panicked; its requests fail");
-                *shared
-                    .stop_reason
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some("the model task crashed".into());
-                on_crash();
-            };
-            run(setup, rx, ready_tx, crashed);
-        })
+        .spawn(move || run(setup, rx, ready_tx, shared))
         .map_err(|e| EngineError::Backend(format!("cannot start the model thread: {e}")))?;
-    Ok(ready_rx)
+    Ok((handle, ready_rx))
 }
 
 fn run(
     setup: ActorSetup,
     mut rx: mpsc::Receiver<Command>,
     ready: oneshot::Sender<Result<(), EngineError>>,
-    crashed: impl FnOnce(),
+    shared: Arc<Shared>,
 ) {
-    let shared = Arc::clone(&setup.shared);
     let ctx = match catch_unwind(AssertUnwindSafe(|| {
         setup.backend.new_context(&setup.config.context)
     })) {
-        Ok(ctx) => ctx,
+        Ok(Ok(ctx)) => ctx,
+        Ok(Err(e)) => {
+            let _ = ready.send(Err(EngineError::from(e)));
+            shared.set(ModelStatus::Stopped);
+            return;
+        }
         Err(_) => {
             let _ = ready.send(Err(EngineError::ModelLoad(
                 "the backend panicked while creating its context".into(),
@@ -218,51 +373,66 @@ fn run(
             return;
         }
     };
-    let ctx = match ctx {
-        Ok(ctx) => {
-            let support = ctx.state_support();
-            if let Some(reason) = &support.reason {
-                tracing::warn!(
-                    model = %setup.model_id,
-                    memory = %support.memory,
-                    %reason,
-                    "this model's state is not cacheable: no lookups, no saves"
-                );
-            }
-            let _ = shared.state_support.set(support);
-            shared.set(ModelStatus::Idle);
-            let _ = ready.send(Ok(()));
-            ctx
-        }
-        Err(e) => {
-            let _ = ready.send(Err(EngineError::from(e)));
-            shared.set(ModelStatus::Stopped);
-            return;
-        }
-    };
-    let cacheable = shared.state_support.get().is_none_or(|s| s.cacheable);
+    let support = ctx.state_support();
+    if let Some(reason) = &support.reason {
+        tracing::warn!(
+            model = %setup.model_id,
+            memory = %support.memory,
+            %reason,
+            "this model's state is not cacheable: no lookups, no saves"
+        );
+    }
+    let cacheable = support.cacheable;
+    let reuse = support.reuse;
+    let _ = shared.state_support.set(support);
+    let n_seq = ctx.n_seq();
+    let kv_cells = ctx.kv_cells();
+    let on_crash = Arc::clone(&setup.on_crash);
+    let model_id = setup.model_id.clone();
     let mut actor = Actor {
+        base: Arc::clone(&setup.identity),
         identity: Arc::clone(&setup.identity),
         cacheable,
+        reuse,
+        adapters: Vec::new(),
+        slots: (0..n_seq).map(|_| Slot::Free).collect(),
+        cells: match kv_cells {
+            KvCells::Pooled => CellLedger::new(n_seq),
+            KvCells::PerSequence => CellLedger::per_sequence(n_seq),
+        },
+        pooled: kv_cells == KvCells::Pooled,
+        queue: VecDeque::new(),
+        deferred: Vec::new(),
+        tick: 0,
+        shared: Arc::clone(&shared),
         setup,
         ctx,
-        queue: VecDeque::new(),
-        active: None,
-        deferred: Vec::new(),
     };
+    shared.set(ModelStatus::Idle);
+    let _ = ready.send(Ok(()));
     let served = catch_unwind(AssertUnwindSafe(|| serve(&mut actor, &mut rx)));
     if served.is_err() {
-        crashed();
+        // Before the actor (and with it its requests' event senders) is
+        // dropped, so a request that sees its stream close sees the model
+        // stopped.
+        shared.set(ModelStatus::Stopped);
+        tracing::error!(model = %model_id, "model task panicked; its requests fail");
+        *shared
+            .stop_reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some("the model task crashed".into());
+        on_crash();
     }
     shared.set(ModelStatus::Stopped);
-    // `actor` and `rx` drop here: pending requests' streams close.
 }
 
 /// The actor loop; returns when the model is stopped or every handle is
 /// gone.
 fn serve(actor: &mut Actor, rx: &mut mpsc::Receiver<Command>) {
     loop {
-        if actor.active.is_none() && actor.queue.is_empty() {
+        if actor.is_idle() && actor.queue.is_empty() {
+            actor.run_deferred();
+            actor.publish();
             match rx.blocking_recv() {
                 Some(cmd) => {
                     if actor.handle(cmd) {
@@ -284,7 +454,7 @@ fn serve(actor: &mut Actor, rx: &mut mpsc::Receiver<Command>) {
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
-                    if actor.active.is_none() && actor.queue.is_empty() {
+                    if actor.is_idle() && actor.queue.is_empty() {
                         actor.stop(None);
                         return;
                     }
@@ -292,17 +462,46 @@ fn serve(actor: &mut Actor, rx: &mut mpsc::Receiver<Command>) {
                 }
             }
         }
-        actor.turn();
+        actor.step();
+        actor.publish();
     }
 }
 
-/// One request being served.
+/// What a sequence of the context is doing.
+enum Slot {
+    /// Empty.
+    Free,
+    /// Holds a finished request's tokens (its prompt, then output), kept
+    /// for sharing until its cells are needed (least recently used first).
+    Warm { last_used: u64, prompt_len: usize },
+    /// Serves a request.
+    Busy(Box<Active>),
+}
+
+/// Where a running request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for `src` to prefill its first `len` tokens, which it will
+    /// then share.
+    Waiting { src: SeqId, len: usize },
+    /// Prefilling the prompt from `prefill_at`.
+    Prefilling,
+    /// Generating.
+    Generating,
+}
+
+/// One request being served on a sequence.
 struct Active {
     sub: Box<Submission>,
-    /// Prompt tokens still to prefill (from `prefill_at`).
+    phase: Phase,
+    /// Prompt tokens in the sequence so far.
     prefill_at: usize,
     /// Cold-save boundary in prompt tokens, if a cold save is due.
     cold_at: Option<usize>,
+    /// Whether the prompt's own row is due when prefill ends.
+    save_prompt: bool,
+    /// A sampled token not yet fed to the sequence.
+    pending: Option<u32>,
     generated: Vec<u32>,
     text: TextStream,
     stats: RequestStats,
@@ -311,38 +510,58 @@ struct Active {
     last_saved_at: usize,
 }
 
-struct Actor {
-    setup: ActorSetup,
-    /// The cache identity of what the context computes now (the base
-    /// fingerprint with the active adapters). Changes only between
-    /// requests, so a request keeps the identity it was admitted with.
-    identity: Arc<ModelIdentity>,
-    /// Whether the context's state can be cached; when not, no lookup and
-    /// no save ever happens.
-    cacheable: bool,
-    ctx: Box<dyn BackendContext>,
-    queue: VecDeque<Box<Submission>>,
-    active: Option<Active>,
-    /// Evicts and adapter changes asked for mid-request, done when it ends.
-    deferred: Vec<Deferred>,
+impl Active {
+    fn prompt(&self) -> &[u32] {
+        &self.sub.tokens
+    }
+
+    /// Cells this request may still add (prompt left, then generation).
+    fn future_cells(&self, len: usize) -> usize {
+        (self.sub.tokens.len() + self.sub.options.max_tokens).saturating_sub(len)
+    }
 }
 
 enum Deferred {
-    Evict(SaveReply),
-    Adapters(AdapterChange),
+    Evict(Reply<Vec<SaveSummary>>),
+    Adapters(AdapterCommand),
 }
 
-/// A new adapter set and the identity it gives.
-pub(crate) struct AdapterChange {
-    pub(crate) identity: Arc<ModelIdentity>,
-    pub(crate) adapters: Vec<(AdapterHandle, f32)>,
-    pub(crate) reply: oneshot::Sender<Result<(), EngineError>>,
+struct Actor {
+    setup: ActorSetup,
+    shared: Arc<Shared>,
+    /// The identity without adapters.
+    base: Arc<ModelIdentity>,
+    /// The identity the context computes under now (adapters applied).
+    /// Changes only when no request runs, so a request keeps the identity
+    /// it was admitted with.
+    identity: Arc<ModelIdentity>,
+    adapters: Vec<Adapter>,
+    /// Whether the context's state can be cached; when not, no lookup and
+    /// no save ever happens.
+    cacheable: bool,
+    /// Which prefixes of a sequence can be kept or shared.
+    reuse: PrefixReuse,
+    ctx: Box<dyn BackendContext>,
+    slots: Vec<Slot>,
+    cells: CellLedger,
+    /// The sequences draw on one pool of `n_ctx` cells
+    /// ([`KvCells::Pooled`]); otherwise each has `n_ctx` of its own and a
+    /// request never waits for cells.
+    pooled: bool,
+    queue: VecDeque<Box<Submission>>,
+    /// Evicts and adapter changes waiting for no request to run.
+    deferred: Vec<Deferred>,
+    /// LRU clock of warm sequences.
+    tick: u64,
 }
-
-type SaveReply = oneshot::Sender<Result<Option<SaveSummary>, EngineError>>;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Actor {
@@ -358,162 +577,626 @@ impl Actor {
         &self.setup.config.policy
     }
 
-    fn publish_live(&self) {
-        self.setup
-            .shared
+    fn n_ctx(&self) -> usize {
+        self.setup.config.context.n_ctx
+    }
+
+    fn n_batch(&self) -> usize {
+        self.setup.config.context.n_batch.max(1)
+    }
+
+    fn is_idle(&self) -> bool {
+        !self.slots.iter().any(|s| matches!(s, Slot::Busy(_)))
+    }
+
+    fn active(&self, seq: SeqId) -> Option<&Active> {
+        match &self.slots[seq] {
+            Slot::Busy(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn publish(&self) {
+        self.shared
             .live_tokens
-            .store(self.ctx.tokens().len(), Ordering::Relaxed);
+            .store(self.cells.used(), Ordering::Relaxed);
+        let occupancy = Occupancy {
+            running: self
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Busy(_)))
+                .count(),
+            queued: self.queue.len(),
+            warm: self
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Warm { .. }))
+                .count(),
+            cells: self.cells.used(),
+        };
+        *self
+            .shared
+            .occupancy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = occupancy;
+        let mut status = ModelStatus::Idle;
+        for slot in &self.slots {
+            if let Slot::Busy(a) = slot {
+                status = match a.phase {
+                    Phase::Generating if status == ModelStatus::Idle => ModelStatus::Generating,
+                    Phase::Generating => status,
+                    _ => ModelStatus::Prefilling,
+                };
+            }
+        }
+        if status == ModelStatus::Idle && !self.queue.is_empty() {
+            status = ModelStatus::Prefilling;
+        }
+        self.shared.set(status);
     }
 
     /// Handles a command; true when the actor must exit.
     fn handle(&mut self, cmd: Command) -> bool {
-        let exit = self.handle_inner(cmd);
-        self.publish_live();
-        exit
-    }
-
-    fn handle_inner(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(sub) => self.queue.push_back(sub),
             Command::Evict(reply) => {
-                if self.active.is_some() {
+                if self.is_idle() {
+                    let r = self.evict_all();
+                    let _ = reply.send(r);
+                } else {
                     self.deferred.push(Deferred::Evict(reply));
-                } else {
-                    self.evict(reply);
-                }
-            }
-            Command::Adapters(change) => {
-                if self.active.is_some() {
-                    self.deferred.push(Deferred::Adapters(change));
-                } else {
-                    self.apply_adapters(change);
                 }
             }
             Command::SaveNow(reply) => {
-                let r = self.save_blocking(SaveReason::Shutdown);
+                let r = self.save_all(SaveReason::Shutdown, false);
                 let _ = reply.send(r);
             }
             Command::Stop(reply) => {
                 self.stop(Some(reply));
                 return true;
             }
+            Command::Adapters(AdapterCommand::List(reply)) => {
+                let _ = reply.send(Ok(self.adapters.iter().map(|a| a.info.clone()).collect()));
+            }
+            Command::Adapters(change) => {
+                if self.is_idle() {
+                    self.adapter_change(change);
+                } else {
+                    self.deferred.push(Deferred::Adapters(change));
+                }
+            }
         }
         false
     }
 
-    /// Switches adapters: the live context was computed under the old set,
-    /// so it is dropped (never saved or reused under the new identity).
-    fn apply_adapters(&mut self, change: AdapterChange) {
-        let result = self
-            .ctx
-            .set_adapters(&change.adapters)
-            .map_err(EngineError::from);
-        if result.is_ok() {
-            self.identity = change.identity;
-        }
-        self.ctx.clear();
-        self.publish_live();
-        let _ = change.reply.send(result);
-    }
-
     fn run_deferred(&mut self) {
+        if !self.is_idle() {
+            return;
+        }
         for d in std::mem::take(&mut self.deferred) {
             match d {
-                Deferred::Evict(reply) => self.evict(reply),
-                Deferred::Adapters(change) => self.apply_adapters(change),
-            }
-        }
-    }
-
-    fn evict(&mut self, reply: SaveReply) {
-        let r = self.save_blocking(SaveReason::Evict);
-        self.ctx.clear();
-        self.publish_live();
-        let _ = reply.send(r);
-    }
-
-    /// Unload: cancel the running request (its finish save still fires),
-    /// fail the queued ones, save the live context, stop.
-    fn stop(&mut self, reply: Option<SaveReply>) {
-        if let Some(a) = self.active.take() {
-            a.sub.cancel.store(true, Ordering::Relaxed);
-            self.finish(a, FinishReason::Cancelled);
-        }
-        let reason = "the model was unloaded".to_owned();
-        for sub in self.queue.drain(..) {
-            (self.setup.on_done)(sub.id);
-            let _ = sub.events.send(Event::Done(Err(EngineError::ModelGone(
-                self.setup.model_id.clone(),
-                reason.clone(),
-            ))));
-        }
-        let r = self.save_blocking(SaveReason::Shutdown);
-        for d in self.deferred.drain(..) {
-            match d {
                 Deferred::Evict(reply) => {
-                    let _ = reply.send(Ok(None));
+                    let r = self.evict_all();
+                    let _ = reply.send(r);
                 }
-                Deferred::Adapters(change) => {
-                    let _ = change.reply.send(Err(EngineError::ModelGone(
-                        self.setup.model_id.clone(),
-                        "the model was unloaded".into(),
-                    )));
-                }
+                Deferred::Adapters(change) => self.adapter_change(change),
             }
-        }
-        if let Some(reply) = reply {
-            let _ = reply.send(r);
         }
     }
 
-    fn turn(&mut self) {
-        self.turn_inner();
-        self.publish_live();
-    }
+    // --- adapters (the actor owns the set) ---
 
-    fn turn_inner(&mut self) {
-        if self.active.is_none() {
-            self.run_deferred();
-            if let Some(sub) = self.queue.pop_front() {
-                self.active = self.admit(sub);
+    fn adapter_change(&mut self, change: AdapterCommand) {
+        match change {
+            AdapterCommand::Add(adapter, reply) => {
+                let info = adapter.info.clone();
+                if self.adapters.iter().any(|a| a.info.id == info.id) {
+                    let _ = reply.send(Err(EngineError::AlreadyLoaded(format!(
+                        "adapter {}",
+                        info.id
+                    ))));
+                    return;
+                }
+                self.adapters.push(adapter);
+                let r = self.apply_adapters().map(|()| info);
+                if r.is_err() {
+                    self.adapters.pop();
+                    let _ = self.apply_adapters();
+                }
+                let _ = reply.send(r);
+            }
+            AdapterCommand::Scale(id, scale, reply) => {
+                let Some(i) = self.adapters.iter().position(|a| a.info.id == id) else {
+                    let _ = reply.send(Err(EngineError::NotFound(format!("adapter {id}"))));
+                    return;
+                };
+                let old = std::mem::replace(&mut self.adapters[i].info.scale, scale);
+                let r = self
+                    .apply_adapters()
+                    .map(|()| self.adapters[i].info.clone());
+                if r.is_err() {
+                    self.adapters[i].info.scale = old;
+                    let _ = self.apply_adapters();
+                }
+                let _ = reply.send(r);
+            }
+            AdapterCommand::Remove(id, reply) => {
+                let Some(i) = self.adapters.iter().position(|a| a.info.id == id) else {
+                    let _ = reply.send(Err(EngineError::NotFound(format!("adapter {id}"))));
+                    return;
+                };
+                let removed = self.adapters.remove(i);
+                let r = self.apply_adapters();
+                if r.is_err() {
+                    self.adapters.insert(i, removed);
+                    let _ = self.apply_adapters();
+                }
+                let _ = reply.send(r);
+            }
+            AdapterCommand::List(reply) => {
+                let _ = reply.send(Ok(self.adapters.iter().map(|a| a.info.clone()).collect()));
             }
         }
-        let Some(mut a) = self.active.take() else {
-            self.setup.shared.set(ModelStatus::Idle);
+    }
+
+    /// Applies the adapter set under the effective fingerprint it gives;
+    /// every sequence is cleared (KV of other weights is never reused).
+    fn apply_adapters(&mut self) -> Result<(), EngineError> {
+        let active: Vec<&Adapter> = self
+            .adapters
+            .iter()
+            .filter(|a| a.info.scale != 0.0)
+            .collect();
+        let pairs: Vec<([u8; 32], f64)> = active
+            .iter()
+            .map(|a| {
+                let sha = CacheKey::from_hex(&a.info.sha256)
+                    .map(|k| k.0)
+                    .unwrap_or([0; 32]);
+                (sha, f64::from(a.info.scale))
+            })
+            .collect();
+        let fingerprint = effective_fingerprint(&self.base.fingerprint, &pairs)
+            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+        let handles: Vec<(AdapterHandle, f32)> = active
+            .iter()
+            .map(|a| (Arc::clone(&a.handle), a.info.scale))
+            .collect();
+        let result = self.ctx.set_adapters(&handles).map_err(EngineError::from);
+        for seq in 0..self.slots.len() {
+            self.free(seq);
+        }
+        if result.is_ok() {
+            self.identity = Arc::new(ModelIdentity {
+                fingerprint,
+                ..(*self.base).clone()
+            });
+        }
+        result
+    }
+
+    // --- sequences ---
+
+    fn free(&mut self, seq: SeqId) {
+        self.ctx.clear(seq);
+        self.cells.clear(seq);
+        self.slots[seq] = Slot::Free;
+    }
+
+    /// Cells the running requests may still add.
+    fn reserved(&self) -> usize {
+        (0..self.slots.len())
+            .filter_map(|s| self.active(s).map(|a| a.future_cells(self.cells.len(s))))
+            .sum()
+    }
+
+    /// Frees the least recently used warm sequence not in `keep`; false
+    /// when there is none.
+    fn evict_warm(&mut self, keep: &[SeqId]) -> bool {
+        let victim = (0..self.slots.len())
+            .filter(|s| !keep.contains(s))
+            .filter_map(|s| match self.slots[s] {
+                Slot::Warm { last_used, .. } => Some((last_used, s)),
+                _ => None,
+            })
+            .min();
+        match victim {
+            Some((_, s)) => {
+                self.free(s);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The prompt length of what `seq` holds (its request's, running or
+    /// finished).
+    fn prompt_len(&self, seq: SeqId) -> usize {
+        match &self.slots[seq] {
+            Slot::Busy(a) => a.prompt().len(),
+            Slot::Warm { prompt_len, .. } => *prompt_len,
+            Slot::Free => 0,
+        }
+    }
+
+    /// How many of `tokens` the sequence `src` can give by sharing its
+    /// cells, as a cold prefill of `tokens` would have computed them:
+    /// everything it holds when it finished its prompt and `tokens`
+    /// continues what it holds (as a `parent_key` resume does); all but
+    /// the last token when it ran exactly this prompt (that token is
+    /// re-fed); else the whole `n_batch` chunks of its prompt the two have
+    /// in common.
+    fn shareable(&self, src: SeqId, tokens: &[u32]) -> usize {
+        let held = self.ctx.tokens(src);
+        let prompt_len = self.prompt_len(src);
+        let common = common_prefix(held, tokens);
+        let n = if held.len() >= prompt_len && common == held.len() && common < tokens.len() {
+            common
+        } else if common >= tokens.len() && tokens.len() == prompt_len {
+            tokens.len() - 1
+        } else {
+            let chunks = common.min(prompt_len.saturating_sub(1));
+            chunks / self.n_batch() * self.n_batch()
+        };
+        if self.reuse.allows(n, held.len()) {
+            n
+        } else {
+            0
+        }
+    }
+
+    /// A sequence still prefilling a prompt that shares at least one whole
+    /// chunk with `tokens`: (its seq, the length to wait for).
+    fn pending_share(&self, tokens: &[u32]) -> Option<(SeqId, usize)> {
+        if self.reuse == PrefixReuse::Nothing {
+            return None;
+        }
+        (0..self.slots.len())
+            .filter_map(|s| {
+                let a = self.active(s)?;
+                if a.phase != Phase::Prefilling {
+                    return None;
+                }
+                let common = common_prefix(a.prompt(), tokens);
+                let want = if common >= tokens.len() && tokens.len() == a.prompt().len() {
+                    tokens.len() - 1
+                } else {
+                    common.min(a.prompt().len() - 1) / self.n_batch() * self.n_batch()
+                };
+                (want > self.ctx.tokens(s).len()).then_some((s, want))
+            })
+            .max_by_key(|&(_, want)| want)
+    }
+
+    /// The best sequence to share from now, other than `exclude`: (seq,
+    /// tokens).
+    fn best_share(&self, tokens: &[u32], exclude: Option<SeqId>) -> Option<(SeqId, usize)> {
+        (0..self.slots.len())
+            .filter(|&s| Some(s) != exclude && !matches!(self.slots[s], Slot::Free))
+            .filter(
+                |&s| !matches!(self.active(s), Some(a) if matches!(a.phase, Phase::Waiting { .. })),
+            )
+            .map(|s| (s, self.shareable(s, tokens)))
+            .filter(|&(_, n)| n > 0)
+            .max_by_key(|&(s, n)| (n, std::cmp::Reverse(s)))
+    }
+
+    // --- one step ---
+
+    fn step(&mut self) {
+        self.admit();
+        self.resolve_waits();
+        let mut items: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
+        // Every generating sequence with a sampled token feeds it.
+        for seq in 0..self.slots.len() {
+            if let Slot::Busy(a) = &mut self.slots[seq] {
+                if a.phase == Phase::Generating {
+                    if let Some(t) = a.pending.take() {
+                        items.push((seq, vec![t], true));
+                    }
+                }
+            }
+        }
+        // One prefill piece (FIFO by admission), plus other requests' last
+        // prompt tokens (one each, cheap).
+        let mut main_piece = false;
+        let mut order: Vec<(Instant, SeqId)> = (0..self.slots.len())
+            .filter_map(|s| {
+                self.active(s)
+                    .filter(|a| a.phase == Phase::Prefilling)
+                    .map(|a| (a.admitted, s))
+            })
+            .collect();
+        order.sort();
+        for (_, seq) in order {
+            let Some(a) = self.active(seq) else { continue };
+            let (start, end) = self.next_piece(a);
+            if end - start > 1 {
+                if main_piece {
+                    continue;
+                }
+                main_piece = true;
+            }
+            let last = end == a.prompt().len();
+            items.push((seq, a.prompt()[start..end].to_vec(), last));
+        }
+        if items.is_empty() {
+            return;
+        }
+        let batch: Vec<BatchItem<'_>> = items
+            .iter()
+            .map(|(seq, tokens, logits)| BatchItem {
+                seq: *seq,
+                tokens,
+                logits: *logits,
+            })
+            .collect();
+        match self.ctx.decode(&batch) {
+            Ok(()) => {}
+            Err(e) => {
+                // Nothing of the batch was applied: its requests fail.
+                let e = EngineError::from(e);
+                for (seq, _, _) in &items {
+                    self.fail(*seq, e.clone());
+                }
+                return;
+            }
+        }
+        for (seq, tokens, _) in &items {
+            self.cells.append(*seq, tokens.len());
+        }
+        for (seq, tokens, logits) in items {
+            self.after_decode(seq, tokens.len(), logits);
+        }
+        // Requests cancelled meanwhile end now (their sequences are freed
+        // within this step).
+        for seq in 0..self.slots.len() {
+            if self
+                .active(seq)
+                .is_some_and(|a| a.sub.cancel.load(Ordering::Relaxed))
+            {
+                self.finish(seq, FinishReason::Cancelled);
+            }
+        }
+    }
+
+    /// The next prefill piece of a request: up to the next multiple of
+    /// `n_batch`, stopping before the prompt's last token, which goes on
+    /// its own.
+    fn next_piece(&self, a: &Active) -> (usize, usize) {
+        let n = a.prompt().len();
+        let at = a.prefill_at;
+        if at + 1 >= n {
+            return (at, n);
+        }
+        let batch = self.n_batch();
+        let mut end = ((at / batch + 1) * batch).min(n - 1);
+        if let Some(cold) = a.cold_at {
+            if at < cold && end > cold {
+                end = cold;
+            }
+        }
+        (at, end)
+    }
+
+    /// After `seq` got `n` tokens in a step.
+    fn after_decode(&mut self, seq: SeqId, n: usize, logits: bool) {
+        let Slot::Busy(a) = &mut self.slots[seq] else {
             return;
         };
-        match self.step(&mut a) {
-            Ok(None) => self.active = Some(a),
-            Ok(Some(reason)) => self.finish(a, reason),
-            Err(e) => self.fail(a, e),
-        }
-        if self.active.is_none() && self.queue.is_empty() {
-            self.run_deferred();
-            self.setup.shared.set(ModelStatus::Idle);
+        match a.phase {
+            Phase::Prefilling => {
+                a.prefill_at += n;
+                let at = a.prefill_at;
+                let prompt_len = a.prompt().len();
+                if a.cold_at == Some(at) {
+                    a.cold_at = None;
+                    a.last_saved_at = at;
+                    self.save_async(seq, SaveReason::Cold);
+                }
+                if at == prompt_len {
+                    let Slot::Busy(a) = &mut self.slots[seq] else {
+                        return;
+                    };
+                    // The sequence holds exactly the prompt: its own row
+                    // too, so a repeated prompt is an exact hit.
+                    let save_prompt = a.save_prompt;
+                    a.stats.prefill_ms = ms(a.admitted.elapsed());
+                    a.gen_started = Some(Instant::now());
+                    a.phase = Phase::Generating;
+                    // Continued saves count from the end of the prompt.
+                    a.last_saved_at = prompt_len;
+                    if save_prompt {
+                        self.save_async(seq, SaveReason::Cold);
+                    }
+                    self.generate(seq);
+                }
+            }
+            Phase::Generating if logits => self.generate(seq),
+            _ => {}
         }
     }
 
-    /// Status reads idle as soon as the last queued request is answered.
-    fn idle_if_done(&self) {
-        if self.queue.is_empty() {
-            self.setup.shared.set(ModelStatus::Idle);
+    /// Samples `seq`'s next token and hands it out; feeds it next step
+    /// only if generation goes on.
+    fn generate(&mut self, seq: SeqId) {
+        let Some(a) = self.active(seq) else { return };
+        if a.sub.cancel.load(Ordering::Relaxed) {
+            self.finish(seq, FinishReason::Cancelled);
+            return;
+        }
+        if a.generated.len() >= a.sub.options.max_tokens {
+            self.finish(seq, FinishReason::Length);
+            return;
+        }
+        let token = match self.ctx.sample(seq) {
+            Ok(t) => t,
+            Err(BackendError::Cancelled) => {
+                self.finish(seq, FinishReason::Cancelled);
+                return;
+            }
+            Err(e) => {
+                self.fail(seq, e.into());
+                return;
+            }
+        };
+        match self.ctx.is_eog(token) {
+            Ok(true) => {
+                self.finish(seq, FinishReason::Stop);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.fail(seq, e.into());
+                return;
+            }
+        }
+        let bytes = match self.setup.backend.token_bytes(token) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail(seq, e.into());
+                return;
+            }
+        };
+        let live = self.ctx.tokens(seq).len();
+        let continued = should_continued_save(
+            live,
+            self.active(seq).map_or(live, |a| a.last_saved_at),
+            self.policy(),
+        );
+        if continued {
+            self.save_async(seq, SaveReason::Continued);
+        }
+        let Slot::Busy(a) = &mut self.slots[seq] else {
+            return;
+        };
+        if continued {
+            a.last_saved_at = live;
+        }
+        a.generated.push(token);
+        let (piece, stopped) = a.text.push(&bytes);
+        let _ = a.sub.events.send(Event::Token {
+            id: token,
+            text: piece,
+        });
+        if stopped {
+            self.finish(seq, FinishReason::Stop);
+        } else if a.generated.len() >= a.sub.options.max_tokens {
+            self.finish(seq, FinishReason::Length);
+        } else {
+            a.pending = Some(token);
         }
     }
 
-    fn fail(&mut self, a: Active, e: EngineError) {
-        // The sequence may be half-written: start the next request clean.
-        self.ctx.clear();
-        (self.setup.on_done)(a.sub.id);
-        self.publish_live();
-        self.idle_if_done();
-        let _ = a.sub.events.send(Event::Done(Err(e)));
+    // --- admission ---
+
+    /// Admits queued requests in FIFO order while a sequence and enough
+    /// cells are free.
+    fn admit(&mut self) {
+        // Adapter changes and evicts wait for the running requests to end;
+        // no new one starts meanwhile.
+        if !self.deferred.is_empty() {
+            if self.is_idle() {
+                self.run_deferred();
+            }
+            return;
+        }
+        while let Some(sub) = self.queue.front() {
+            if sub.cancel.load(Ordering::Relaxed) {
+                // Cancelled while queued: it ends here, touching nothing.
+                let sub = self.queue.pop_front().expect("front exists");
+                self.answer_cancelled(sub);
+                continue;
+            }
+            let tokens = sub.tokens.clone();
+            let need_all = tokens.len() + sub.options.max_tokens;
+            // The best prefix another sequence holds. A finished (warm)
+            // one is taken over in place, cut back to that prefix, as a
+            // llama.cpp server slot is; a running one is shared into a
+            // free sequence (if none is free, the least recently used warm
+            // one is freed).
+            let share = self.best_share(&tokens, None);
+            let src = share.map(|(s, _)| s);
+            let shared = share.map_or(0, |(_, n)| n);
+            let in_place = src.filter(|&s| matches!(self.slots[s], Slot::Warm { .. }));
+            let seq = match in_place {
+                Some(s) => s,
+                None => match self.slots.iter().position(|s| matches!(s, Slot::Free)) {
+                    Some(s) => s,
+                    None => {
+                        let keep: Vec<SeqId> = src.into_iter().collect();
+                        if !self.evict_warm(&keep) {
+                            return; // every sequence runs a request
+                        }
+                        match self.slots.iter().position(|s| matches!(s, Slot::Free)) {
+                            Some(s) => s,
+                            None => return,
+                        }
+                    }
+                },
+            };
+            // Cells of a pool: what it may add against what is free; warm
+            // sequences give theirs back, least recently used first.
+            while self.pooled {
+                let mut cells = self.cells.clone();
+                if in_place.is_some() {
+                    cells.truncate(seq, shared);
+                }
+                let free = self.n_ctx().saturating_sub(cells.used() + self.reserved());
+                if need_all.saturating_sub(shared) <= free {
+                    break;
+                }
+                let keep: Vec<SeqId> = src.into_iter().chain([seq]).collect();
+                if !self.evict_warm(&keep) {
+                    return; // wait for running requests to end (FIFO)
+                }
+            }
+            let sub = self.queue.pop_front().expect("front exists");
+            if in_place.is_some() {
+                self.ctx
+                    .truncate(seq, shared)
+                    .expect("the shared prefix is within the sequence");
+                self.cells.truncate(seq, shared);
+                if let Slot::Warm { prompt_len, .. } = &mut self.slots[seq] {
+                    *prompt_len = (*prompt_len).min(shared);
+                }
+            }
+            self.start(seq, sub);
+        }
     }
 
-    /// Admission: sampling setup, cache lookup and restore.
-    fn admit(&mut self, sub: Box<Submission>) -> Option<Active> {
-        self.setup.shared.set(ModelStatus::Prefilling);
+    fn answer_cancelled(&self, sub: Box<Submission>) {
+        let now = Instant::now();
+        let stats = RequestStats {
+            prompt_tokens: sub.tokens.len(),
+            completion_tokens: 0,
+            prefill_ms: 0.0,
+            generation_ms: 0.0,
+            restore_ms: 0.0,
+            cache_hit_kind: HitKind::Cold,
+            hit_source: None,
+            cached_tokens: 0,
+            cache_tier: None,
+            finish_reason: FinishReason::Cancelled,
+            cancelled: true,
+            queue_ms: ms(now.duration_since(sub.submitted)),
+            restore_failure: None,
+        };
+        let _ = sub.events.send(Event::Done(Ok(Completion {
+            request_id: sub.id,
+            text: String::new(),
+            tokens: Vec::new(),
+            stats,
+            finish_key: None,
+        })));
+    }
+
+    /// Starts `sub` on `seq`, which is empty or holds a prefix of its
+    /// prompt (a warm sequence taken over): sampling, then its prefix
+    /// (kept, shared, waited for, restored, or none).
+    fn start(&mut self, seq: SeqId, sub: Box<Submission>) {
         let admitted = Instant::now();
-        let mut stats = RequestStats {
+        let stats = RequestStats {
             prompt_tokens: sub.tokens.len(),
             completion_tokens: 0,
             prefill_ms: 0.0,
@@ -528,86 +1211,193 @@ impl Actor {
             queue_ms: ms(admitted.duration_since(sub.submitted)),
             restore_failure: None,
         };
+        if let Err(e) = self.ctx.set_sampling(seq, &sub.options.sampling) {
+            let _ = sub.events.send(Event::Done(Err(e.into())));
+            return;
+        }
+        self.ctx.set_interrupt(seq, Some(Arc::clone(&sub.cancel)));
         let text = TextStream::new(sub.options.stop.clone());
-        let mut a = Active {
+        let a = Active {
             sub,
+            phase: Phase::Prefilling,
             prefill_at: 0,
             cold_at: None,
+            save_prompt: false,
+            pending: None,
             generated: Vec::new(),
             text,
-            stats: stats.clone(),
+            stats,
             admitted,
             gen_started: None,
             last_saved_at: 0,
         };
-        if a.sub.cancel.load(Ordering::Relaxed) {
-            self.finish(a, FinishReason::Cancelled);
-            return None;
+        let tokens = a.sub.tokens.clone();
+        self.slots[seq] = Slot::Busy(Box::new(a));
+        // A prefix another sequence is prefilling right now: wait for it
+        // (unless this sequence already holds a longer one).
+        let now = self
+            .best_share(&tokens, Some(seq))
+            .map_or(0, |(_, n)| n)
+            .max(self.ctx.tokens(seq).len());
+        if let Some((src, len)) = self.pending_share(&tokens) {
+            if len > now {
+                if let Slot::Busy(a) = &mut self.slots[seq] {
+                    a.phase = Phase::Waiting { src, len };
+                }
+                return;
+            }
         }
-        if let Err(e) = self.ctx.set_sampling(&a.sub.options.sampling) {
-            self.fail(a, e.into());
-            return None;
+        self.place_prefix(seq);
+    }
+
+    /// Waiting requests whose source has prefilled far enough copy it; a
+    /// source that went away leaves them to find their prefix elsewhere.
+    fn resolve_waits(&mut self) {
+        for seq in 0..self.slots.len() {
+            let Some(Phase::Waiting { src, len }) = self.active(seq).map(|a| a.phase) else {
+                continue;
+            };
+            let ready = self.ctx.tokens(src).len() >= len;
+            let alive = self
+                .active(src)
+                .is_some_and(|a| a.phase == Phase::Prefilling);
+            if ready || !alive {
+                if let Slot::Busy(a) = &mut self.slots[seq] {
+                    a.phase = Phase::Prefilling;
+                }
+                self.place_prefix(seq);
+            }
         }
-        self.ctx.set_interrupt(Some(Arc::clone(&a.sub.cancel)));
-        self.ctx.clear();
-        let restore_started = Instant::now();
-        let restored = if self.cacheable {
-            self.restore(
-                &a.sub.tokens,
-                a.sub.options.parent_key.as_ref(),
-                &mut stats.restore_failure,
-            )
+    }
+
+    /// Gives a started request its prefix, the longest of: what its
+    /// sequence already holds (a warm sequence taken over), another
+    /// sequence's cells (shared), a cached row (restored); else cold.
+    fn place_prefix(&mut self, seq: SeqId) {
+        let tokens = match self.active(seq) {
+            Some(a) => a.prompt().to_vec(),
+            None => return,
+        };
+        let n = tokens.len();
+        let started = Instant::now();
+        let held = self.ctx.tokens(seq).len();
+        let share = self
+            .best_share(&tokens, Some(seq))
+            .filter(|&(_, k)| k > held);
+        let local = share.map_or(held, |(_, k)| k);
+        let mut failure = None;
+        let restored = if self.cacheable && local + 1 < n {
+            let parent = self.active(seq).and_then(|a| a.sub.options.parent_key);
+            self.restore(seq, &tokens, parent.as_ref(), local, &mut failure)
         } else {
             None
         };
-        let n = a.sub.tokens.len();
-        match restored {
-            Some((len, source, tier)) => {
-                stats.cache_hit_kind = if len == n {
-                    HitKind::Exact
-                } else {
-                    HitKind::Partial
-                };
-                stats.hit_source = Some(source);
-                stats.cached_tokens = len;
-                stats.cache_tier = Some(tier);
-                stats.restore_ms = ms(restore_started.elapsed());
-                a.prefill_at = len;
-                a.last_saved_at = len;
-                if len == n {
-                    // Logits are needed: drop the last cell and re-feed it.
-                    if let Err(e) = self.ctx.remove_last() {
-                        self.fail(a, e.into());
-                        return None;
+        let placed = match restored {
+            Some((len, source, tier)) => Some((len, source, Some(tier))),
+            None => {
+                // A failed restore leaves the sequence empty.
+                let held = self.ctx.tokens(seq).len();
+                match share {
+                    Some((src, k)) if k > held => {
+                        self.ctx.clear(seq);
+                        self.cells.clear(seq);
+                        match self.ctx.copy_prefix(src, seq, k) {
+                            Ok(()) => {
+                                self.cells.copy(src, seq, k);
+                                Some((k, HitSource::Shared, None))
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "sharing a prefix failed; prefilling it");
+                                self.ctx.clear(seq);
+                                None
+                            }
+                        }
                     }
-                    a.prefill_at = n - 1;
+                    _ if held > 0 => Some((held, HitSource::Shared, None)),
+                    _ => None,
                 }
             }
-            None if !self.cacheable => {}
-            None => {
-                self.counters().incr(Counter::Misses);
-                a.cold_at = cold_save_split(&a.sub.tokens, self.policy()).map(|(p, _)| p.len());
-            }
+        };
+        if placed.is_some_and(|(_, source, _)| source == HitSource::Shared) {
+            self.counters().incr(Counter::HitsShared);
         }
-        a.stats = stats;
-        Some(a)
+        if placed.is_none() && self.cacheable {
+            self.counters().incr(Counter::Misses);
+        }
+        let cold_at = if placed.is_none() && self.cacheable {
+            self.cold_boundary(&tokens)
+        } else {
+            None
+        };
+        let save_prompt = self.cacheable
+            && placed.is_none_or(|(len, _, _)| len < n - 1)
+            && (self.policy().cold_min_tokens..=self.policy().cold_max_tokens).contains(&n);
+        let Slot::Busy(a) = &mut self.slots[seq] else {
+            return;
+        };
+        a.stats.restore_failure = failure;
+        a.cold_at = cold_at;
+        a.save_prompt = save_prompt;
+        if let Some((len, source, tier)) = placed {
+            // The whole prompt held: its last token is fed again for the
+            // logits of the first generated one.
+            let len = if len >= n {
+                self.ctx
+                    .truncate(seq, n - 1)
+                    .expect("n - 1 is within the sequence");
+                self.cells.truncate(seq, n - 1);
+                n - 1
+            } else {
+                len
+            };
+            let Slot::Busy(a) = &mut self.slots[seq] else {
+                return;
+            };
+            a.stats.cache_hit_kind = if len + 1 >= n {
+                HitKind::Exact
+            } else {
+                HitKind::Partial
+            };
+            a.stats.hit_source = Some(source);
+            a.stats.cached_tokens = if a.stats.cache_hit_kind == HitKind::Exact {
+                n
+            } else {
+                len
+            };
+            a.stats.cache_tier = tier;
+            a.stats.restore_ms = ms(started.elapsed());
+            a.prefill_at = len;
+            a.last_saved_at = len;
+        }
     }
 
-    /// The lookup order of docs/policy.md; restores a hit into the cleared
-    /// sequence. Returns (tokens restored, source, tier). A row that is
-    /// found but fails to restore is removed, counted, logged and reported
-    /// in `failure`, and the next lookup is tried.
+    /// The cold save's boundary: the policy's aligned prefix, at a whole
+    /// number of `n_batch` chunks (so its state is what any prefill of
+    /// those tokens computes).
+    fn cold_boundary(&self, tokens: &[u32]) -> Option<usize> {
+        let (prefix, _) = cold_save_split(tokens, self.policy())?;
+        let at = prefix.len() / self.n_batch() * self.n_batch();
+        (at > 0 && at < tokens.len()).then_some(at)
+    }
+
+    /// The lookup order of docs/policy.md for `seq`; restores a hit into
+    /// the cleared sequence when it gives more than `better_than` tokens.
+    /// Returns (tokens restored, source, tier). A row that is found but
+    /// fails to restore is removed, counted, logged and reported in
+    /// `failure`, and the next lookup is tried.
     fn restore(
         &mut self,
+        seq: SeqId,
         tokens: &[u32],
         parent: Option<&CacheKey>,
+        better_than: usize,
         failure: &mut Option<RestoreFailure>,
     ) -> Option<(usize, HitSource, TierKind)> {
         let cache = self.cache().clone();
         let identity = Arc::clone(&self.identity);
         let key = identity.key(tokens);
         if let Lookup::Hit(claim) = cache.lookup(&key) {
-            if let Some(r) = self.unpack(claim, HitSource::Exact, failure) {
+            if let Some(r) = self.unpack(seq, claim, HitSource::Exact, failure) {
                 self.counters().incr(Counter::HitsExact);
                 return Some(r);
             }
@@ -616,37 +1406,46 @@ impl Actor {
             let wait = Duration::from_millis(self.policy().session_resume_wait_ms);
             if let Lookup::Hit(claim) = cache.lookup_wait(parent, wait) {
                 let len = claim.tokens().len();
-                if len <= tokens.len() && claim.tokens() == &tokens[..len] {
-                    if let Some(r) = self.unpack(claim, HitSource::Resume, failure) {
+                if len > better_than && len <= tokens.len() && claim.tokens() == &tokens[..len] {
+                    if let Some(r) = self.unpack(seq, claim, HitSource::Resume, failure) {
                         self.counters().incr(Counter::HitsResume);
                         return Some(r);
                     }
                 }
             }
         }
-        if let PrefixLookup::Hit { claim, .. } =
+        if let PrefixLookup::Hit { claim, len, .. } =
             cache.longest_prefix(&identity.hasher(), tokens, self.policy())
         {
-            if let Some(r) = self.unpack(claim, HitSource::LongestPrefix, failure) {
-                self.counters().incr(Counter::HitsLongestPrefix);
-                return Some(r);
+            if len > better_than {
+                if let Some(r) = self.unpack(seq, claim, HitSource::LongestPrefix, failure) {
+                    self.counters().incr(Counter::HitsLongestPrefix);
+                    return Some(r);
+                }
             }
         }
         None
     }
 
-    /// Loads and unpacks a claimed row (the claim is released on return);
-    /// any failure is a miss and leaves the sequence empty. A row that
-    /// cannot be restored is never tried again: a corrupt file is deleted
-    /// by the load (and counted in `corrupt_files`), a state the backend
-    /// refuses is removed here and counted in `restore_failures`.
+    /// Loads and unpacks a claimed row into `seq` (the claim is released
+    /// on return); any failure is a miss and leaves the sequence empty. A
+    /// row that cannot be restored is never tried again: a corrupt file is
+    /// deleted by the load (`corrupt_files`), a state the backend refuses
+    /// is removed here (`restore_failures`).
     fn unpack(
         &mut self,
+        seq: SeqId,
         claim: Claim,
         source: HitSource,
         failure: &mut Option<RestoreFailure>,
     ) -> Option<(usize, HitSource, TierKind)> {
-        if claim.tokens().is_empty() {
+        let len = claim.tokens().len();
+        if len == 0 {
+            return None;
+        }
+        // Restored cells turn this request's reservation into cells in use;
+        // that fits unless its admission counted on sharing cells instead.
+        if self.pooled && self.cells.used() + self.reserved() > self.n_ctx() {
             return None;
         }
         let fail = |failure: &mut Option<RestoreFailure>, reason: String| {
@@ -673,8 +1472,12 @@ impl Actor {
         if payload.is_empty() {
             return None;
         }
-        match self.ctx.kv_unpack(&payload, claim.tokens()) {
-            Ok(()) => Some((claim.tokens().len(), source, claim.tier())),
+        match self.ctx.kv_unpack(seq, &payload, claim.tokens()) {
+            Ok(()) => {
+                self.cells.clear(seq);
+                self.cells.append(seq, len);
+                Some((len, source, claim.tier()))
+            }
             Err(e) => {
                 self.counters().incr(Counter::RestoreFailures);
                 tracing::warn!(
@@ -686,93 +1489,23 @@ impl Actor {
                     "a cached state failed to restore; the row is removed and the request falls back"
                 );
                 fail(failure, e.to_string());
-                self.ctx.clear();
+                self.ctx.clear(seq);
+                self.cells.clear(seq);
                 claim.invalidate();
                 None
             }
         }
     }
 
-    /// One unit of work; `Some(reason)` when the request is done.
-    fn step(&mut self, a: &mut Active) -> Result<Option<FinishReason>, EngineError> {
-        if a.sub.cancel.load(Ordering::Relaxed) {
-            return Ok(Some(FinishReason::Cancelled));
-        }
-        let n = a.sub.tokens.len();
-        if a.prefill_at < n {
-            self.setup.shared.set(ModelStatus::Prefilling);
-            // Chunks end at absolute multiples of n_batch, whatever was
-            // restored: a warm run then computes every remaining token in
-            // the same batch shape as the cold run did, so the logits are
-            // bit-identical and a cache hit never changes the output.
-            let batch = self.setup.config.context.n_batch.max(1);
-            let mut end = ((a.prefill_at / batch + 1) * batch).min(n);
-            if let Some(cold) = a.cold_at {
-                if a.prefill_at < cold && end > cold {
-                    end = cold;
-                }
-            }
-            self.ctx.prefill(&a.sub.tokens[a.prefill_at..end])?;
-            a.prefill_at = end;
-            if a.cold_at == Some(end) {
-                a.cold_at = None;
-                self.save_async(SaveReason::Cold, &a.sub.prompt_text);
-                a.last_saved_at = end;
-            }
-            if a.prefill_at == n {
-                // The sequence holds exactly the prompt: save it under the
-                // prompt's own key too, so a repeated prompt is an exact
-                // hit (the aligned cold save and the finish save cover
-                // prefixes and continuations, never the prompt itself).
-                let policy = self.policy();
-                if a.stats.cache_hit_kind != HitKind::Exact
-                    && (policy.cold_min_tokens..=policy.cold_max_tokens).contains(&n)
-                {
-                    self.save_async(SaveReason::Cold, &a.sub.prompt_text);
-                    a.last_saved_at = n;
-                }
-                a.stats.prefill_ms = ms(a.admitted.elapsed());
-                a.gen_started = Some(Instant::now());
-            }
-            return Ok(None);
-        }
-        self.setup.shared.set(ModelStatus::Generating);
-        if a.generated.len() >= a.sub.options.max_tokens {
-            return Ok(Some(FinishReason::Length));
-        }
-        let token = match self.ctx.decode_one() {
-            Ok(t) => t,
-            // A cancel observed inside a long step (grammar sampling).
-            Err(crate::backend::BackendError::Cancelled) => {
-                return Ok(Some(FinishReason::Cancelled))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if self.ctx.is_eog(token)? {
-            return Ok(Some(FinishReason::Stop));
-        }
-        a.generated.push(token);
-        let bytes = self.setup.backend.token_bytes(token)?;
-        let (piece, stopped) = a.text.push(&bytes);
-        let _ = a.sub.events.send(Event::Token {
-            id: token,
-            text: piece,
-        });
-        let live = self.ctx.tokens().len();
-        if should_continued_save(live, a.last_saved_at, self.policy()) {
-            self.save_async(SaveReason::Continued, &a.sub.prompt_text);
-            a.last_saved_at = live;
-        }
-        if stopped {
-            return Ok(Some(FinishReason::Stop));
-        }
-        if a.generated.len() >= a.sub.options.max_tokens {
-            return Ok(Some(FinishReason::Length));
-        }
-        Ok(None)
-    }
+    // --- ending requests ---
 
-    fn finish(&mut self, mut a: Active, reason: FinishReason) {
+    /// Ends the request on `seq`: final text, finish save, the answer; the
+    /// sequence is kept warm (its cells shareable) until they are needed.
+    fn finish(&mut self, seq: SeqId, reason: FinishReason) {
+        let Slot::Busy(mut a) = std::mem::replace(&mut self.slots[seq], Slot::Free) else {
+            return;
+        };
+        self.ctx.set_interrupt(seq, None);
         let tail = a.text.finish();
         if !tail.is_empty() {
             let _ = a.sub.events.send(Event::Token {
@@ -788,14 +1521,24 @@ impl Actor {
         a.stats.completion_tokens = a.generated.len();
         a.stats.finish_reason = reason;
         a.stats.cancelled = reason == FinishReason::Cancelled;
-        // A finish save, also for a cancelled request; only a sequence
-        // that holds the whole prompt is worth saving.
-        let live = self.ctx.tokens().len();
+        // A finish save, also for a cancelled request; only a sequence that
+        // holds the whole prompt is worth saving.
+        let live = self.ctx.tokens(seq).len();
         let finish_key = if live >= a.sub.tokens.len() && should_finish_save(live, self.policy()) {
-            self.save_async(SaveReason::Finish, &a.sub.prompt_text)
+            self.save_async(seq, SaveReason::Finish)
         } else {
             None
         };
+        self.tick += 1;
+        if live > 0 && reason != FinishReason::Cancelled {
+            self.slots[seq] = Slot::Warm {
+                last_used: self.tick,
+                prompt_len: a.sub.tokens.len(),
+            };
+        } else {
+            // A cancelled request's cells are freed at once.
+            self.free(seq);
+        }
         let completion = Completion {
             request_id: a.sub.id,
             text: a.text.text().to_owned(),
@@ -803,16 +1546,110 @@ impl Actor {
             stats: a.stats,
             finish_key,
         };
-        (self.setup.on_done)(a.sub.id);
-        self.publish_live();
-        self.idle_if_done();
+        // Before the answer: whoever awaited it reads this model's cells
+        // and occupancy as they now are.
+        self.publish();
         let _ = a.sub.events.send(Event::Done(Ok(completion)));
     }
 
-    /// Packs the live context and reserves its key; the write runs on
-    /// another thread. Returns the key when the row is (or will be) stored.
-    fn save_async(&mut self, reason: SaveReason, prompt_text: &str) -> Option<CacheKey> {
-        match self.begin_save(reason, prompt_text) {
+    /// Fails the request on `seq` (its sequence may be half-written: it is
+    /// freed).
+    fn fail(&mut self, seq: SeqId, e: EngineError) {
+        let Slot::Busy(a) = std::mem::replace(&mut self.slots[seq], Slot::Free) else {
+            return;
+        };
+        self.ctx.set_interrupt(seq, None);
+        self.free(seq);
+        self.publish();
+        let _ = a.sub.events.send(Event::Done(Err(e)));
+    }
+
+    /// Unload: cancel the running requests (their finish saves still
+    /// fire), fail the queued ones, save what the sequences hold, stop.
+    fn stop(&mut self, reply: Option<Reply<Vec<SaveSummary>>>) {
+        for seq in 0..self.slots.len() {
+            if let Some(a) = self.active(seq) {
+                a.sub.cancel.store(true, Ordering::Relaxed);
+                self.finish(seq, FinishReason::Cancelled);
+            }
+        }
+        let reason = "the model was unloaded".to_owned();
+        for sub in self.queue.drain(..) {
+            let _ = sub.events.send(Event::Done(Err(EngineError::ModelGone(
+                self.setup.model_id.clone(),
+                reason.clone(),
+            ))));
+        }
+        let r = self.save_all(SaveReason::Shutdown, false);
+        for d in self.deferred.drain(..) {
+            let gone = || EngineError::ModelGone(self.setup.model_id.clone(), reason.clone());
+            match d {
+                Deferred::Evict(reply) => {
+                    let _ = reply.send(Ok(Vec::new()));
+                }
+                Deferred::Adapters(AdapterCommand::Add(_, r)) => {
+                    let _ = r.send(Err(gone()));
+                }
+                Deferred::Adapters(AdapterCommand::Scale(_, _, r)) => {
+                    let _ = r.send(Err(gone()));
+                }
+                Deferred::Adapters(AdapterCommand::Remove(_, r)) => {
+                    let _ = r.send(Err(gone()));
+                }
+                Deferred::Adapters(AdapterCommand::List(r)) => {
+                    let _ = r.send(Err(gone()));
+                }
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(r);
+        }
+    }
+
+    /// Saves every sequence with content (`reason`, waiting for the
+    /// writes) and, with `free`, releases them.
+    fn save_all(
+        &mut self,
+        reason: SaveReason,
+        free: bool,
+    ) -> Result<Vec<SaveSummary>, EngineError> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for seq in 0..self.slots.len() {
+            if matches!(self.slots[seq], Slot::Free) {
+                continue;
+            }
+            match self.save_blocking(seq, reason) {
+                Ok(Some(s)) => out.push(s),
+                Ok(None) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+            if free && !matches!(self.slots[seq], Slot::Busy(_)) {
+                self.free(seq);
+            }
+        }
+        match first_err {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    fn evict_all(&mut self) -> Result<Vec<SaveSummary>, EngineError> {
+        let saved = self.save_all(SaveReason::Evict, true);
+        // Before the reply: whoever waited for the evict reads the freed
+        // cells at once.
+        self.publish();
+        saved
+    }
+
+    // --- saves ---
+
+    /// Packs `seq` and reserves its key; the write runs on another thread.
+    /// Returns the key when the row is (or will be) stored.
+    fn save_async(&mut self, seq: SeqId, reason: SaveReason) -> Option<CacheKey> {
+        match self.begin_save(seq, reason) {
             Ok(Begun::Pending(pending, key)) => {
                 let spawned = std::thread::Builder::new()
                     .name("erllama-save".into())
@@ -837,10 +1674,14 @@ impl Actor {
     }
 
     /// An evict or shutdown save: waits for the write, bounded by
-    /// `evict_save_timeout_ms`. A no-op on an empty context.
-    fn save_blocking(&mut self, reason: SaveReason) -> Result<Option<SaveSummary>, EngineError> {
-        let tokens = self.ctx.tokens().len();
-        match self.begin_save(reason, "")? {
+    /// `evict_save_timeout_ms`. A no-op on an empty sequence.
+    fn save_blocking(
+        &mut self,
+        seq: SeqId,
+        reason: SaveReason,
+    ) -> Result<Option<SaveSummary>, EngineError> {
+        let tokens = self.ctx.tokens(seq).len();
+        match self.begin_save(seq, reason)? {
             Begun::Empty => Ok(None),
             Begun::Present(key) => Ok(Some(SaveSummary {
                 key,
@@ -869,8 +1710,8 @@ impl Actor {
         }
     }
 
-    fn begin_save(&mut self, reason: SaveReason, prompt_text: &str) -> Result<Begun, EngineError> {
-        let tokens = self.ctx.tokens();
+    fn begin_save(&mut self, seq: SeqId, reason: SaveReason) -> Result<Begun, EngineError> {
+        let tokens = self.ctx.tokens(seq);
         if tokens.is_empty() || !self.cacheable {
             return Ok(Begun::Empty);
         }
@@ -881,15 +1722,19 @@ impl Actor {
         }
         let payload = {
             let _t = self.counters().time(Counter::PackTotalNs);
-            self.ctx.kv_pack()?
+            self.ctx.kv_pack(seq)?
         };
+        let prompt_text = self
+            .active(seq)
+            .map(|a| truncate_chars(&a.sub.prompt_text, 512))
+            .unwrap_or_default();
         let request = SaveRequest {
             identity: Arc::clone(&self.identity),
             tier: self.setup.config.tier,
-            tokens: tokens.into(),
+            tokens: self.ctx.tokens(seq).into(),
             payload,
             reason,
-            prompt_text: truncate_chars(prompt_text, 512),
+            prompt_text,
             detail: None,
         };
         match self.cache().begin_save(request) {

@@ -104,16 +104,20 @@ pub enum HitSource {
     Resume,
     /// The longest-prefix walk.
     LongestPrefix,
+    /// Another sequence of the same context (running, or kept warm after
+    /// its request ended): its cells were shared, nothing was restored.
+    Shared,
 }
 
 impl HitSource {
-    /// `"exact"`, `"resume"` or `"longest_prefix"`.
+    /// `"exact"`, `"resume"`, `"longest_prefix"` or `"shared"`.
     #[must_use]
     pub const fn label(self) -> &'static str {
         match self {
             HitSource::Exact => "exact",
             HitSource::Resume => "resume",
             HitSource::LongestPrefix => "longest_prefix",
+            HitSource::Shared => "shared",
         }
     }
 }

@@ -355,7 +355,13 @@ impl Scheduler {
                 if !still_over {
                     break;
                 }
-                if let Ok(Some(_)) = self.inner.engine.evict(&model).await {
+                if self
+                    .inner
+                    .engine
+                    .evict(&model)
+                    .await
+                    .is_ok_and(|saved| !saved.is_empty())
+                {
                     contexts += 1;
                 }
                 still_over = match self.sample() {

@@ -19,9 +19,10 @@ use std::sync::Mutex;
 use erllama_cache::{FingerprintMode, QuantType};
 
 use crate::backend::{
-    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
-    SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams,
+    ModelFingerprint, SeqId,
 };
+use crate::cells::CellLedger;
 
 /// Vocabulary size of the stub.
 pub const STUB_VOCAB: u32 = 65_536;
@@ -89,10 +90,11 @@ impl StubBackend {
 
 fn check_ids(tokens: &[u32]) -> Result<(), BackendError> {
     match tokens.iter().position(|&t| t >= STUB_VOCAB) {
-        Some(i) => Err(BackendError::InvalidInput(format!(
-            "token id {} at index {i} is out of range (vocabulary size {STUB_VOCAB})",
-            tokens[i]
-        ))),
+        Some(index) => Err(BackendError::TokenOutOfRange {
+            token: i64::from(tokens[index]),
+            index,
+            n_vocab: STUB_VOCAB,
+        }),
         None => Ok(()),
     }
 }
@@ -163,11 +165,16 @@ impl Backend for StubBackend {
                 "n_ctx and n_batch must be positive".into(),
             ));
         }
+        if params.n_seq == 0 || params.n_seq > 256 {
+            return Err(BackendError::InvalidInput(format!(
+                "n_seq must be in 1..=256, got {}",
+                params.n_seq
+            )));
+        }
         Ok(Box::new(StubContext {
-            tokens: Vec::new(),
-            hash: FNV_OFFSET,
+            seqs: vec![StubSeq::default(); params.n_seq],
+            cells: CellLedger::new(params.n_seq),
             n_ctx: params.n_ctx,
-            has_logits: false,
         }))
     }
 
@@ -185,33 +192,58 @@ impl Backend for StubBackend {
 }
 
 /// A stub sequence: the tokens plus their running hash.
-#[derive(Debug)]
-struct StubContext {
+#[derive(Debug, Clone)]
+struct StubSeq {
     tokens: Vec<u32>,
     hash: u32,
-    n_ctx: usize,
     has_logits: bool,
 }
 
-impl StubContext {
+impl Default for StubSeq {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            hash: FNV_OFFSET,
+            has_logits: false,
+        }
+    }
+}
+
+impl StubSeq {
     fn push(&mut self, t: u32) {
         self.hash = fnv1a(self.hash, &t.to_le_bytes());
         self.tokens.push(t);
     }
 }
 
+/// The stub's context: `n_seq` sequences sharing `n_ctx` cells, counted
+/// as llama.cpp's unified cache would hold them (a copied prefix shares
+/// cells), so running out of cells fails a decode as it would there.
+#[derive(Debug)]
+struct StubContext {
+    seqs: Vec<StubSeq>,
+    cells: CellLedger,
+    n_ctx: usize,
+}
+
+impl StubContext {
+    fn seq(&self, seq: SeqId) -> Result<&StubSeq, BackendError> {
+        self.seqs.get(seq).ok_or_else(|| {
+            BackendError::InvalidInput(format!(
+                "sequence {seq} does not exist (n_seq = {})",
+                self.seqs.len()
+            ))
+        })
+    }
+}
+
 impl BackendContext for StubContext {
-    /// Greedy only: the values are validated, and anything that would
-    /// change a greedy choice (temperature, repetition penalty, grammar) is
-    /// `NotSupported`, exactly as for a Python backend without
-    /// `set_sampling`.
-    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
-        params.validate()?;
-        if params.is_greedy() {
-            Ok(())
-        } else {
-            Err(BackendError::NotSupported("sampling"))
-        }
+    fn n_seq(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn tokens(&self, seq: SeqId) -> &[u32] {
+        self.seqs.get(seq).map_or(&[], |s| &s.tokens)
     }
 
     fn set_adapters(&mut self, adapters: &[(AdapterHandle, f32)]) -> Result<(), BackendError> {
@@ -223,61 +255,77 @@ impl BackendContext for StubContext {
                 "not an adapter of the stub backend".into(),
             ));
         }
+        for seq in 0..self.seqs.len() {
+            self.clear(seq);
+        }
         Ok(())
     }
 
-    fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
-        if tokens.is_empty() {
-            return Err(BackendError::InvalidInput(
-                "prefill needs at least one token".into(),
-            ));
+    fn decode(&mut self, batch: &[BatchItem<'_>]) -> Result<(), BackendError> {
+        let mut adding = 0;
+        for (i, item) in batch.iter().enumerate() {
+            self.seq(item.seq)?;
+            if batch[..i].iter().any(|o| o.seq == item.seq) {
+                return Err(BackendError::InvalidInput(format!(
+                    "sequence {} appears twice in one batch",
+                    item.seq
+                )));
+            }
+            if item.tokens.is_empty() {
+                return Err(BackendError::EmptyInput("decode".into()));
+            }
+            check_ids(item.tokens)?;
+            adding += item.tokens.len();
         }
-        check_ids(tokens)?;
-        if self.tokens.len() + tokens.len() > self.n_ctx {
+        let have = self.cells.used();
+        if have + adding > self.n_ctx {
             return Err(BackendError::ContextOverflow {
-                have: self.tokens.len(),
-                adding: tokens.len(),
+                have,
+                adding,
                 n_ctx: self.n_ctx,
             });
         }
-        for &t in tokens {
-            self.push(t);
+        // Like llama.cpp: a step's logits replace every earlier step's.
+        for s in &mut self.seqs {
+            s.has_logits = false;
         }
-        self.has_logits = true;
+        for item in batch {
+            let s = &mut self.seqs[item.seq];
+            for &t in item.tokens {
+                s.push(t);
+            }
+            s.has_logits = item.logits;
+            self.cells.append(item.seq, item.tokens.len());
+        }
         Ok(())
     }
 
-    fn decode_one(&mut self) -> Result<u32, BackendError> {
-        if !self.has_logits {
+    fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError> {
+        let s = self.seq(seq)?;
+        if !s.has_logits {
             return Err(BackendError::InvalidInput(
                 "no logits: prefill at least one token first".into(),
             ));
         }
-        if self.tokens.len() >= self.n_ctx {
-            return Err(BackendError::ContextOverflow {
-                have: self.tokens.len(),
-                adding: 1,
-                n_ctx: self.n_ctx,
-            });
-        }
-        let t = self.hash % STUB_VOCAB;
-        self.push(t);
-        Ok(t)
+        Ok(s.hash % STUB_VOCAB)
     }
 
     fn is_eog(&self, _token: u32) -> Result<bool, BackendError> {
         Ok(false)
     }
 
-    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
-        Ok(self.tokens.iter().flat_map(|t| t.to_le_bytes()).collect())
+    fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        Ok(self
+            .seq(seq)?
+            .tokens
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect())
     }
 
-    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+    fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        self.seq(seq)?;
+        self.clear(seq);
         if bytes.len() % 4 != 0 {
             return Err(BackendError::KvState(format!(
                 "{} bytes is not a whole number of u32 tokens",
@@ -294,34 +342,60 @@ impl BackendContext for StubContext {
             ));
         }
         check_ids(&packed)?;
-        if packed.len() > self.n_ctx {
-            return Err(BackendError::ContextOverflow {
-                have: 0,
-                adding: packed.len(),
-                n_ctx: self.n_ctx,
-            });
+        let have = self.cells.used();
+        if have + packed.len() > self.n_ctx {
+            return Err(BackendError::KvState(format!(
+                "no room for {} cells ({have} of {} in use)",
+                packed.len(),
+                self.n_ctx
+            )));
         }
-        self.clear();
-        for t in packed {
-            self.push(t);
+        let s = &mut self.seqs[seq];
+        for &t in &packed {
+            s.push(t);
         }
-        self.has_logits = false;
+        s.has_logits = false;
+        self.cells.append(seq, packed.len());
         Ok(())
     }
 
-    fn remove_last(&mut self) -> Result<(), BackendError> {
-        if self.tokens.pop().is_none() {
-            return Err(BackendError::InvalidInput("the sequence is empty".into()));
+    fn truncate(&mut self, seq: SeqId, n: usize) -> Result<(), BackendError> {
+        let len = self.seq(seq)?.tokens.len();
+        if n > len {
+            return Err(BackendError::InvalidInput(format!(
+                "cannot keep {n} of {len} tokens"
+            )));
         }
-        self.hash = context_hash(&self.tokens);
-        self.has_logits = false;
+        let s = &mut self.seqs[seq];
+        s.tokens.truncate(n);
+        s.hash = context_hash(&s.tokens);
+        s.has_logits = false;
+        self.cells.truncate(seq, n);
         Ok(())
     }
 
-    fn clear(&mut self) {
-        self.tokens.clear();
-        self.hash = FNV_OFFSET;
-        self.has_logits = false;
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), BackendError> {
+        let src_len = self.seq(src)?.tokens.len();
+        if src == dst || !self.seq(dst)?.tokens.is_empty() || n > src_len {
+            return Err(BackendError::InvalidInput(format!(
+                "cannot copy {n} tokens of sequence {src} ({src_len}) into sequence {dst}"
+            )));
+        }
+        let tokens = self.seqs[src].tokens[..n].to_vec();
+        let d = &mut self.seqs[dst];
+        for t in tokens {
+            d.push(t);
+        }
+        d.has_logits = false;
+        self.cells.copy(src, dst, n);
+        Ok(())
+    }
+
+    fn clear(&mut self, seq: SeqId) {
+        if let Some(s) = self.seqs.get_mut(seq) {
+            *s = StubSeq::default();
+            self.cells.clear(seq);
+        }
     }
 }
 
@@ -345,28 +419,92 @@ mod tests {
         assert_eq!(b.tokenize("a", true).unwrap()[0], STUB_BOS);
     }
 
+    /// Greedy generation on `seq`, feeding each token before the next.
+    fn generate(c: &mut dyn BackendContext, seq: SeqId, n: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = c.sample(seq).unwrap();
+            out.push(t);
+            c.decode(&[BatchItem {
+                seq,
+                tokens: &[t],
+                logits: true,
+            }])
+            .unwrap();
+        }
+        out
+    }
+
+    fn prefill(c: &mut dyn BackendContext, seq: SeqId, tokens: &[u32]) {
+        c.decode(&[BatchItem {
+            seq,
+            tokens,
+            logits: true,
+        }])
+        .unwrap();
+    }
+
     #[test]
     fn generation_is_a_function_of_the_context() {
         let b = StubBackend::new("stub");
         let prompt = b.tokenize("the quick brown fox", true).unwrap();
         let mut a = ctx(&b);
-        a.prefill(&prompt).unwrap();
-        let gen: Vec<u32> = (0..8).map(|_| a.decode_one().unwrap()).collect();
+        prefill(a.as_mut(), 0, &prompt);
+        let gen = generate(a.as_mut(), 0, 8);
         assert_eq!(gen[0], stub_next_token(&prompt));
         // Restore the prompt elsewhere, re-feed the last token: same tokens.
-        let packed = {
-            let mut p = ctx(&b);
-            p.prefill(&prompt).unwrap();
-            p.kv_pack().unwrap()
-        };
-        assert_eq!(packed.len(), prompt.len() * 4);
+        let packed = a.kv_pack(0).unwrap();
         let mut c = ctx(&b);
-        c.kv_unpack(&packed, &prompt).unwrap();
-        assert!(c.decode_one().is_err(), "no logits right after a restore");
-        c.remove_last().unwrap();
-        c.prefill(&prompt[prompt.len() - 1..]).unwrap();
-        let again: Vec<u32> = (0..8).map(|_| c.decode_one().unwrap()).collect();
-        assert_eq!(gen, again);
+        prefill(c.as_mut(), 0, &prompt);
+        let packed_prompt = c.kv_pack(0).unwrap();
+        assert_eq!(packed_prompt.len(), prompt.len() * 4);
+        c.kv_unpack(2, &packed_prompt, &prompt).unwrap();
+        assert!(c.sample(2).is_err(), "no logits right after a restore");
+        c.truncate(2, prompt.len() - 1).unwrap();
+        prefill(c.as_mut(), 2, &prompt[prompt.len() - 1..]);
+        assert_eq!(generate(c.as_mut(), 2, 8), gen);
+        assert!(packed.len() > packed_prompt.len());
+    }
+
+    #[test]
+    fn sequences_are_independent_and_share_copied_prefixes() {
+        let b = StubBackend::new("stub");
+        let mut c = b
+            .new_context(&ContextParams {
+                n_ctx: 20,
+                n_seq: 3,
+                ..ContextParams::default()
+            })
+            .unwrap();
+        prefill(c.as_mut(), 0, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        c.copy_prefix(0, 1, 6).unwrap();
+        assert_eq!(c.tokens(1), &[1, 2, 3, 4, 5, 6]);
+        // Shared cells cost nothing: 8 + 12 more fit in 20.
+        c.decode(&[
+            BatchItem {
+                seq: 1,
+                tokens: &[9; 6],
+                logits: true,
+            },
+            BatchItem {
+                seq: 2,
+                tokens: &[10; 6],
+                logits: true,
+            },
+        ])
+        .unwrap();
+        assert_eq!(c.tokens(0).len(), 8);
+        assert!(matches!(
+            c.decode(&[BatchItem {
+                seq: 0,
+                tokens: &[1],
+                logits: true
+            }]),
+            Err(BackendError::ContextOverflow { .. })
+        ));
+        c.clear(0);
+        assert_eq!(c.tokens(1).len(), 12, "a copy outlives its source");
+        assert!(c.copy_prefix(1, 2, 3).is_err(), "dst must be empty");
     }
 
     #[test]
@@ -375,33 +513,50 @@ mod tests {
         let mut c = b
             .new_context(&ContextParams {
                 n_ctx: 4,
+                n_seq: 1,
                 ..ContextParams::default()
             })
             .unwrap();
-        assert!(matches!(c.prefill(&[]), Err(BackendError::InvalidInput(_))));
+        let one = |t: &'static [u32]| {
+            [BatchItem {
+                seq: 0,
+                tokens: t,
+                logits: true,
+            }]
+        };
         assert!(matches!(
-            c.prefill(&[STUB_VOCAB]),
-            Err(BackendError::InvalidInput(_))
+            c.decode(&one(&[])),
+            Err(BackendError::EmptyInput(_))
         ));
         assert!(matches!(
-            c.prefill(&[1; 5]),
+            c.decode(&[BatchItem {
+                seq: 0,
+                tokens: &[STUB_VOCAB],
+                logits: true
+            }]),
+            Err(BackendError::TokenOutOfRange { .. })
+        ));
+        assert!(matches!(
+            c.decode(&one(&[1; 5])),
             Err(BackendError::ContextOverflow { .. })
         ));
         assert!(matches!(
-            c.kv_unpack(&[1, 2, 3], &[]),
+            c.kv_unpack(0, &[1, 2, 3], &[]),
             Err(BackendError::KvState(_))
         ));
         assert!(matches!(
-            c.kv_unpack(&[1, 0, 0, 0], &[2]),
+            c.kv_unpack(0, &[1, 0, 0, 0], &[2]),
             Err(BackendError::KvState(_))
         ));
         assert!(matches!(
-            c.remove_last(),
+            c.truncate(0, 1),
             Err(BackendError::InvalidInput(_))
         ));
-        c.prefill(&[1, 2, 3, 4]).unwrap();
+        assert!(matches!(c.sample(0), Err(BackendError::InvalidInput(_))));
+        assert!(matches!(c.sample(7), Err(BackendError::InvalidInput(_))));
+        c.decode(&one(&[1, 2, 3, 4])).unwrap();
         assert!(matches!(
-            c.decode_one(),
+            c.decode(&one(&[5])),
             Err(BackendError::ContextOverflow { .. })
         ));
     }

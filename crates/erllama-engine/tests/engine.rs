@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use erllama_cache::{Cache, CacheConfig, Counter, FileTierConfig, PolicyConfig, TierKind};
 use erllama_engine::{
-    Backend, BackendContext, BackendError, ContextParams, Engine, EngineError, Event, FinishReason,
-    HitKind, HitSource, ModelConfig, ModelFingerprint, ModelStatus, Prompt, RequestOptions,
-    SamplingParams, StubBackend,
+    Backend, BackendContext, BackendError, BatchItem, ContextParams, Engine, EngineError, Event,
+    FinishReason, HitKind, HitSource, ModelConfig, ModelFingerprint, ModelStatus, Prompt,
+    RequestOptions, SamplingParams, SeqId, StubBackend,
 };
 
 /// A small policy so short stub prompts are cached.
@@ -43,6 +43,7 @@ async fn stub(engine: &Engine, id: Option<&str>, tier: TierKind) -> String {
                     n_ctx: 2048,
                     n_batch: 8,
                     n_threads: None,
+                    n_seq: 4,
                 },
                 tier,
                 policy: policy(),
@@ -105,7 +106,23 @@ async fn cold_then_repeat_is_an_exact_hit_and_longer_is_partial() {
     );
     assert_eq!(c.get(Counter::SavesFinish), 1);
 
-    let warm = engine.complete(&m, prompt, opts(12)).await.expect("warm");
+    // The finished sequence is kept warm: the repeat takes it over.
+    let shared = engine
+        .complete(&m, prompt.clone(), opts(12))
+        .await
+        .expect("shared");
+    assert_eq!(shared.stats.cache_hit_kind, HitKind::Exact);
+    assert_eq!(shared.stats.hit_source, Some(HitSource::Shared));
+    assert_eq!(shared.stats.cached_tokens, 41);
+    assert_eq!(shared.stats.cache_tier, None);
+    assert_eq!(c.get(Counter::HitsShared), 1);
+    assert_eq!(shared.tokens, cold.tokens, "sharing changes nothing");
+    // Once evicted, the repeat restores the cached row.
+    engine.evict(&m).await.expect("evict");
+    let warm = engine
+        .complete(&m, prompt.clone(), opts(12))
+        .await
+        .expect("warm");
     assert_eq!(warm.stats.cache_hit_kind, HitKind::Exact);
     assert_eq!(warm.stats.hit_source, Some(HitSource::Exact));
     assert_eq!(warm.stats.cached_tokens, 41);
@@ -114,6 +131,7 @@ async fn cold_then_repeat_is_an_exact_hit_and_longer_is_partial() {
     assert_eq!(warm.tokens, cold.tokens, "a restore changes nothing");
     assert_eq!(warm.text, cold.text);
     // A longer prompt sharing the first 32+ tokens: longest prefix.
+    engine.evict(&m).await.expect("evict");
     let longer = engine
         .complete(
             &m,
@@ -126,6 +144,32 @@ async fn cold_then_repeat_is_an_exact_hit_and_longer_is_partial() {
     assert_eq!(longer.stats.hit_source, Some(HitSource::LongestPrefix));
     assert_eq!(longer.stats.cached_tokens, 32);
     assert_eq!(c.get(Counter::HitsLongestPrefix), 1);
+    // With the first prompt's sequence warm, the longer one shares its
+    // whole chunks instead (40 = 5 chunks of n_batch 8).
+    engine.complete(&m, prompt, opts(3)).await.expect("again");
+    let longer2 = engine
+        .complete(
+            &m,
+            Prompt::Text(words(40, "a") + " other words here"),
+            opts(3),
+        )
+        .await
+        .expect("longer, shared");
+    assert_eq!(longer2.stats.cache_hit_kind, HitKind::Partial);
+    assert_eq!(longer2.stats.hit_source, Some(HitSource::Shared));
+    assert_eq!(longer2.stats.cached_tokens, 40);
+    let alone = engine_cold_output(
+        &engine
+            .prepare(
+                &m,
+                &Prompt::Text(words(40, "a") + " other words here"),
+                &opts(3),
+            )
+            .expect("prepare"),
+        3,
+    )
+    .await;
+    assert_eq!(longer2.tokens, alone);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,11 +181,12 @@ async fn an_exact_prompt_row_is_an_exact_hit() {
         .await
         .expect("first");
     settle(&engine).await;
-    // The finish row holds prompt + output: asking for exactly those
-    // tokens is an exact hit.
+    engine.evict(&m).await.expect("evict");
+    // The finish row holds the prompt and every generated token but the
+    // last (never fed): asking for exactly those tokens is an exact hit.
     let backend = engine.backend(&m).expect("backend");
     let mut tokens = backend.tokenize(&words(30, "x"), true).expect("tok");
-    tokens.extend(&first.tokens);
+    tokens.extend(&first.tokens[..first.tokens.len() - 1]);
     let exact = engine
         .complete(&m, Prompt::Tokens(tokens.clone()), opts(5))
         .await
@@ -174,6 +219,9 @@ async fn parent_key_resumes_the_previous_turn() {
         ..CacheConfig::default()
     });
     let m = stub(&engine, Some("chat"), TierKind::Disk).await;
+    // A second model with the same weights and context: the same keys,
+    // but none of the first one's sequences (no warm sequence to share).
+    let other = stub(&engine, Some("chat2"), TierKind::Disk).await;
     let backend = engine.backend(&m).expect("backend");
     let turn1 = backend.tokenize(&words(20, "t1"), true).expect("tok");
     let r1 = engine
@@ -186,23 +234,34 @@ async fn parent_key_resumes_the_previous_turn() {
     let mut turn2 = turn1.clone();
     turn2.extend(&r1.tokens);
     turn2.extend(backend.tokenize(&words(5, "t2"), false).expect("tok"));
+    let with_parent = RequestOptions {
+        parent_key: Some(parent),
+        ..opts(6)
+    };
     let r2 = engine
-        .complete(
-            &m,
-            Prompt::Tokens(turn2.clone()),
-            RequestOptions {
-                parent_key: Some(parent),
-                ..opts(6)
-            },
-        )
+        .complete(&other, Prompt::Tokens(turn2.clone()), with_parent.clone())
         .await
         .expect("turn 2");
     assert_eq!(r2.stats.cache_hit_kind, HitKind::Partial);
     assert_eq!(r2.stats.hit_source, Some(HitSource::Resume));
-    assert_eq!(r2.stats.cached_tokens, turn1.len() + r1.tokens.len());
+    // The row holds turn 1 and its answer but the answer's last token.
+    assert_eq!(r2.stats.cached_tokens, turn1.len() + r1.tokens.len() - 1);
     assert_eq!(r2.stats.cache_tier, Some(TierKind::Disk));
     assert_eq!(engine.cache().counters().get(Counter::HitsResume), 1);
-    assert_eq!(r2.tokens, engine_cold_output(&turn2, 6).await);
+    let cold = engine_cold_output(&turn2, 6).await;
+    assert_eq!(r2.tokens, cold);
+    // On the first model, turn 1's sequence is still warm: another turn 2
+    // takes it over and continues it, as a cold prefill would.
+    let mut turn2b = turn1.clone();
+    turn2b.extend(&r1.tokens);
+    turn2b.extend(backend.tokenize(&words(7, "t2b"), false).expect("tok"));
+    let r2b = engine
+        .complete(&m, Prompt::Tokens(turn2b.clone()), with_parent)
+        .await
+        .expect("turn 2b");
+    assert_eq!(r2b.stats.hit_source, Some(HitSource::Shared));
+    assert_eq!(r2b.stats.cached_tokens, turn1.len() + r1.tokens.len() - 1);
+    assert_eq!(r2b.tokens, engine_cold_output(&turn2b, 6).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +294,7 @@ async fn a_second_engine_over_the_disk_dir_gets_hits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_stream_ends_cancelled_and_still_saves() {
     let engine = engine();
-    let (m, _log) = logged_model(&engine).await;
+    let (m, _log) = logged_model(&engine, 4).await;
     let tokens = engine
         .prepare(&m, &Prompt::Text(words(20, "c")), &opts(1000))
         .expect("prepare");
@@ -302,49 +361,57 @@ impl Backend for Logged {
 }
 
 impl LoggedCtx {
-    /// The request a context serves: its second prompt token (after BOS).
-    fn tag(&self) -> u32 {
-        self.inner.tokens().get(1).copied().unwrap_or(0)
+    /// The request a sequence serves: its second prompt token (after BOS).
+    fn tag(&self, seq: SeqId) -> u32 {
+        self.inner.tokens(seq).get(1).copied().unwrap_or(0)
     }
 }
 
 impl BackendContext for LoggedCtx {
-    fn tokens(&self) -> &[u32] {
-        self.inner.tokens()
+    fn n_seq(&self) -> usize {
+        self.inner.n_seq()
     }
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
-        self.inner.prefill(tokens)?;
-        let tag = self.tag();
-        self.log.lock().expect("log").push(('p', tag));
+    fn tokens(&self, seq: SeqId) -> &[u32] {
+        self.inner.tokens(seq)
+    }
+    fn decode(&mut self, batch: &[BatchItem<'_>]) -> Result<(), BackendError> {
+        std::thread::sleep(Duration::from_millis(1));
+        self.inner.decode(batch)?;
+        let mut log = self.log.lock().expect("log");
+        for item in batch {
+            log.push(('p', self.tag(item.seq)));
+        }
         Ok(())
     }
-    fn decode_one(&mut self) -> Result<u32, BackendError> {
-        std::thread::sleep(Duration::from_millis(1));
-        let t = self.inner.decode_one()?;
-        let tag = self.tag();
+    fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError> {
+        let t = self.inner.sample(seq)?;
+        let tag = self.tag(seq);
         self.log.lock().expect("log").push(('d', tag));
         Ok(t)
     }
     fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
         self.inner.is_eog(token)
     }
-    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
-        self.inner.kv_pack()
+    fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        self.inner.kv_pack(seq)
     }
-    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
-        self.inner.kv_unpack(bytes, tokens)
+    fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        self.inner.kv_unpack(seq, bytes, tokens)
     }
-    fn remove_last(&mut self) -> Result<(), BackendError> {
-        self.inner.remove_last()
+    fn truncate(&mut self, seq: SeqId, n: usize) -> Result<(), BackendError> {
+        self.inner.truncate(seq, n)
     }
-    fn clear(&mut self) {
-        self.inner.clear();
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), BackendError> {
+        self.inner.copy_prefix(src, dst, n)
+    }
+    fn clear(&mut self, seq: SeqId) {
+        self.inner.clear(seq);
     }
 }
 
 type Log = Arc<std::sync::Mutex<Vec<(char, u32)>>>;
 
-async fn logged_model(engine: &Engine) -> (String, Log) {
+async fn logged_model(engine: &Engine, n_seq: usize) -> (String, Log) {
     let log: Log = Arc::default();
     let m = engine
         .load_model(
@@ -354,6 +421,10 @@ async fn logged_model(engine: &Engine) -> (String, Log) {
             }),
             None,
             ModelConfig {
+                context: ContextParams {
+                    n_seq,
+                    ..ContextParams::default()
+                },
                 policy: policy(),
                 ..ModelConfig::default()
             },
@@ -363,24 +434,23 @@ async fn logged_model(engine: &Engine) -> (String, Log) {
     (m, log)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_requests_run_one_at_a_time_in_fifo_order_and_status_is_prompt() {
-    let engine = engine();
-    let (m, log) = logged_model(&engine).await;
-    assert_eq!(engine.status(&m).expect("status"), ModelStatus::Idle);
+/// Submits three 30-token requests at once; returns their tags in
+/// submission order and the log, once all are done.
+async fn three_at_once(engine: &Engine, m: &str, log: &Log) -> (Vec<u32>, Vec<(char, u32)>) {
+    assert_eq!(engine.status(m).expect("status"), ModelStatus::Idle);
     let mut streams = Vec::new();
     let mut tags = Vec::new();
     for i in 0..3 {
         let o = opts(30);
         let t = engine
-            .prepare(&m, &Prompt::Text(format!("req{i} a b c")), &o)
+            .prepare(m, &Prompt::Text(format!("req{i} a b c")), &o)
             .expect("prepare");
         tags.push(t[1]);
-        streams.push(engine.submit(&m, Prompt::Tokens(t), o).expect("submit"));
+        streams.push(engine.submit(m, Prompt::Tokens(t), o).expect("submit"));
     }
     let mut saw_generating = false;
     for _ in 0..2000 {
-        if engine.status(&m).expect("status") == ModelStatus::Generating {
+        if engine.status(m).expect("status") == ModelStatus::Generating {
             saw_generating = true;
             break;
         }
@@ -391,12 +461,47 @@ async fn queued_requests_run_one_at_a_time_in_fifo_order_and_status_is_prompt() 
         let r = s.collect().await.expect("done");
         assert_eq!(r.tokens.len(), 30);
     }
-    // The log is three unbroken blocks, in submission order.
+    assert_eq!(engine.status(m).expect("status"), ModelStatus::Idle);
     let log = log.lock().expect("log").clone();
+    (tags, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_sequence_requests_run_one_at_a_time_in_fifo_order() {
+    let engine = engine();
+    let (m, log) = logged_model(&engine, 1).await;
+    let (tags, log) = three_at_once(&engine, &m, &log).await;
+    // The log is three unbroken blocks, in submission order.
     let mut blocks: Vec<u32> = log.iter().map(|&(_, tag)| tag).collect();
     blocks.dedup();
     assert_eq!(blocks, tags, "FIFO, one request at a time");
-    assert_eq!(engine.status(&m).expect("status"), ModelStatus::Idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_sequences_requests_decode_together() {
+    let engine = engine();
+    let (m, log) = logged_model(&engine, 4).await;
+    let (tags, log) = three_at_once(&engine, &m, &log).await;
+    // Every request is sampled 30 times; once all three run, each step
+    // samples all three, so their samples interleave.
+    let samples: Vec<u32> = log
+        .iter()
+        .filter(|&&(k, _)| k == 'd')
+        .map(|&(_, t)| t)
+        .collect();
+    for t in &tags {
+        assert_eq!(samples.iter().filter(|&x| x == t).count(), 30);
+    }
+    let switches = samples.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(
+        switches >= 30,
+        "decodes interleave ({switches} switches in {samples:?})"
+    );
+    // The first request did not run alone to the end before the last
+    // one started.
+    let first_of_last = samples.iter().position(|&t| t == tags[2]).expect("ran");
+    let last_of_first = samples.iter().rposition(|&t| t == tags[0]).expect("ran");
+    assert!(first_of_last < last_of_first);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,32 +604,33 @@ async fn bad_input_is_refused_and_the_model_keeps_serving() {
 async fn evict_saves_and_releases_the_context_and_unload_frees_the_id() {
     let engine = engine();
     let m = stub(&engine, Some("e"), TierKind::Ram).await;
-    assert_eq!(
-        engine.evict(&m).await.expect("empty evict"),
-        None,
+    assert!(
+        engine.evict(&m).await.expect("empty evict").is_empty(),
         "no-op when empty"
     );
     engine
         .complete(&m, Prompt::Text(words(4, "e")), opts(2))
         .await
         .expect("short");
-    // 5 + 2 tokens: below min_tokens, but evict saves regardless.
-    let saved = engine.evict(&m).await.expect("evict").expect("saved");
-    assert_eq!(saved.tokens, 7);
+    // 5 prompt tokens + the first generated one (the last is never fed):
+    // below min_tokens, but evict saves regardless.
+    let saved = engine.evict(&m).await.expect("evict");
+    assert_eq!(saved.len(), 1);
+    assert_eq!(saved[0].tokens, 6);
     assert_eq!(engine.cache().counters().get(Counter::SavesEvict), 1);
-    assert!(engine.cache().contains(&saved.key));
-    assert_eq!(
-        engine.evict(&m).await.expect("again"),
-        None,
-        "context released"
+    assert!(engine.cache().contains(&saved[0].key));
+    assert!(
+        engine.evict(&m).await.expect("again").is_empty(),
+        "sequences released"
     );
 
     engine
         .complete(&m, Prompt::Text(words(4, "f")), opts(2))
         .await
         .expect("short");
-    let summary = engine.unload(&m).await.expect("unload").expect("saved");
-    assert_eq!(summary.tokens, 7);
+    let summary = engine.unload(&m).await.expect("unload");
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0].tokens, 6);
     assert_eq!(engine.cache().counters().get(Counter::SavesShutdown), 1);
     assert!(engine.models().is_empty());
     assert_eq!(engine.status(&m).expect_err("gone").name(), "not_found");
@@ -593,30 +699,36 @@ impl Backend for Panicky {
 }
 
 impl BackendContext for PanickyCtx {
-    fn tokens(&self) -> &[u32] {
-        self.0.tokens()
+    fn n_seq(&self) -> usize {
+        self.0.n_seq()
     }
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
-        self.0.prefill(tokens)
+    fn tokens(&self, seq: SeqId) -> &[u32] {
+        self.0.tokens(seq)
     }
-    fn decode_one(&mut self) -> Result<u32, BackendError> {
-        assert!(!self.0.tokens().contains(&self.1), "the backend crashed");
-        self.0.decode_one()
+    fn decode(&mut self, batch: &[BatchItem<'_>]) -> Result<(), BackendError> {
+        self.0.decode(batch)
+    }
+    fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError> {
+        assert!(!self.0.tokens(seq).contains(&self.1), "the backend crashed");
+        self.0.sample(seq)
     }
     fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
         self.0.is_eog(token)
     }
-    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
-        self.0.kv_pack()
+    fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        self.0.kv_pack(seq)
     }
-    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
-        self.0.kv_unpack(bytes, tokens)
+    fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        self.0.kv_unpack(seq, bytes, tokens)
     }
-    fn remove_last(&mut self) -> Result<(), BackendError> {
-        self.0.remove_last()
+    fn truncate(&mut self, seq: SeqId, n: usize) -> Result<(), BackendError> {
+        self.0.truncate(seq, n)
     }
-    fn clear(&mut self) {
-        self.0.clear();
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), BackendError> {
+        self.0.copy_prefix(src, dst, n)
+    }
+    fn clear(&mut self, seq: SeqId) {
+        self.0.clear(seq);
     }
 }
 

@@ -23,9 +23,12 @@
 //!   the chain picks, and only then is the token accepted into the
 //!   samplers. llama.cpp's own `llama_sampler_sample` would abort the
 //!   process on a grammar that allows no token.
-//! - `prefill` decodes a prompt's last token on its own, so the logits
-//!   after a prefill equal those after a KV restore + re-feed: an exact
-//!   cache hit continues bit-identically to the cold run.
+//! - A context holds `n_seq` sequences (the engine's `parallel`), each with
+//!   `n_ctx` KV cells of its own ([`KvCells::PerSequence`], see
+//!   [`Session`]); [`BackendContext::decode`] computes the one-token items
+//!   of a batch in one `llama_decode` and each prefill chunk in one of its
+//!   own, and `copy_prefix` copies cells between sequences. Every sequence
+//!   has its own sampler chain and cancel flag.
 //! - LoRA: [`Backend::load_adapter`] loads a [`LoraAdapter`] (the handle
 //!   downcasts to it); [`BackendContext::set_adapters`] applies at most one
 //!   adapter with a non-zero scale at a time, since llama-cpp-2 0.1.160
@@ -45,8 +48,8 @@ use erllama_cache::{
     FingerprintMode, GgufError, QuantType,
 };
 use erllama_engine::{
-    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ModelFingerprint,
-    SamplingParams, StateSupport,
+    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, KvCells,
+    ModelFingerprint, PrefixReuse, SamplingParams, SeqId, StateSupport,
 };
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -60,7 +63,7 @@ use crate::error::{LlamaError, Result};
 use crate::grammar::{build_grammar, check_grammar, GrammarStep, GrammarStepError};
 use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model, ModelParams};
-use crate::session::{Session, SessionParams};
+use crate::session::{SeqTokens, Session, SessionParams};
 
 /// How many recent tokens the repetition penalty looks at.
 pub const PENALTY_LAST_N: usize = 64;
@@ -224,7 +227,7 @@ impl LlamaBackend {
             n_ctx: to_u32("n_ctx", params.n_ctx)?,
             n_batch: to_u32("n_batch", params.n_batch)?,
             n_threads: params.n_threads,
-            n_seq_max: 1,
+            n_seq_max: to_u32("n_seq", params.n_seq)?,
         })
     }
 
@@ -257,7 +260,8 @@ impl Backend for LlamaBackend {
 
     /// The layout [`Session`] creates: `n_batch` clamped to `n_ctx`,
     /// `n_ubatch = n_batch`, f16 K and V, one sequence in a unified KV
-    /// cache, llama.cpp's default flash-attention policy (`auto`, recorded
+    /// cache (whatever `n_seq`: rows hold one sequence in the one-stream
+    /// form, see [`crate::state`]), llama.cpp's default flash-attention policy (`auto`, recorded
     /// in `extra` since it decides whether V is stored transposed), and the
     /// CPU features this build of llama.cpp computes with (`cpu`, from
     /// [`crate::system_info`]): kernels for other instruction sets (the
@@ -314,11 +318,7 @@ impl Backend for LlamaBackend {
 
     fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
         let session = Session::new(&self.model, &Self::session_params(params)?)?;
-        Ok(Box::new(LlamaContextBackend {
-            session,
-            sampler: None,
-            interrupt: None,
-        }))
+        Ok(Box::new(LlamaContextBackend::new(session)))
     }
 
     /// Loads a LoRA adapter for this model; the handle is an
@@ -518,27 +518,28 @@ impl Sampler {
     }
 }
 
-/// A [`Session`] as an engine [`BackendContext`], with the request's
-/// sampler. `!Send`: created by [`LlamaBackend::new_context`] on the thread
-/// that drives it.
+/// A [`Session`] as an engine [`BackendContext`]: its sequences, each with
+/// the sampler of the request running on it. `!Send`: created by
+/// [`LlamaBackend::new_context`] on the thread that drives it.
 #[derive(Debug)]
 pub struct LlamaContextBackend {
     session: Session,
-    /// `None`: plain greedy decoding through the session's argmax.
-    sampler: Option<Sampler>,
-    /// The running request's cancel flag, checked inside long grammar
-    /// steps.
-    interrupt: Option<Arc<AtomicBool>>,
+    /// Per sequence, `None`: plain greedy decoding (argmax).
+    samplers: Vec<Option<Sampler>>,
+    /// Per sequence, the running request's cancel flag, checked inside
+    /// long grammar steps.
+    interrupts: Vec<Option<Arc<AtomicBool>>>,
 }
 
 impl LlamaContextBackend {
     /// Wraps an existing session (greedy until [`BackendContext::set_sampling`]).
     #[must_use]
     pub fn new(session: Session) -> Self {
+        let n = session.n_seq();
         Self {
             session,
-            sampler: None,
-            interrupt: None,
+            samplers: (0..n).map(|_| None).collect(),
+            interrupts: vec![None; n],
         }
     }
 
@@ -548,85 +549,35 @@ impl LlamaContextBackend {
         &self.session
     }
 
-    fn sample(&mut self) -> Result<u32, BackendError> {
-        let Some(s) = self.sampler.as_mut() else {
-            return Ok(self.session.decode_one()?);
-        };
-        let logits = self.session.logits()?;
-        let have = self.session.n_past();
-        let n_ctx = self.session.n_ctx() as usize;
-        if have >= n_ctx {
-            return Err(BackendError::ContextOverflow {
-                have,
-                adding: 1,
-                n_ctx,
-            });
+    fn check_seq(&self, seq: SeqId) -> Result<(), BackendError> {
+        if seq < self.session.n_seq() {
+            Ok(())
+        } else {
+            Err(BackendError::InvalidInput(format!(
+                "sequence {seq} does not exist (the context holds {})",
+                self.session.n_seq()
+            )))
         }
-        let mut cands = LlamaTokenDataArray::new(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| {
-                    LlamaTokenData::new(LlamaToken(i32::try_from(i).unwrap_or(i32::MAX)), l, 0.0)
-                })
-                .collect(),
-            false,
-        );
-        if s.prime_penalty {
-            let toks = self.session.tokens();
-            let tail = &toks[toks.len().saturating_sub(PENALTY_LAST_N)..];
-            for &t in tail {
-                s.chain.accept(LlamaToken(token_i32(t)));
-            }
-            s.prime_penalty = false;
-        }
-        if let Some((g, step)) = s.grammar.as_mut() {
-            let deadline = Instant::now() + GRAMMAR_STEP_BUDGET;
-            let cancel = self.interrupt.clone();
-            step.apply(g, &mut cands, deadline, || {
-                cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
-            })
-            .map_err(step_err)?;
-            if !cands.data.iter().any(|d| d.logit() > f32::NEG_INFINITY) {
-                return Err(BackendError::Grammar(
-                    "the grammar allows no next token".into(),
-                ));
-            }
-        }
-        cands.apply_sampler(&mut s.chain);
-        let chosen = cands
-            .selected
-            .and_then(|i| cands.data.get(i))
-            .copied()
-            .ok_or_else(|| BackendError::Other("the sampler selected no token".into()))?;
-        if chosen.logit() == f32::NEG_INFINITY || chosen.logit().is_nan() {
-            return Err(BackendError::Grammar(
-                "the grammar allows no next token".into(),
-            ));
-        }
-        let token = u32::try_from(chosen.id().0)
-            .ok()
-            .filter(|&t| t < self.session.model().n_vocab())
-            .ok_or_else(|| {
-                BackendError::Other(format!("sampled token {} is invalid", chosen.id().0))
-            })?;
-        self.session.accept(token)?;
-        // Only now that the token is in the sequence: the samplers advance.
-        if let Some((g, step)) = s.grammar.as_mut() {
-            step.accept(g, chosen.id()).map_err(step_err)?;
-        }
-        s.chain.accept(chosen.id());
-        Ok(token)
     }
 }
 
 impl BackendContext for LlamaContextBackend {
+    fn n_seq(&self) -> usize {
+        self.session.n_seq()
+    }
+
+    fn tokens(&self, seq: SeqId) -> &[u32] {
+        self.session.seq_tokens(seq)
+    }
+
     /// Checks the grammar text ([`BackendError::Grammar`], also for an
-    /// empty one), validates `params` and builds a fresh sampler chain (grammar →
-    /// repetition penalty → top-k → top-p → min-p → temperature → seeded
-    /// dist, or greedy). On error the context falls back to greedy.
-    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
-        self.sampler = None;
+    /// empty one), validates `params` and builds a fresh sampler chain
+    /// for `seq` (grammar → repetition penalty → top-k → top-p → min-p →
+    /// temperature → seeded dist, or greedy). On error the sequence falls
+    /// back to greedy.
+    fn set_sampling(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), BackendError> {
+        self.check_seq(seq)?;
+        self.samplers[seq] = None;
         // The grammar first, so an empty one is a grammar error too.
         if let Some(text) = params.grammar.as_deref() {
             check_grammar(text).map_err(grammar_err)?;
@@ -637,33 +588,42 @@ impl BackendContext for LlamaContextBackend {
             // temperature 0 without grammar or penalty is plain argmax.
             return Ok(());
         }
-        self.sampler = Some(Sampler::build(self.session.model(), params)?);
+        self.samplers[seq] = Some(Sampler::build(self.session.model(), params)?);
         Ok(())
     }
 
-    fn tokens(&self) -> &[u32] {
-        self.session.tokens()
-    }
-
-    fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
-        self.interrupt = flag;
+    fn set_interrupt(&mut self, seq: SeqId, flag: Option<Arc<AtomicBool>>) {
+        if let Some(slot) = self.interrupts.get_mut(seq) {
+            *slot = flag;
+        }
     }
 
     /// The layout this context's probe learned: plain and sliding-window
     /// KV caches are cacheable; recurrent, hybrid and unknown layouts are
     /// not (with the reason).
+    fn kv_cells(&self) -> KvCells {
+        // Each sequence has its own llama.cpp stream (see `Session`).
+        KvCells::PerSequence
+    }
+
     fn state_support(&self) -> StateSupport {
         let s = self.session.cache_support();
+        let reuse = match s.memory.as_str() {
+            _ if !s.cacheable => PrefixReuse::Nothing,
+            "kv" => PrefixReuse::Any,
+            _ => PrefixReuse::LastToken,
+        };
         StateSupport {
             cacheable: s.cacheable,
             memory: s.memory,
             reason: s.reason,
+            reuse,
         }
     }
 
     /// Entries with scale 0 are skipped; at most one may remain (applied
     /// with its scale), none removes the applied adapter. Changing what is
-    /// applied clears the sequence.
+    /// applied clears every sequence.
     ///
     /// # Errors
     ///
@@ -707,65 +667,121 @@ impl BackendContext for LlamaContextBackend {
         Ok(self.session.set_lora(active)?)
     }
 
-    /// Prefills all but the last token in `n_batch` chunks, then the last
-    /// token in a decode of its own. The logits `decode_one` reads thus
-    /// always come from a one-token decode — as after a restore (remove
-    /// the last cell, re-feed its token) and after every generated token —
-    /// so a cache hit continues bit-identically to the cold run (a token's
-    /// logits computed inside a larger batch can differ in the last bits,
-    /// enough to flip a sampled token). On failure the sequence is rolled
-    /// back to its state before the call.
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
-        let Some((last, head)) = tokens.split_last() else {
-            return Ok(self.session.prefill(tokens)?);
-        };
-        if head.is_empty() {
-            return Ok(self.session.prefill(tokens)?);
-        }
-        // Check everything first so nothing runs for an input that fails.
-        let model = self.session.model();
-        model.check_tokens(tokens)?;
-        let have = self.session.n_past();
-        let n_ctx = self.session.n_ctx() as usize;
-        if have + tokens.len() > n_ctx {
-            return Err(BackendError::ContextOverflow {
-                have,
-                adding: tokens.len(),
-                n_ctx,
-            });
-        }
-        self.session.prefill(head)?;
-        if let Err(e) = self.session.prefill(std::slice::from_ref(last)) {
-            // Cannot fail: `have` tokens were there before the call.
-            let _ = self.session.truncate(have);
-            return Err(e.into());
-        }
-        Ok(())
+    /// One `llama_decode` of every item (the engine keeps each prompt's
+    /// chunks aligned and its last token on its own, so a cache hit
+    /// continues as the cold run did).
+    fn decode(&mut self, batch: &[BatchItem<'_>]) -> Result<(), BackendError> {
+        let items: Vec<SeqTokens<'_>> = batch
+            .iter()
+            .map(|b| SeqTokens {
+                seq: b.seq,
+                tokens: b.tokens,
+                logits: b.logits,
+            })
+            .collect();
+        Ok(self.session.decode_batch(&items)?)
     }
 
-    fn decode_one(&mut self) -> Result<u32, BackendError> {
-        self.sample()
+    fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError> {
+        self.check_seq(seq)?;
+        let logits = self.session.seq_logits(seq)?;
+        let Some(s) = self.samplers[seq].as_mut() else {
+            return Ok(argmax(logits));
+        };
+        let mut cands = LlamaTokenDataArray::new(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| {
+                    LlamaTokenData::new(LlamaToken(i32::try_from(i).unwrap_or(i32::MAX)), l, 0.0)
+                })
+                .collect(),
+            false,
+        );
+        if s.prime_penalty {
+            let toks = self.session.seq_tokens(seq);
+            let tail = &toks[toks.len().saturating_sub(PENALTY_LAST_N)..];
+            for &t in tail {
+                s.chain.accept(LlamaToken(token_i32(t)));
+            }
+            s.prime_penalty = false;
+        }
+        if let Some((g, step)) = s.grammar.as_mut() {
+            let deadline = Instant::now() + GRAMMAR_STEP_BUDGET;
+            let cancel = self.interrupts[seq].clone();
+            step.apply(g, &mut cands, deadline, || {
+                cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+            })
+            .map_err(step_err)?;
+            if !cands.data.iter().any(|d| d.logit() > f32::NEG_INFINITY) {
+                return Err(BackendError::Grammar(
+                    "the grammar allows no next token".into(),
+                ));
+            }
+        }
+        cands.apply_sampler(&mut s.chain);
+        let chosen = cands
+            .selected
+            .and_then(|i| cands.data.get(i))
+            .copied()
+            .ok_or_else(|| BackendError::Other("the sampler selected no token".into()))?;
+        if chosen.logit() == f32::NEG_INFINITY || chosen.logit().is_nan() {
+            return Err(BackendError::Grammar(
+                "the grammar allows no next token".into(),
+            ));
+        }
+        let token = u32::try_from(chosen.id().0)
+            .ok()
+            .filter(|&t| t < self.session.model().n_vocab())
+            .ok_or_else(|| {
+                BackendError::Other(format!("sampled token {} is invalid", chosen.id().0))
+            })?;
+        // The samplers advance past the chosen token (the engine feeds it
+        // to the sequence if generation goes on).
+        if let Some((g, step)) = s.grammar.as_mut() {
+            step.accept(g, chosen.id()).map_err(step_err)?;
+        }
+        s.chain.accept(chosen.id());
+        Ok(token)
     }
 
     fn is_eog(&self, token: u32) -> Result<bool, BackendError> {
         Ok(self.session.model().is_eog(token))
     }
 
-    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
-        Ok(self.session.kv_pack()?)
+    fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        Ok(self.session.seq_kv_pack(seq)?)
     }
 
-    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
-        Ok(self.session.kv_unpack(bytes, tokens)?)
+    fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        Ok(self.session.seq_kv_unpack(seq, bytes, tokens)?)
     }
 
-    fn remove_last(&mut self) -> Result<(), BackendError> {
-        Ok(self.session.remove_last()?)
+    fn truncate(&mut self, seq: SeqId, n: usize) -> Result<(), BackendError> {
+        Ok(self.session.seq_truncate(seq, n)?)
     }
 
-    fn clear(&mut self) {
-        self.session.clear();
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), BackendError> {
+        Ok(self.session.seq_copy_prefix(src, dst, n)?)
     }
+
+    fn clear(&mut self, seq: SeqId) {
+        self.session.seq_clear(seq);
+    }
+}
+
+/// Index of the largest logit (the first one on ties, like llama.cpp's
+/// greedy sampler).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    u32::try_from(best).unwrap_or(0)
 }
 
 #[cfg(test)]

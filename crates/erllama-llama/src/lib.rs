@@ -51,7 +51,7 @@ pub use grammar::{
 };
 pub use lora::LoraAdapter;
 pub use model::{Model, ModelMeta, ModelParams};
-pub use session::{Session, SessionParams};
+pub use session::{SeqTokens, Session, SessionParams};
 pub use state::{
     learn_layout, validate_seq_state, CacheSupport, SectionKind, SectionLayout, StateLayout,
     TensorShape, SEQ_STATE_MAGIC,

@@ -1,5 +1,6 @@
-//! A llama.cpp context with one token sequence: prefill, greedy decode,
-//! KV pack/unpack.
+//! A llama.cpp context of one or more token sequences, each with KV cells of
+//! its own: prefill, batched decode, greedy decode, per-sequence KV
+//! pack/unpack, prefix copies between sequences.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,23 +15,24 @@ use crate::backend::backend;
 use crate::error::{LlamaError, Result};
 use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model};
-use crate::state::{learn_layout, validate_seq_state, CacheSupport, StateLayout};
-
-/// The sequence every session works on.
-const SEQ: i32 = 0;
+use crate::state::{
+    compact_streams, expand_streams, learn_layout, validate_seq_state, CacheSupport, StateLayout,
+};
 
 /// Options for a context.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
-    /// Context window in tokens.
+    /// Context window in tokens, of each sequence.
     pub n_ctx: u32,
     /// Tokens per `llama_decode` call during prefill.
     pub n_batch: u32,
     /// Compute threads; `None` uses every available core.
     pub n_threads: Option<u32>,
-    /// Sequences the context can hold. The KV cache is unified (one pool of
-    /// `n_ctx` cells shared by all sequences), which is what lets KV cells be
-    /// copied between sequences. A `Session` drives sequence 0.
+    /// Sequences the context can hold. Each has `n_ctx` KV cells of its own
+    /// (llama.cpp's non-unified cache, one stream per sequence), so the
+    /// context holds `n_seq_max × n_ctx` cells. A sequence's attention then
+    /// reads only its own cells, which is what makes a sequence computed
+    /// beside others give the tokens it gives alone.
     pub n_seq_max: u32,
 }
 
@@ -68,6 +70,15 @@ impl SessionParams {
                 format!("{} is outside 1..=256", self.n_seq_max),
             );
         }
+        if u64::from(self.n_ctx) * u64::from(self.n_seq_max) > 1 << 24 {
+            return invalid(
+                "n_seq_max",
+                format!(
+                    "{} sequences of {} cells are more than 16777216 KV cells",
+                    self.n_seq_max, self.n_ctx
+                ),
+            );
+        }
         if matches!(self.n_threads, Some(0) | Some(1025..)) {
             return invalid("n_threads", "must be between 1 and 1024".into());
         }
@@ -85,11 +96,37 @@ impl SessionParams {
     }
 }
 
-/// One llama.cpp context and the tokens its sequence holds.
+/// Tokens for one sequence in a [`Session::decode_batch`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqTokens<'a> {
+    /// The sequence (`0..n_seq`).
+    pub seq: usize,
+    /// The tokens, appended at the sequence's next positions.
+    pub tokens: &'a [u32],
+    /// Whether to compute the logits after the last of them.
+    pub logits: bool,
+}
+
+/// What one sequence holds.
+#[derive(Debug, Default)]
+struct Seq {
+    tokens: Vec<u32>,
+    /// Batch index of the logits for the next token, when there are any.
+    logits_at: Option<i32>,
+    /// The logits for the next token, copied out of llama.cpp when a
+    /// later compute step of the same batch replaced them.
+    owned_logits: Option<Vec<f32>>,
+}
+
+/// One llama.cpp context: `n_seq` token sequences, each with `n_ctx` KV
+/// cells of its own (one llama.cpp stream each).
 ///
 /// A `Session` is not `Send`: create it on the thread that will use it (see
-/// [`crate::SessionWorker`]). Invariant: the KV cache holds exactly
-/// [`Session::tokens`], at positions `0..len`, in sequence 0.
+/// [`crate::SessionWorker`]). Invariant: the KV cells of sequence `s` hold
+/// exactly [`Session::seq_tokens`]`(s)`, at positions `0..len`. The
+/// single-sequence methods ([`Session::prefill`], [`Session::tokens`],
+/// [`Session::kv_pack`], ...) drive sequence 0; the `seq_*` methods and
+/// [`Session::decode_batch`] drive any.
 pub struct Session {
     // Field order matters: `batch` and `ctx` must drop before `lora` (the
     // context points at the adapter it applies) and `model`, whose weights
@@ -104,21 +141,25 @@ pub struct Session {
     /// while doing so, so that decode holds the model's lock.
     adapters_changed: bool,
     model: Model,
-    tokens: Vec<u32>,
-    /// Batch index of the logits for the next token, when there are any.
-    logits_at: Option<i32>,
+    seqs: Vec<Seq>,
     /// The state layout this context writes (learned by a probe at
     /// creation), or why its state cannot be cached.
     layout: std::result::Result<StateLayout, CacheSupport>,
     n_ctx: u32,
     n_batch: u32,
+    /// Tokens one [`Session::decode_batch`] may carry: `n_batch` plus one
+    /// per sequence (a prefill chunk and every other sequence's next
+    /// token), at most `n_ctx`. It is llama.cpp's `n_batch` and
+    /// `n_ubatch`, so one call is one compute step.
+    capacity: usize,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("n_ctx", &self.n_ctx)
-            .field("n_past", &self.tokens.len())
+            .field("n_seq", &self.seqs.len())
+            .field("n_past", &self.seqs[0].tokens.len())
             .finish_non_exhaustive()
     }
 }
@@ -135,14 +176,23 @@ impl Session {
         let backend = backend()?;
         let threads = i32::try_from(params.threads()).unwrap_or(1);
         let n_batch = params.n_batch.min(params.n_ctx);
+        let capacity = (n_batch + params.n_seq_max).min(params.n_ctx);
+        // llama.cpp splits its `n_ctx` evenly between the streams (padded to
+        // 256 cells each).
+        let n_ctx_all = params.n_ctx.next_multiple_of(256) * params.n_seq_max;
         let cparams = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(params.n_ctx))
-            .with_n_batch(n_batch)
-            .with_n_ubatch(n_batch)
+            .with_n_ctx(NonZeroU32::new(n_ctx_all))
+            .with_n_batch(capacity)
+            .with_n_ubatch(capacity)
             .with_n_seq_max(params.n_seq_max)
-            .with_kv_unified(true)
+            .with_kv_unified(false)
+            // A sliding-window cache as large as the context, so that a
+            // prefix of any length can be copied to another sequence or
+            // kept when a sequence is cut back.
+            .with_swa_full(params.n_seq_max > 1)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+
         let ctx = {
             let _guard = model
                 .inner
@@ -161,16 +211,16 @@ impl Session {
         // outlives the context; the extended lifetime never escapes `Session`.
         let ctx: LlamaContext<'static> = unsafe { std::mem::transmute(ctx) };
         let mut session = Self {
-            batch: LlamaBatch::new(n_batch as usize, 1),
+            batch: LlamaBatch::new(capacity as usize, 1),
             ctx,
             lora: None,
             adapters_changed: false,
             model: model.clone(),
-            tokens: Vec::new(),
-            logits_at: None,
+            seqs: (0..params.n_seq_max).map(|_| Seq::default()).collect(),
             layout: Err(CacheSupport::no("unknown", "not probed".into())),
             n_ctx: params.n_ctx,
             n_batch,
+            capacity: capacity as usize,
         };
         session.layout = session.probe_layout();
         session.clear();
@@ -247,40 +297,74 @@ impl Session {
         &self.model
     }
 
-    /// Context window in tokens.
+    /// Context window in tokens (KV cells shared by all sequences).
     #[must_use]
     pub fn n_ctx(&self) -> u32 {
         self.n_ctx
     }
 
-    /// Tokens per decode call during prefill.
+    /// Tokens per decode call during [`Session::prefill`].
     #[must_use]
     pub fn n_batch(&self) -> u32 {
         self.n_batch
     }
 
-    /// The tokens the sequence holds.
+    /// How many sequences the context holds.
+    #[must_use]
+    pub fn n_seq(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Most tokens one [`Session::decode_batch`] may carry (`n_batch` plus
+    /// one per sequence, at most `n_ctx`).
+    #[must_use]
+    pub fn batch_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The tokens sequence 0 holds.
     #[must_use]
     pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+        &self.seqs[0].tokens
     }
 
-    /// Number of tokens in the sequence.
+    /// Number of tokens in sequence 0.
     #[must_use]
     pub fn n_past(&self) -> usize {
-        self.tokens.len()
+        self.seqs[0].tokens.len()
     }
 
-    /// Whether logits for a next token are available.
+    /// Whether logits for sequence 0's next token are available.
     #[must_use]
     pub fn has_logits(&self) -> bool {
-        self.logits_at.is_some()
+        self.seqs[0].logits_at.is_some() || self.seqs[0].owned_logits.is_some()
     }
 
-    fn check_room(&self, adding: usize) -> Result<()> {
-        if self.tokens.len() + adding > self.n_ctx as usize {
+    fn check_seq(&self, seq: usize) -> Result<()> {
+        if seq < self.seqs.len() {
+            Ok(())
+        } else {
+            Err(LlamaError::InvalidParam {
+                name: "seq",
+                reason: format!(
+                    "sequence {seq} does not exist (the context holds {})",
+                    self.seqs.len()
+                ),
+            })
+        }
+    }
+
+    /// The tokens sequence `seq` holds (empty for a sequence that does not
+    /// exist).
+    #[must_use]
+    pub fn seq_tokens(&self, seq: usize) -> &[u32] {
+        self.seqs.get(seq).map_or(&[], |s| &s.tokens)
+    }
+
+    fn check_room(&self, have: usize, adding: usize) -> Result<()> {
+        if have + adding > self.n_ctx as usize {
             return Err(LlamaError::ContextOverflow {
-                have: self.tokens.len(),
+                have,
                 adding,
                 n_ctx: self.n_ctx,
             });
@@ -288,7 +372,7 @@ impl Session {
         Ok(())
     }
 
-    /// Appends `tokens` to the sequence in `n_batch` chunks and computes the
+    /// Appends `tokens` to sequence 0 in `n_batch` chunks and computes the
     /// logits of the last one.
     ///
     /// # Errors
@@ -302,63 +386,188 @@ impl Session {
             return Err(LlamaError::EmptyInput("prefill"));
         }
         self.model.check_tokens(tokens)?;
-        self.check_room(tokens.len())?;
-        let start = self.tokens.len();
+        let start = self.seqs[0].tokens.len();
+        self.check_room(start, tokens.len())?;
         let n_chunks = tokens.len().div_ceil(self.n_batch as usize);
         for (ci, chunk) in tokens.chunks(self.n_batch as usize).enumerate() {
-            let last_chunk = ci + 1 == n_chunks;
-            if let Err(e) = self.decode_chunk(chunk, last_chunk) {
-                self.truncate_to(start);
+            let item = SeqTokens {
+                seq: 0,
+                tokens: chunk,
+                logits: ci + 1 == n_chunks,
+            };
+            if let Err(e) = self.decode_batch(&[item]) {
+                self.truncate_to(0, start);
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    fn decode_chunk(&mut self, chunk: &[u32], want_logits: bool) -> Result<()> {
-        self.logits_at = None;
-        self.batch.clear();
-        let base = self.tokens.len();
-        for (i, &t) in chunk.iter().enumerate() {
-            let pos = i32::try_from(base + i).map_err(|_| LlamaError::ContextOverflow {
-                have: base,
-                adding: chunk.len(),
-                n_ctx: self.n_ctx,
-            })?;
-            let logits = want_logits && i + 1 == chunk.len();
-            self.batch
-                .add(LlamaToken(token_i32(t)), pos, &[SEQ], logits)
-                .map_err(|e| LlamaError::Decode(e.to_string()))?;
+    /// Appends each item's tokens to its sequence; an item with `logits`
+    /// gets the logits after its last token. The one-token items are
+    /// computed together in one `llama_decode`, each longer item (a prefill
+    /// chunk) in one of its own, so every row is computed as it is when its
+    /// sequence runs alone. Every sequence's earlier logits are gone
+    /// afterwards.
+    ///
+    /// # Errors
+    ///
+    /// Checked before anything runs: [`LlamaError::InvalidParam`] (a
+    /// sequence that does not exist or appears twice, more tokens than
+    /// [`Session::batch_capacity`]), [`LlamaError::EmptyInput`],
+    /// [`LlamaError::TokenOutOfRange`], [`LlamaError::ContextOverflow`].
+    /// [`LlamaError::Decode`] if llama.cpp fails (for example no free KV
+    /// cell); every sequence is then as it was before the call.
+    pub fn decode_batch(&mut self, items: &[SeqTokens<'_>]) -> Result<()> {
+        if items.is_empty() {
+            return Err(LlamaError::EmptyInput("decode_batch"));
         }
-        let _compute = crate::backend::compute_lock();
-        let decoded = if self.adapters_changed {
-            let _guard = self
-                .model
-                .inner
-                .new_context_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.ctx.decode(&mut self.batch)
-        } else {
-            self.ctx.decode(&mut self.batch)
-        };
-        decoded.map_err(|e| LlamaError::Decode(e.to_string()))?;
-        self.adapters_changed = false;
-        self.tokens.extend_from_slice(chunk);
-        if want_logits {
-            self.logits_at = Some(self.batch.n_tokens() - 1);
+        let mut total = 0usize;
+        for (i, item) in items.iter().enumerate() {
+            self.check_seq(item.seq)?;
+            if items[..i].iter().any(|o| o.seq == item.seq) {
+                return Err(LlamaError::InvalidParam {
+                    name: "seq",
+                    reason: format!("sequence {} appears twice in one batch", item.seq),
+                });
+            }
+            if item.tokens.is_empty() {
+                return Err(LlamaError::EmptyInput("decode_batch"));
+            }
+            self.model.check_tokens(item.tokens)?;
+            self.check_room(self.seqs[item.seq].tokens.len(), item.tokens.len())?;
+            total += item.tokens.len();
+        }
+        if total > self.capacity {
+            return Err(LlamaError::InvalidParam {
+                name: "batch",
+                reason: format!("{total} tokens exceed the batch capacity {}", self.capacity),
+            });
+        }
+        for seq in &mut self.seqs {
+            seq.logits_at = None;
+            seq.owned_logits = None;
+        }
+        // Each prefill chunk is computed in a step of its own, then every
+        // one-token item in one more step, so that each row meets the
+        // kernels it meets alone: llama.cpp's CPU attention picks its kernel
+        // by the number of query rows (tiled for 64 or more), and over
+        // separate streams it splits a step into pieces of equal length per
+        // sequence, which would cut a chunk next to a one-token item.
+        let mut steps: Vec<Vec<SeqTokens<'_>>> = items
+            .iter()
+            .filter(|i| i.tokens.len() > 1)
+            .map(|&i| vec![i])
+            .collect();
+        let mut singles: Vec<SeqTokens<'_>> = items
+            .iter()
+            .copied()
+            .filter(|i| i.tokens.len() == 1)
+            .collect();
+        // Consecutive sequence ids share one llama.cpp micro-batch.
+        singles.sort_by_key(|i| i.seq);
+        if !singles.is_empty() {
+            steps.push(singles);
+        }
+        let before: Vec<(usize, usize)> = items
+            .iter()
+            .map(|i| (i.seq, self.seqs[i.seq].tokens.len()))
+            .collect();
+        let last = steps.len() - 1;
+        for (k, step) in steps.iter().enumerate() {
+            if let Err(e) = self.compute_step(step) {
+                for &(seq, n) in &before {
+                    self.truncate_to(seq, n);
+                }
+                return Err(e);
+            }
+            if k < last {
+                // The next step replaces llama.cpp's logits: keep a copy.
+                for item in step.iter().filter(|i| i.logits) {
+                    let copy = self.seq_logits(item.seq)?.to_vec();
+                    self.seqs[item.seq].owned_logits = Some(copy);
+                    self.seqs[item.seq].logits_at = None;
+                }
+            }
         }
         Ok(())
     }
 
-    /// The logits for the next token.
+    /// One `llama_decode` of `items` (checked by the caller); on failure
+    /// their sequences are as before.
+    fn compute_step(&mut self, items: &[SeqTokens<'_>]) -> Result<()> {
+        self.batch.clear();
+        let mut logits_at = Vec::with_capacity(items.len());
+        for item in items {
+            let base = self.seqs[item.seq].tokens.len();
+            let seq_id = i32::try_from(item.seq).unwrap_or(i32::MAX);
+            for (i, &t) in item.tokens.iter().enumerate() {
+                // Within n_ctx (checked by the caller), so within i32.
+                let pos = i32::try_from(base + i).unwrap_or(i32::MAX);
+                let logits = item.logits && i + 1 == item.tokens.len();
+                self.batch
+                    .add(LlamaToken(token_i32(t)), pos, &[seq_id], logits)
+                    .map_err(|e| LlamaError::Decode(e.to_string()))?;
+            }
+            if item.logits {
+                logits_at.push((item.seq, self.batch.n_tokens() - 1));
+            }
+        }
+        let decoded = {
+            let _compute = crate::backend::compute_lock();
+            if self.adapters_changed {
+                let _guard = self
+                    .model
+                    .inner
+                    .new_context_lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.ctx.decode(&mut self.batch)
+            } else {
+                self.ctx.decode(&mut self.batch)
+            }
+        };
+        if let Err(e) = decoded {
+            // llama.cpp removes a failed step's cells itself; make sure.
+            for item in items {
+                let n = self.seqs[item.seq].tokens.len();
+                self.truncate_to(item.seq, n);
+            }
+            return Err(LlamaError::Decode(e.to_string()));
+        }
+        self.adapters_changed = false;
+        for item in items {
+            self.seqs[item.seq].tokens.extend_from_slice(item.tokens);
+        }
+        for (seq, at) in logits_at {
+            self.seqs[seq].logits_at = Some(at);
+        }
+        Ok(())
+    }
+
+    /// The logits for sequence 0's next token.
     ///
     /// # Errors
     ///
     /// [`LlamaError::NoLogits`] when nothing was decoded since the last
     /// restore, removal or clear.
     pub fn logits(&self) -> Result<&[f32]> {
-        let at = self.logits_at.ok_or(LlamaError::NoLogits)?;
+        self.seq_logits(0)
+    }
+
+    /// The logits for sequence `seq`'s next token (from the last
+    /// [`Session::decode_batch`], if it asked for them).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for a sequence that does not exist,
+    /// [`LlamaError::NoLogits`].
+    pub fn seq_logits(&self, seq: usize) -> Result<&[f32]> {
+        self.check_seq(seq)?;
+        if let Some(owned) = &self.seqs[seq].owned_logits {
+            return Ok(owned);
+        }
+        let at = self.seqs[seq].logits_at.ok_or(LlamaError::NoLogits)?;
         Ok(self.ctx.get_logits_ith(at))
     }
 
@@ -404,7 +613,7 @@ impl Session {
     pub fn generate_until(&mut self, max_tokens: usize, stop: &AtomicBool) -> Result<Vec<u32>> {
         if max_tokens > 0 {
             self.logits()?;
-            self.check_room(max_tokens)?;
+            self.check_room(self.n_past(), max_tokens)?;
         }
         let mut out = Vec::with_capacity(max_tokens);
         while out.len() < max_tokens && !stop.load(Ordering::Relaxed) {
@@ -417,50 +626,117 @@ impl Session {
         Ok(out)
     }
 
-    /// Drops every token at position `n` and beyond.
-    fn truncate_to(&mut self, n: usize) {
+    /// Drops every token of `seq` at position `n` and beyond.
+    fn truncate_to(&mut self, seq: usize, n: usize) {
         let p0 = u32::try_from(n).unwrap_or(u32::MAX);
-        // Removing a position range from a plain KV cache cannot fail.
-        let _ = self
-            .ctx
-            .clear_kv_cache_seq(Some(SEQ as u32), Some(p0), None);
-        self.tokens.truncate(n);
-        self.logits_at = None;
+        let id = u32::try_from(seq).unwrap_or(u32::MAX);
+        // Removing a position range from a KV cache cannot fail.
+        let _ = self.ctx.clear_kv_cache_seq(Some(id), Some(p0), None);
+        self.seqs[seq].tokens.truncate(n);
+        self.seqs[seq].logits_at = None;
+        self.seqs[seq].owned_logits = None;
     }
 
-    /// Keeps the first `n` tokens of the sequence. Logits are gone
+    /// Keeps the first `n` tokens of sequence 0. Logits are gone
     /// afterwards: re-feed a token before decoding.
     ///
     /// # Errors
     ///
     /// [`LlamaError::InvalidParam`] when `n` exceeds the sequence length.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
-        if n > self.tokens.len() {
+        self.seq_truncate(0, n)
+    }
+
+    /// Keeps the first `n` tokens of sequence `seq` (no logits
+    /// afterwards).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for a sequence that does not exist or
+    /// `n` beyond its length.
+    pub fn seq_truncate(&mut self, seq: usize, n: usize) -> Result<()> {
+        self.check_seq(seq)?;
+        let len = self.seqs[seq].tokens.len();
+        if n > len {
             return Err(LlamaError::InvalidParam {
                 name: "n",
-                reason: format!("cannot keep {n} of {} tokens", self.tokens.len()),
+                reason: format!("cannot keep {n} of {len} tokens"),
             });
         }
-        self.truncate_to(n);
+        self.truncate_to(seq, n);
         Ok(())
     }
 
-    /// Removes the last KV cell (the last token).
+    /// Removes the last KV cell (the last token) of sequence 0.
     ///
     /// # Errors
     ///
     /// [`LlamaError::EmptyInput`] when the sequence is empty.
     pub fn remove_last(&mut self) -> Result<()> {
-        if self.tokens.is_empty() {
+        let len = self.n_past();
+        if len == 0 {
             return Err(LlamaError::EmptyInput("remove_last"));
         }
-        self.truncate_to(self.tokens.len() - 1);
+        self.truncate_to(0, len - 1);
         Ok(())
     }
 
-    /// Empties the sequence.
+    /// Empties every sequence.
     pub fn clear(&mut self) {
-        self.truncate_to(0);
+        for seq in 0..self.seqs.len() {
+            self.truncate_to(seq, 0);
+        }
+    }
+
+    /// Empties sequence `seq` (nothing for one that does not exist).
+    pub fn seq_clear(&mut self, seq: usize) {
+        if seq < self.seqs.len() {
+            self.truncate_to(seq, 0);
+        }
+    }
+
+    /// Makes the empty sequence `dst` hold the first `n` tokens of `src`:
+    /// `src`'s cells are packed and restored into `dst`'s own cells (a
+    /// memory copy, no computation), then cut back to `n`. No logits for
+    /// `dst`.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for sequences that do not exist, `src
+    /// == dst`, a `dst` that is not empty or `n` beyond `src`'s length;
+    /// [`LlamaError::KvState`] when the model's state cannot be packed.
+    pub fn seq_copy_prefix(&mut self, src: usize, dst: usize, n: usize) -> Result<()> {
+        self.check_seq(src)?;
+        self.check_seq(dst)?;
+        let invalid = |reason: String| {
+            Err(LlamaError::InvalidParam {
+                name: "seq",
+                reason,
+            })
+        };
+        if src == dst {
+            return invalid(format!("cannot copy sequence {src} onto itself"));
+        }
+        if !self.seqs[dst].tokens.is_empty() {
+            return invalid(format!("sequence {dst} is not empty"));
+        }
+        if n > self.seqs[src].tokens.len() {
+            return invalid(format!(
+                "sequence {src} holds {} tokens, not {n}",
+                self.seqs[src].tokens.len()
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // llama.cpp copies between streams only whole and only at the next
+        // decode; a pack and restore is immediate and copies just the
+        // cells in use.
+        let state = self.seq_kv_pack(src)?;
+        let tokens = self.seqs[src].tokens.clone();
+        self.seq_kv_unpack(dst, &state, &tokens)?;
+        self.truncate_to(dst, n);
+        Ok(())
     }
 
     /// The LoRA adapter applied to this context and its scale, if any.
@@ -471,9 +747,9 @@ impl Session {
 
     /// Applies `adapter` with `scale` to every later decode, replacing the
     /// one applied before; `None` (or a scale of 0) removes it. When this
-    /// changes what is applied, the sequence is cleared: KV computed under
-    /// other weights is never reused. The session keeps the adapter alive
-    /// while it is applied.
+    /// changes what is applied, every sequence is cleared: KV computed
+    /// under other weights is never reused. The session keeps the adapter
+    /// alive while it is applied.
     ///
     /// # Errors
     ///
@@ -534,75 +810,121 @@ impl Session {
         Ok(())
     }
 
-    /// Size in bytes of the packed state of the sequence.
+    /// Size in bytes of the packed state of sequence 0.
     #[must_use]
     pub fn kv_pack_size(&self) -> usize {
-        self.ctx
-            .state_seq_get_size_ext(SEQ, LlamaStateSeqFlags::empty())
+        self.seq_kv_pack_size(0)
     }
 
-    /// Packs the sequence state into `dst`, which must hold at least
-    /// [`Session::kv_pack_size`] bytes; returns the bytes written. Lets the
-    /// caller pack straight into its final buffer (a slab, a mapped file).
+    /// Size in bytes llama.cpp writes for the state of sequence `seq` (0
+    /// for one that does not exist): an upper bound of the packed size,
+    /// which is smaller in a context of several sequences.
+    #[must_use]
+    pub fn seq_kv_pack_size(&self, seq: usize) -> usize {
+        if seq >= self.seqs.len() {
+            return 0;
+        }
+        let id = i32::try_from(seq).unwrap_or(i32::MAX);
+        self.ctx
+            .state_seq_get_size_ext(id, LlamaStateSeqFlags::empty())
+    }
+
+    /// Packs sequence 0's state into `dst`; see [`Session::seq_kv_pack_into`].
     ///
     /// # Errors
     ///
-    /// [`LlamaError::KvState`] when `dst` is too small or llama.cpp fails.
+    /// As [`Session::seq_kv_pack_into`].
     pub fn kv_pack_into(&self, dst: &mut [u8]) -> Result<usize> {
-        let size = self.kv_pack_size();
+        self.seq_kv_pack_into(0, dst)
+    }
+
+    /// Packs sequence `seq`'s state (only its cells) into `dst`, which must
+    /// hold at least [`Session::seq_kv_pack_size`] bytes; returns the bytes
+    /// written. Lets the caller pack straight into its final buffer (a
+    /// slab, a mapped file). The state is in the one-stream form whatever
+    /// the number of sequences (see [`crate::state`]), so it restores into
+    /// any context of the model.
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for a sequence that does not exist;
+    /// [`LlamaError::KvState`] when `dst` is too small or llama.cpp fails.
+    pub fn seq_kv_pack_into(&self, seq: usize, dst: &mut [u8]) -> Result<usize> {
+        self.check_seq(seq)?;
+        let size = self.seq_kv_pack_size(seq);
         if dst.len() < size {
             return Err(LlamaError::KvState(format!(
                 "pack buffer of {} bytes is smaller than the state ({size} bytes)",
                 dst.len()
             )));
         }
+        let id = i32::try_from(seq).unwrap_or(i32::MAX);
         // SAFETY: `dst` holds at least `size` bytes, the size llama.cpp just
         // computed for this sequence on this thread; nothing changed the
-        // sequence in between (we hold `&self`, and `Session` is not shared
+        // context in between (we hold `&self`, and `Session` is not shared
         // across threads), so llama.cpp writes at most `size` bytes.
         let n = unsafe {
             self.ctx
-                .state_seq_get_data_ext(dst.as_mut_ptr(), SEQ, LlamaStateSeqFlags::empty())
+                .state_seq_get_data_ext(dst.as_mut_ptr(), id, LlamaStateSeqFlags::empty())
         };
         if n != size {
             return Err(LlamaError::KvState(format!(
                 "llama.cpp wrote {n} state bytes, expected {size}"
             )));
         }
+        if self.seqs.len() > 1 {
+            return compact_streams(&mut dst[..n]);
+        }
         Ok(n)
     }
 
-    /// Packs the sequence state into a new buffer.
+    /// Packs sequence 0's state into a new buffer.
     ///
     /// # Errors
     ///
     /// As [`Session::kv_pack_into`].
     pub fn kv_pack(&self) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; self.kv_pack_size()];
-        let n = self.kv_pack_into(&mut buf)?;
+        self.seq_kv_pack(0)
+    }
+
+    /// Packs sequence `seq`'s state into a new buffer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::seq_kv_pack_into`].
+    pub fn seq_kv_pack(&self, seq: usize) -> Result<Vec<u8>> {
+        self.check_seq(seq)?;
+        let mut buf = vec![0u8; self.seq_kv_pack_size(seq)];
+        let n = self.seq_kv_pack_into(seq, &mut buf)?;
         buf.truncate(n);
         Ok(buf)
     }
 
-    /// Restores a packed state that holds `tokens` into the cleared
-    /// sequence. No logits are available afterwards: to continue, remove the
-    /// last cell and re-feed its token (or prefill more tokens).
+    /// Restores a packed state that holds `tokens` into sequence 0; see
+    /// [`Session::seq_kv_unpack`].
     ///
     /// # Errors
     ///
-    /// [`LlamaError::TokenOutOfRange`], [`LlamaError::ContextOverflow`], or
-    /// [`LlamaError::KvState`] when the bytes do not validate (the sequence
-    /// is then untouched) or llama.cpp rejects them (the sequence is then
-    /// empty).
+    /// As [`Session::seq_kv_unpack`].
     pub fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<()> {
+        self.seq_kv_unpack(0, bytes, tokens)
+    }
+
+    /// Restores a packed state that holds `tokens` into sequence `seq`,
+    /// which is cleared first; the other sequences are untouched. No
+    /// logits are available afterwards: to continue, remove the last cell
+    /// and re-feed its token (or prefill more tokens).
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`], [`LlamaError::TokenOutOfRange`],
+    /// [`LlamaError::ContextOverflow`], or [`LlamaError::KvState`] when the
+    /// bytes do not validate (the sequence is then untouched) or llama.cpp
+    /// rejects them (the sequence is then empty).
+    pub fn seq_kv_unpack(&mut self, seq: usize, bytes: &[u8], tokens: &[u32]) -> Result<()> {
+        self.check_seq(seq)?;
         self.model.check_tokens(tokens)?;
-        if tokens.len() > self.n_ctx as usize {
-            return Err(LlamaError::ContextOverflow {
-                have: 0,
-                adding: tokens.len(),
-                n_ctx: self.n_ctx,
-            });
-        }
+        self.check_room(0, tokens.len())?;
         let layout = self.layout.as_ref().map_err(|no| {
             LlamaError::KvState(format!(
                 "this model's state is not cacheable: {}",
@@ -612,31 +934,43 @@ impl Session {
         let want_min = validate_seq_state(bytes, tokens.len(), layout)?;
         // Restore into a cleared sequence: unpacking over stale cells
         // fragments the cache and destroys the speed-up.
-        self.clear();
+        self.truncate_to(seq, 0);
         if tokens.is_empty() {
             return Ok(());
         }
+        let id = i32::try_from(seq).unwrap_or(i32::MAX);
+        // A context of several streams reads as many per section: the
+        // one-stream state gets empty ones added (a copy).
+        let expanded;
+        let bytes = if self.seqs.len() > 1 {
+            let n_stream = u32::try_from(self.seqs.len()).unwrap_or(u32::MAX);
+            expanded = expand_streams(bytes, n_stream)?;
+            &expanded[..]
+        } else {
+            bytes
+        };
         // SAFETY: the bytes passed the structural validation above against
         // the layout this very context writes (magic, the same memory
         // sections, one stream each, cells at the positions the tokens
         // imply, one sequence per cell, the same per-layer tensor types and
         // row sizes, sections ending exactly at the end), which covers
-        // everything llama.cpp's reader asserts on instead of reporting.
+        // everything llama.cpp's reader asserts on instead of reporting;
+        // expanding only adds empty streams, which the context expects.
         let ok = unsafe {
             self.ctx
-                .state_seq_set_data_ext(bytes, SEQ, LlamaStateSeqFlags::empty())
+                .state_seq_set_data_ext(bytes, id, LlamaStateSeqFlags::empty())
         };
-        let pos_min = self.ctx.kv_cache_seq_pos_min(SEQ);
-        let pos_max = self.ctx.kv_cache_seq_pos_max(SEQ);
+        let pos_min = self.ctx.kv_cache_seq_pos_min(id);
+        let pos_max = self.ctx.kv_cache_seq_pos_max(id);
         let last = i32::try_from(tokens.len() - 1).unwrap_or(i32::MAX);
         if !ok || pos_min != want_min || pos_max != last {
-            self.clear();
+            self.truncate_to(seq, 0);
             return Err(LlamaError::KvState(format!(
                 "llama.cpp rejected the state (restored positions {pos_min}..={pos_max}, \
                  expected {want_min}..={last})"
             )));
         }
-        self.tokens.extend_from_slice(tokens);
+        self.seqs[seq].tokens.extend_from_slice(tokens);
         Ok(())
     }
 }

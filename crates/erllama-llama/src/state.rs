@@ -15,8 +15,9 @@
 //! those same per-layer shapes, and cells that fit the tokens:
 //!
 //! - a **full** section (a plain KV cache, or the full-attention layers of a
-//!   sliding-window model) holds one cell per token at positions `0..n`, in
-//!   order;
+//!   sliding-window model) holds one cell per token: each of the positions
+//!   `0..n` once (in cell order, which in a context of several sequences
+//!   need not be position order);
 //! - a **sliding** section (the sliding-window layers of an iSWA model such
 //!   as Gemma 2/3) holds only the cells inside the window: distinct
 //!   positions forming a contiguous run that ends at `n - 1`, no longer than
@@ -34,7 +35,7 @@
 //! ```text
 //! u32 magic 0xaf143cd8 | i32 seq_id
 //! per memory section (base, then sliding window for iSWA):
-//!   u32 n_stream (= 1, unified cache)
+//!   u32 n_stream (= 1 in the stored form; see below)
 //!   u32 cell_count
 //!   cell_count x { i32 pos | u32 n_seq_id (= 1) | i32 seq_id }
 //!   if cell_count > 0:
@@ -43,6 +44,14 @@
 //!     if !v_trans: n_layer x { i32 v_type | u64 v_row_bytes | cell_count * v_row_bytes }
 //!     else:        n_layer x { i32 v_type | u32 v_elem_bytes | u32 n_embd_v | n_embd_v * cell_count * v_elem_bytes }
 //! ```
+
+//! A context of several sequences, each in a stream of its own (non-unified
+//! cache), writes `n_stream` streams per section: the sequence's own stream
+//! holds its cells and every other one just `u32 cell_count = 0`. Rows are
+//! stored in the one-stream form whatever the context that wrote them
+//! ([`compact_streams`]), and expanded for a context of several streams
+//! when restored ([`expand_streams`]), so a row restores into a context of
+//! any number of sequences.
 
 use crate::error::{LlamaError, Result};
 
@@ -231,6 +240,96 @@ fn parse_section(r: &mut Reader<'_>, index: usize) -> Result<ParsedSection> {
             "section {index}: stream count {n_stream}, expected 1"
         )));
     }
+    parse_stream(r, index)
+}
+
+/// Byte spans of a state's sections and, in each, of its streams (each
+/// from its `cell_count`).
+struct Spans {
+    sections: Vec<(usize, Vec<(usize, usize)>)>,
+}
+
+fn stream_spans(bytes: &[u8], max_streams: u32) -> Result<Spans> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    if r.u32("magic")? != SEQ_STATE_MAGIC {
+        return Err(bad("not llama.cpp sequence state".into()));
+    }
+    let _seq_id = r.i32("sequence id")?;
+    let mut sections = Vec::new();
+    while !r.at_end() {
+        if sections.len() == 4 {
+            return Err(bad("more than four memory sections".into()));
+        }
+        let header = r.pos;
+        let n_stream = r.u32("stream count")?;
+        if n_stream == 0 || n_stream > max_streams {
+            return Err(bad(format!(
+                "section {}: stream count {n_stream}, expected 1..={max_streams}",
+                sections.len()
+            )));
+        }
+        let mut streams = Vec::with_capacity(n_stream as usize);
+        for _ in 0..n_stream {
+            let start = r.pos;
+            parse_stream(&mut r, sections.len())?;
+            streams.push((start, r.pos));
+        }
+        sections.push((header, streams));
+    }
+    Ok(Spans { sections })
+}
+
+/// Rewrites, in place, the state of one sequence of a context of several
+/// streams into the one-stream form (its own stream only); returns the new
+/// length. A one-stream state is left as it is.
+///
+/// # Errors
+///
+/// [`LlamaError::KvState`] for bytes that are not such a state, or one
+/// whose cells are in more than one stream.
+pub fn compact_streams(buf: &mut [u8]) -> Result<usize> {
+    let spans = stream_spans(buf, 256)?;
+    let mut out = 8usize;
+    for (i, (header, streams)) in spans.sections.iter().enumerate() {
+        let full: Vec<&(usize, usize)> = streams.iter().filter(|(a, b)| b - a > 4).collect();
+        let keep = match full.as_slice() {
+            [] => streams[0],
+            [one] => **one,
+            _ => return Err(bad(format!("section {i}: cells in several streams"))),
+        };
+        buf[out..out + 4].copy_from_slice(&1u32.to_le_bytes());
+        debug_assert!(out <= *header);
+        out += 4;
+        buf.copy_within(keep.0..keep.1, out);
+        out += keep.1 - keep.0;
+    }
+    Ok(out)
+}
+
+/// The one-stream state `bytes` for a context of `n_stream` streams: each
+/// section's stream first, then `n_stream - 1` empty ones (llama.cpp
+/// restores a sequence's cells into its own stream whichever the state
+/// names). A copy; `n_stream == 1` needs none.
+///
+/// # Errors
+///
+/// [`LlamaError::KvState`] for bytes that are not a one-stream state.
+pub fn expand_streams(bytes: &[u8], n_stream: u32) -> Result<Vec<u8>> {
+    let spans = stream_spans(bytes, 1)?;
+    let extra = 4 * (n_stream as usize).saturating_sub(1);
+    let mut out = Vec::with_capacity(bytes.len() + extra * spans.sections.len());
+    out.extend_from_slice(&bytes[..8]);
+    for (_, streams) in &spans.sections {
+        let (a, b) = streams[0];
+        out.extend_from_slice(&n_stream.to_le_bytes());
+        out.extend_from_slice(&bytes[a..b]);
+        out.resize(out.len() + extra, 0);
+    }
+    Ok(out)
+}
+
+/// One stream's cells and tensors, from its `cell_count`.
+fn parse_stream(r: &mut Reader<'_>, index: usize) -> Result<ParsedSection> {
     let cell_count = r.u32("cell count")? as usize;
     // Each cell takes 12 bytes: a count beyond the buffer is garbage (and
     // must not size an allocation).
@@ -410,15 +509,21 @@ fn check_cells(section: usize, positions: &[i32], n: usize, kind: SectionKind) -
                     positions.len()
                 )));
             }
-            if let Some(i) = positions
-                .iter()
-                .enumerate()
-                .position(|(i, &p)| i64::from(p) != i as i64)
-            {
-                return Err(bad(format!(
-                    "section {section}: cell {i} has position {}, out of order",
-                    positions[i]
-                )));
+            // Each of the positions 0..n once. In a context of several
+            // sequences a sequence's cells need not lie in position order
+            // (a later token can fill a cell another sequence freed), and
+            // llama.cpp packs them in cell order.
+            let mut seen = vec![false; n];
+            for (i, &p) in positions.iter().enumerate() {
+                match usize::try_from(p).ok().filter(|&p| p < n) {
+                    Some(p) if !seen[p] => seen[p] = true,
+                    _ => {
+                        return Err(bad(format!(
+                            "section {section}: cell {i} has position {p}, outside 0..{n} or \
+                             repeated"
+                        )))
+                    }
+                }
             }
         }
         SectionKind::Sliding { window } => {
@@ -632,6 +737,38 @@ mod tests {
         let swapped = state(&[(&range(5, 9), 5), (&range(0, 9), 1)]);
         assert!(validate_seq_state(&swapped, 9, &l).is_err());
         assert!(validate_seq_state(&state(&[(&range(0, 9), 1)]), 9, &l).is_err());
+    }
+
+    #[test]
+    fn several_streams_compact_to_one_and_expand_back() {
+        let one = state(&[(&range(0, 5), 2), (&range(2, 5), 3)]);
+        // A context of three streams whose sequence is in stream 1.
+        let mut three = expand_streams(&one, 3).expect("expand");
+        assert_eq!(three.len(), one.len() + 2 * 2 * 4);
+        let n = compact_streams(&mut three).expect("compact");
+        assert_eq!(&three[..n], &one[..]);
+        // Moved to stream 1 of 3 by hand: compacts to the same bytes.
+        let spans = stream_spans(&one, 1).expect("spans");
+        let mut moved = one[..8].to_vec();
+        for (_, streams) in &spans.sections {
+            let (a, b) = streams[0];
+            moved.extend_from_slice(&3u32.to_le_bytes());
+            moved.extend_from_slice(&0u32.to_le_bytes());
+            moved.extend_from_slice(&one[a..b]);
+            moved.extend_from_slice(&0u32.to_le_bytes());
+        }
+        let n = compact_streams(&mut moved).expect("compact");
+        assert_eq!(&moved[..n], &one[..]);
+        // A one-stream state is its own compact form; an empty one too.
+        let mut same = one.clone();
+        assert_eq!(compact_streams(&mut same).expect("same"), one.len());
+        assert_eq!(same, one);
+        // Garbage and a multi-stream state where one is expected fail.
+        assert!(compact_streams(&mut [1u8, 2, 3]).is_err());
+        let three = expand_streams(&one, 3).expect("expand");
+        assert!(expand_streams(&three, 3).is_err());
+        let mut truncated = three[..three.len() - 1].to_vec();
+        assert!(compact_streams(&mut truncated).is_err());
     }
 
     #[test]

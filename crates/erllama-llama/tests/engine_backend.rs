@@ -10,20 +10,28 @@ use std::time::Duration;
 
 use erllama_cache::{Cache, CacheConfig, FingerprintMode, PolicyConfig, QuantType, TierKind};
 use erllama_engine::{
-    Backend, BackendContext, BackendError, ContextParams, Engine, HitKind, ModelConfig, Prompt,
-    RequestOptions, SamplingParams,
+    Backend, BackendContext, BackendError, BatchItem, ContextParams, Engine, HitKind, HitSource,
+    ModelConfig, Prompt, RequestOptions, SamplingParams,
 };
 use erllama_llama::{LlamaBackend, LlamaError, ModelParams, Session, SessionParams};
 
 mod common;
-use common::{backend, model_path};
+use common::{backend, decode_one, model_path};
+
+const N_BATCH: usize = 256;
 
 fn cparams() -> ContextParams {
     ContextParams {
         n_ctx: 1024,
-        n_batch: 256,
+        n_batch: N_BATCH,
         n_threads: None,
+        n_seq: 4,
     }
+}
+
+/// Prefills `tokens` into sequence 0 as the engine does.
+fn prefill(ctx: &mut dyn BackendContext, tokens: &[u32]) -> Result<(), BackendError> {
+    common::prefill(ctx, 0, tokens, N_BATCH)
 }
 
 fn ctx() -> Box<dyn BackendContext> {
@@ -36,20 +44,21 @@ fn chat_prompt(question: &str) -> Vec<u32> {
         .expect("chat tokens")
 }
 
-/// One request: reset, configure, prefill, decode up to `n` tokens (an
-/// end-of-generation token ends it and is included).
+/// One request on sequence 0: reset, configure, prefill, decode up to `n`
+/// tokens (an end-of-generation token ends it and is included; every
+/// token is fed).
 fn run(
     ctx: &mut dyn BackendContext,
     prompt: &[u32],
     sampling: &SamplingParams,
     n: usize,
 ) -> Vec<u32> {
-    ctx.set_sampling(sampling).expect("sampling");
-    ctx.clear();
-    ctx.prefill(prompt).expect("prefill");
+    ctx.set_sampling(0, sampling).expect("sampling");
+    ctx.clear(0);
+    prefill(ctx, prompt).expect("prefill");
     let mut out = Vec::new();
     while out.len() < n {
-        let t = ctx.decode_one().expect("decode");
+        let t = decode_one(ctx, 0).expect("decode");
         out.push(t);
         if ctx.is_eog(t).unwrap() {
             break;
@@ -95,7 +104,7 @@ fn greedy_through_the_trait_equals_session_generate() {
     let mut c = ctx();
     let got = run(c.as_mut(), &prompt, &SamplingParams::default(), 16);
     assert_eq!(got, expected);
-    assert_eq!(c.tokens().len(), prompt.len() + got.len());
+    assert_eq!(c.tokens(0).len(), prompt.len() + got.len());
     // A top-k of 1 through the full chain (temperature, dist) is greedy too.
     let top1 = SamplingParams {
         temperature: 1.0,
@@ -186,18 +195,18 @@ fn invalid_grammars_are_errors_and_the_context_lives_on() {
         "root ::= root \"a\"",
         "root ::= \"unterminated",
     ] {
-        match c.set_sampling(&grammar(bad)) {
+        match c.set_sampling(0, &grammar(bad)) {
             Err(BackendError::Grammar(msg)) => assert!(!msg.is_empty()),
             other => panic!("{bad:?}: expected a grammar error, got {other:?}"),
         }
         // The failed configuration leaves plain greedy decoding in place.
-        c.clear();
-        c.prefill(&prompt).unwrap();
-        assert_eq!(c.decode_one().unwrap(), greedy[0], "{bad:?}");
+        c.clear(0);
+        prefill(c.as_mut(), &prompt).unwrap();
+        assert_eq!(decode_one(c.as_mut(), 0).unwrap(), greedy[0], "{bad:?}");
     }
     let deep = format!("root ::= {}\"a\"{}", "(".repeat(500), ")".repeat(500));
     assert!(matches!(
-        c.set_sampling(&grammar(&deep)),
+        c.set_sampling(0, &grammar(&deep)),
         Err(BackendError::Grammar(_))
     ));
     assert_eq!(
@@ -207,7 +216,7 @@ fn invalid_grammars_are_errors_and_the_context_lives_on() {
     // A grammar that parses but allows no token of this vocabulary: found
     // when it is built (llama.cpp's own sampling would abort on it).
     assert!(matches!(
-        c.set_sampling(&grammar("root ::= <[999999]>")),
+        c.set_sampling(0, &grammar("root ::= <[999999]>")),
         Err(BackendError::Grammar(m)) if m.contains("no token")
     ));
     assert_eq!(
@@ -280,10 +289,15 @@ fn sampler_values_are_checked() {
         },
     ] {
         assert!(
-            matches!(c.set_sampling(&bad), Err(BackendError::InvalidInput(_))),
+            matches!(c.set_sampling(0, &bad), Err(BackendError::InvalidInput(_))),
             "{bad:?}"
         );
     }
+    // Every sequence has its own sampler; there is none past n_seq.
+    assert!(matches!(
+        c.set_sampling(c.n_seq(), &full),
+        Err(BackendError::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -395,53 +409,105 @@ fn kv_round_trip_through_the_trait() {
         )
         .unwrap();
     let mut a = ctx();
-    a.set_sampling(&SamplingParams::default()).unwrap();
-    a.prefill(&prompt).unwrap();
-    let packed = a.kv_pack().unwrap();
+    a.set_sampling(0, &SamplingParams::default()).unwrap();
+    prefill(a.as_mut(), &prompt).unwrap();
+    let packed = a.kv_pack(0).unwrap();
     let mut cold = Vec::new();
     for _ in 0..8 {
-        cold.push(a.decode_one().unwrap());
+        cold.push(decode_one(a.as_mut(), 0).unwrap());
     }
     let mut w = ctx();
-    w.kv_unpack(&packed, &prompt).unwrap();
-    assert_eq!(w.tokens(), &prompt[..]);
+    w.kv_unpack(0, &packed, &prompt).unwrap();
+    assert_eq!(w.tokens(0), &prompt[..]);
     assert!(
-        matches!(w.decode_one(), Err(BackendError::InvalidInput(_))),
+        matches!(w.sample(0), Err(BackendError::InvalidInput(_))),
         "no logits after a restore"
     );
-    w.remove_last().unwrap();
-    w.prefill(&prompt[prompt.len() - 1..]).unwrap();
+    // Drop the last cell (what `remove_last` was) and re-feed its token.
+    w.truncate(0, prompt.len() - 1).unwrap();
+    assert_eq!(w.tokens(0), &prompt[..prompt.len() - 1]);
+    prefill(w.as_mut(), &prompt[prompt.len() - 1..]).unwrap();
     let mut warm = Vec::new();
     for _ in 0..8 {
-        warm.push(w.decode_one().unwrap());
+        warm.push(decode_one(w.as_mut(), 0).unwrap());
     }
     assert_eq!(warm, cold);
     // Bad states are refused and leave a usable context.
     assert!(matches!(
-        w.kv_unpack(&packed[..packed.len() / 2], &prompt),
+        w.kv_unpack(0, &packed[..packed.len() / 2], &prompt),
         Err(BackendError::KvState(_))
     ));
     assert!(matches!(
-        w.kv_unpack(&packed, &prompt[1..]),
+        w.kv_unpack(0, &packed, &prompt[1..]),
         Err(BackendError::KvState(_))
     ));
-    w.clear();
-    assert!(w.tokens().is_empty());
-    assert!(matches!(w.remove_last(), Err(BackendError::EmptyInput(_))));
+    w.clear(0);
+    assert!(w.tokens(0).is_empty());
+    // Cutting an empty sequence back past its length (what `remove_last`
+    // on an empty sequence was) is refused; keeping 0 of 0 is fine.
+    assert!(matches!(
+        w.truncate(0, 1),
+        Err(BackendError::InvalidInput(_))
+    ));
+    w.truncate(0, 0).unwrap();
     // Input checks.
-    assert!(matches!(w.prefill(&[]), Err(BackendError::EmptyInput(_))));
     assert!(matches!(
-        w.prefill(&[b.n_vocab()]),
+        prefill(w.as_mut(), &[]),
+        Err(BackendError::EmptyInput(_))
+    ));
+    assert!(matches!(
+        prefill(w.as_mut(), &[b.n_vocab()]),
         Err(BackendError::TokenOutOfRange { .. })
     ));
     assert!(matches!(
-        w.prefill(&vec![1u32; 1025]),
+        w.decode(&[BatchItem {
+            seq: 0,
+            tokens: &vec![1u32; 1025],
+            logits: true,
+        }]),
         Err(BackendError::ContextOverflow {
             n_ctx: 1024,
             adding: 1025,
             ..
         })
     ));
+    assert!(w.tokens(0).is_empty(), "refused input changes nothing");
+    // The restored context still serves.
+    prefill(w.as_mut(), &prompt).unwrap();
+    assert_eq!(decode_one(w.as_mut(), 0).unwrap(), cold[0]);
+    // Sequences outside the context, and a batch larger than one step.
+    assert!(matches!(w.kv_pack(4), Err(BackendError::InvalidInput(_))));
+    assert!(matches!(
+        w.kv_unpack(4, &packed, &prompt),
+        Err(BackendError::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.truncate(4, 0),
+        Err(BackendError::InvalidInput(_))
+    ));
+    assert!(matches!(w.sample(4), Err(BackendError::InvalidInput(_))));
+    assert!(matches!(
+        w.set_sampling(4, &SamplingParams::default()),
+        Err(BackendError::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.decode(&[BatchItem {
+            seq: 4,
+            tokens: &prompt,
+            logits: true,
+        }]),
+        Err(BackendError::InvalidInput(_))
+    ));
+    assert!(matches!(
+        w.decode(&[BatchItem {
+            seq: 1,
+            tokens: &vec![1u32; N_BATCH + w.n_seq() + 1],
+            logits: true,
+        }]),
+        Err(BackendError::InvalidInput(_))
+    ));
+    assert!(w.tokens(1).is_empty());
+    assert_eq!(w.tokens(0).len(), prompt.len() + 1);
 }
 
 #[test]
@@ -463,6 +529,7 @@ fn fingerprint_and_ctx_params_are_stable() {
         n_ctx: 256,
         n_batch: 512,
         n_threads: Some(2),
+        n_seq: 4,
     });
     assert_eq!((cp.n_ctx, cp.n_batch, cp.n_ubatch), (256, 256, 256));
     assert_eq!((cp.type_k.as_str(), cp.type_v.as_str()), ("f16", "f16"));
@@ -575,8 +642,21 @@ async fn the_engine_runs_llama_and_hits_its_cache() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The finished sequence is kept warm: the repeat shares its cells.
+    let shared = engine
+        .complete(&model, prompt.clone(), opts.clone())
+        .await
+        .expect("shared");
+    assert_eq!(shared.stats.cache_hit_kind, HitKind::Exact);
+    assert_eq!(shared.stats.hit_source, Some(HitSource::Shared));
+    assert_eq!(shared.stats.cached_tokens, shared.stats.prompt_tokens);
+    assert_eq!(shared.tokens, cold.tokens, "sharing changes nothing");
+    // Once the sequences are evicted, the repeat restores the cached row.
+    engine.evict(&model).await.expect("evict");
     let warm = engine.complete(&model, prompt, opts).await.expect("warm");
     assert_eq!(warm.stats.cache_hit_kind, HitKind::Exact);
+    assert_eq!(warm.stats.hit_source, Some(HitSource::Exact));
+    assert_eq!(warm.stats.cache_tier, Some(TierKind::Ram));
     assert_eq!(warm.stats.cached_tokens, warm.stats.prompt_tokens);
     assert_eq!(warm.tokens, cold.tokens, "a restore changes nothing");
     assert_eq!(warm.text, cold.text);
@@ -617,11 +697,13 @@ async fn a_row_that_fails_to_restore_is_counted_removed_and_falls_back() {
         .await
         .expect("cold");
     assert_eq!(cold.stats.cache_hit_kind, HitKind::Cold);
+    // No warm sequence to share: the repeat must go to the cache.
+    engine.evict(&model).await.expect("evict");
 
     // A real state of these tokens, with one cell's position moved.
     let mut ctx = ctx();
-    ctx.prefill(&tokens).unwrap();
-    let mut state = ctx.kv_pack().unwrap();
+    prefill(ctx.as_mut(), &tokens).unwrap();
+    let mut state = ctx.kv_pack(0).unwrap();
     // magic, seq id, n_stream, cell_count, then cell 1's position.
     state[16 + 12] ^= 0x40;
     let identity = engine.identity(&model).unwrap();
@@ -647,7 +729,7 @@ async fn a_row_that_fails_to_restore_is_counted_removed_and_falls_back() {
         .expect("fallback");
     assert_eq!(again.stats.cache_hit_kind, HitKind::Cold);
     let failure = again.stats.restore_failure.clone().expect("reported");
-    assert_eq!(failure.source, erllama_engine::HitSource::Exact);
+    assert_eq!(failure.source, HitSource::Exact);
     assert!(failure.reason.contains("position"), "{}", failure.reason);
     assert_eq!(again.tokens, cold.tokens, "the fallback is the cold answer");
     let counters = engine.cache().counters().snapshot();
@@ -655,11 +737,13 @@ async fn a_row_that_fails_to_restore_is_counted_removed_and_falls_back() {
     assert!(!engine.cache().contains(&key), "the row is removed");
 
     // Never retried: the next request is a plain miss.
+    engine.evict(&model).await.expect("evict");
     let third = engine
         .complete(&model, Prompt::Tokens(tokens), opts)
         .await
         .expect("third");
     assert!(third.stats.restore_failure.is_none());
+    assert_eq!(third.stats.cache_hit_kind, HitKind::Cold);
     assert_eq!(engine.cache().counters().snapshot()["restore_failures"], 1);
     engine.shutdown().await;
 }

@@ -20,7 +20,7 @@ use erllama_llama::{
 };
 
 mod common;
-use common::{backend, model_path};
+use common::{backend, decode_one, model_path};
 
 const N: usize = 24;
 
@@ -84,14 +84,22 @@ fn adapter_path() -> &'static Path {
     P.get_or_init(|| make_adapter("adapter.gguf", &[]))
 }
 
+const N_BATCH: usize = 128;
+
 fn ctx() -> Box<dyn BackendContext> {
     backend()
         .new_context(&ContextParams {
             n_ctx: 512,
-            n_batch: 128,
+            n_batch: N_BATCH,
             n_threads: None,
+            n_seq: 4,
         })
         .expect("context")
+}
+
+/// Prefills `tokens` into `seq` as the engine does.
+fn prefill(ctx: &mut dyn BackendContext, seq: usize, tokens: &[u32]) {
+    common::prefill(ctx, seq, tokens, N_BATCH).expect("prefill");
 }
 
 fn prompt() -> Vec<u32> {
@@ -106,17 +114,17 @@ fn prompt() -> Vec<u32> {
         .expect("chat tokens")
 }
 
-/// One greedy request, as the engine runs it: adapters, clear, prefill,
-/// decode.
+/// One greedy request on sequence 0, as the engine runs it: adapters,
+/// clear, prefill, decode.
 fn run(ctx: &mut dyn BackendContext, adapters: &[(AdapterHandle, f32)]) -> Vec<u32> {
     ctx.set_adapters(adapters).expect("set_adapters");
-    ctx.set_sampling(&SamplingParams::default())
+    ctx.set_sampling(0, &SamplingParams::default())
         .expect("sampling");
-    ctx.clear();
-    ctx.prefill(&prompt()).expect("prefill");
+    ctx.clear(0);
+    prefill(ctx, 0, &prompt());
     let mut out = Vec::new();
     while out.len() < N {
-        let t = ctx.decode_one().expect("decode");
+        let t = decode_one(ctx, 0).expect("decode");
         out.push(t);
         if ctx.is_eog(t).unwrap() {
             break;
@@ -172,19 +180,31 @@ fn changing_adapters_clears_the_sequence() {
         .load_adapter(adapter_path())
         .expect("load adapter");
     let mut c = ctx();
-    c.prefill(&prompt()).expect("prefill");
-    assert!(!c.tokens().is_empty());
-    // No change: the sequence stays.
+    let filled = |c: &dyn BackendContext| {
+        (0..c.n_seq())
+            .map(|s| c.tokens(s).len())
+            .collect::<Vec<_>>()
+    };
+    let p = prompt();
+    prefill(c.as_mut(), 0, &p);
+    prefill(c.as_mut(), 2, &p[..p.len() / 2]);
+    assert_eq!(filled(c.as_ref()), [p.len(), 0, p.len() / 2, 0]);
+    // No change: the sequences stay.
     c.set_adapters(&[]).expect("no adapters");
-    assert!(!c.tokens().is_empty());
+    assert_eq!(filled(c.as_ref()), [p.len(), 0, p.len() / 2, 0]);
     c.set_adapters(&[(handle.clone(), 1.0)]).expect("set");
-    assert!(c.tokens().is_empty(), "stale KV must not survive");
-    c.prefill(&prompt()).expect("prefill");
+    assert_eq!(
+        filled(c.as_ref()),
+        [0; 4],
+        "stale KV must not survive in any sequence"
+    );
+    prefill(c.as_mut(), 0, &p);
+    prefill(c.as_mut(), 3, &p);
     c.set_adapters(&[(handle.clone(), 1.0)])
         .expect("same again");
-    assert!(!c.tokens().is_empty());
+    assert_eq!(filled(c.as_ref()), [p.len(), 0, 0, p.len()]);
     c.set_adapters(&[(handle, 0.0)]).expect("scale 0");
-    assert!(c.tokens().is_empty());
+    assert_eq!(filled(c.as_ref()), [0; 4]);
 }
 
 #[test]
@@ -213,11 +233,11 @@ fn bad_adapter_lists_are_errors_and_change_nothing() {
     assert!(matches!(err, BackendError::InvalidInput(_)), "{err}");
     // None of that changed the applied adapter.
     let again = {
-        c.set_sampling(&SamplingParams::default()).unwrap();
-        c.clear();
-        c.prefill(&prompt()).unwrap();
+        c.set_sampling(0, &SamplingParams::default()).unwrap();
+        c.clear(0);
+        prefill(c.as_mut(), 0, &prompt());
         (0..adapted.len())
-            .map(|_| c.decode_one().unwrap())
+            .map(|_| decode_one(c.as_mut(), 0).unwrap())
             .collect::<Vec<_>>()
     };
     assert_eq!(again, adapted);

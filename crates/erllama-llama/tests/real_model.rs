@@ -260,7 +260,8 @@ fn bad_inputs_are_errors_and_the_process_lives() {
             ..
         })
     ));
-    // Several sequences share one unified cache; sequence 0 works as before.
+    // Several sequences, each with cells of its own; sequence 0 works as
+    // before.
     let mut multi = Session::new(
         m,
         &SessionParams {

@@ -261,7 +261,7 @@ impl PyEngine {
     }
 
     /// Loads a model; resolves to its id.
-    #[pyo3(signature = (backend, *, path, model_id, n_ctx, n_batch, n_threads, n_gpu_layers, use_mmap, tier, policy, fingerprint_mode))]
+    #[pyo3(signature = (backend, *, path, model_id, n_ctx, n_batch, n_threads, n_gpu_layers, use_mmap, tier, policy, fingerprint_mode, parallel))]
     #[allow(clippy::too_many_arguments)]
     fn load_model<'py>(
         &self,
@@ -277,6 +277,7 @@ impl PyEngine {
         tier: &str,
         policy: Option<&Bound<'py, PyDict>>,
         fingerprint_mode: &str,
+        parallel: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guard("load_model", || {
             let engine = self.engine.clone();
@@ -288,6 +289,7 @@ impl PyEngine {
                 n_ctx: usize_in(n_ctx, "n_ctx", 1, 1 << 22)?,
                 n_batch: usize_in(n_batch, "n_batch", 1, 1 << 16)?,
                 n_threads: opt(n_threads, |v| u32_in(v, "n_threads", 1, 1024))?,
+                n_seq: usize_in(parallel, "parallel", 1, 256)?,
             };
             let n_gpu_layers = u32_in(n_gpu_layers, "n_gpu_layers", 0, 100_000)?;
             let mode = FingerprintMode::from_label(fingerprint_mode)
@@ -539,24 +541,24 @@ impl PyEngine {
         })
     }
 
-    /// Saves the live context (reason evict) and releases it.
+    /// Saves every sequence with content (reason evict) and releases them.
     fn evict<'py>(&self, py: Python<'py>, model_id: String) -> PyResult<Bound<'py, PyAny>> {
         guard("evict", || {
             let engine = self.engine.clone();
             future_into_py(py, async move {
                 let s = engine.evict(&model_id).await.map_err(engine_err)?;
-                Ok(s.map(SaveSummary::from))
+                Ok(s.into_iter().map(SaveSummary::from).collect::<Vec<_>>())
             })
         })
     }
 
-    /// Saves the live context now (reason shutdown).
+    /// Saves every sequence with content now (reason shutdown).
     fn save_now<'py>(&self, py: Python<'py>, model_id: String) -> PyResult<Bound<'py, PyAny>> {
         guard("save_now", || {
             let engine = self.engine.clone();
             future_into_py(py, async move {
                 let s = engine.shutdown_save(&model_id).await.map_err(engine_err)?;
-                Ok(s.map(SaveSummary::from))
+                Ok(s.into_iter().map(SaveSummary::from).collect::<Vec<_>>())
             })
         })
     }
@@ -566,7 +568,7 @@ impl PyEngine {
             let engine = self.engine.clone();
             future_into_py(py, async move {
                 let s = engine.unload(&model_id).await.map_err(engine_err)?;
-                Ok(s.map(SaveSummary::from))
+                Ok(s.into_iter().map(SaveSummary::from).collect::<Vec<_>>())
             })
         })
     }

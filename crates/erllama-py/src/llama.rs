@@ -299,6 +299,13 @@ impl PyContext {
         })
     }
 
+    /// The logits for the next token (one per vocabulary entry).
+    fn logits(&self, py: Python<'_>) -> PyResult<Vec<f32>> {
+        guard("Context.logits", || {
+            run(py, &self.worker, None, |s| s.logits().map(<[f32]>::to_vec))
+        })
+    }
+
     fn decode_one(&self, py: Python<'_>) -> PyResult<u32> {
         guard("Context.decode_one", || {
             run(py, &self.worker, None, Session::decode_one)

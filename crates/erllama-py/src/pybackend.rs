@@ -3,13 +3,15 @@
 //! `erllama.backends.stub`).
 //!
 //! The Python object provides `name`, `n_vocab`, `tokenize(text, add_bos)`,
-//! `detokenize(tokens)`, `new_context(n_ctx, n_batch)` and optionally
+//! `detokenize(tokens)`, `new_context(n_ctx, n_batch, n_seq)` and optionally
 //! `fingerprint()`, `embed(tokens)`, `chat_tokens(messages,
 //! add_assistant)`, `token_bytes(token)`, `is_eog(token)`. A context object
-//! provides `prefill(tokens)`, `decode_one()`, `kv_pack()`,
-//! `kv_unpack(data, tokens)`, `remove_last()`, `clear()` and optionally
-//! `set_sampling(params: dict)`. Every call takes the GIL for its duration
-//! only; the token list is mirrored on the Rust side so `tokens()` needs no
+//! holds `n_seq` sequences and provides `decode(batch)` (a list of `(seq,
+//! tokens, logits)`), `sample(seq)`, `kv_pack(seq)`, `kv_unpack(seq, data,
+//! tokens)`, `truncate(seq, n)`, `copy_prefix(src, dst, n)`, `clear(seq)`
+//! and optionally `set_sampling(seq, params: dict)` and
+//! `set_adapters(pairs)`. Every call takes the GIL for its duration only;
+//! the token lists are mirrored on the Rust side so `tokens()` needs no
 //! call. A failing call fails one request, and its exception reaches the
 //! caller: an `erllama.errors` class raised on purpose comes back
 //! unchanged; any other exception comes back as `BackendError` with the
@@ -19,8 +21,8 @@ use std::sync::Arc;
 
 use erllama_cache::{FingerprintMode, QuantType};
 use erllama_engine::{
-    AdapterHandle, Backend, BackendContext, BackendError, ContextParams, ForeignError,
-    ModelFingerprint, SamplingParams,
+    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, ForeignError,
+    ModelFingerprint, SamplingParams, SeqId,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
@@ -31,12 +33,13 @@ use pyo3::types::PyDict;
 use sha2::{Digest, Sha256};
 
 /// The methods a context object must have.
-const CONTEXT_METHODS: [&str; 6] = [
-    "prefill",
-    "decode_one",
+const CONTEXT_METHODS: [&str; 7] = [
+    "decode",
+    "sample",
     "kv_pack",
     "kv_unpack",
-    "remove_last",
+    "truncate",
+    "copy_prefix",
     "clear",
 ];
 
@@ -251,7 +254,11 @@ impl Backend for PyBackend {
     }
 
     fn new_context(&self, params: &ContextParams) -> Result<Box<dyn BackendContext>, BackendError> {
-        let ctx: Py<PyAny> = call(&self.obj, "new_context", (params.n_ctx, params.n_batch))?;
+        let ctx: Py<PyAny> = call(
+            &self.obj,
+            "new_context",
+            (params.n_ctx, params.n_batch, params.n_seq),
+        )?;
         let (missing, has_sampling, has_eog, backend) = enter_python(|py| {
             let c = ctx.bind(py);
             let missing: Vec<&str> = CONTEXT_METHODS
@@ -275,7 +282,7 @@ impl Backend for PyBackend {
         Ok(Box::new(PyContext {
             ctx,
             backend,
-            tokens: Vec::new(),
+            tokens: vec![Vec::new(); params.n_seq],
             has_sampling,
             has_eog,
             n_vocab: self.n_vocab,
@@ -283,18 +290,40 @@ impl Backend for PyBackend {
     }
 }
 
-/// A Python context object; `tokens` mirrors what it holds.
+/// A Python context object; `tokens` mirrors what each sequence holds.
 struct PyContext {
     ctx: Py<PyAny>,
     backend: Py<PyAny>,
-    tokens: Vec<u32>,
+    tokens: Vec<Vec<u32>>,
     has_sampling: bool,
     has_eog: bool,
     n_vocab: u32,
 }
 
+impl PyContext {
+    fn check_seq(&self, seq: SeqId) -> Result<(), BackendError> {
+        if seq < self.tokens.len() {
+            Ok(())
+        } else {
+            Err(BackendError::InvalidInput(format!(
+                "sequence {seq} does not exist (the context holds {})",
+                self.tokens.len()
+            )))
+        }
+    }
+}
+
 impl BackendContext for PyContext {
-    fn set_sampling(&mut self, params: &SamplingParams) -> Result<(), BackendError> {
+    fn n_seq(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn tokens(&self, seq: SeqId) -> &[u32] {
+        self.tokens.get(seq).map_or(&[], Vec::as_slice)
+    }
+
+    fn set_sampling(&mut self, seq: SeqId, params: &SamplingParams) -> Result<(), BackendError> {
+        self.check_seq(seq)?;
         params.validate()?;
         if !self.has_sampling {
             return if params.is_greedy() {
@@ -315,7 +344,7 @@ impl BackendContext for PyContext {
                 d.set_item("grammar", params.grammar.as_deref())?;
                 self.ctx
                     .bind(py)
-                    .call_method1("set_sampling", (d.clone(),))?;
+                    .call_method1("set_sampling", (seq, d.clone()))?;
                 Ok(())
             };
             set().map_err(|e| backend_err(py, e, "set_sampling"))
@@ -340,7 +369,7 @@ impl BackendContext for PyContext {
                 Err(BackendError::NotSupported("lora"))
             };
         }
-        enter_python(|py| {
+        let result = enter_python(|py| {
             let list: Vec<(Py<PyAny>, f32)> =
                 pairs.iter().map(|(o, s)| (o.clone_ref(py), *s)).collect();
             self.ctx
@@ -349,29 +378,38 @@ impl BackendContext for PyContext {
                 .map(|_| ())
                 .map_err(|e| backend_err(py, e, "set_adapters"))
         })
-        .unwrap_or_else(|| Err(gone()))
+        .unwrap_or_else(|| Err(gone()));
+        // The contract: every sequence is cleared, whatever the backend did.
+        for seq in 0..self.tokens.len() {
+            self.clear(seq);
+        }
+        result
     }
 
-    fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
-        call_unit(&self.ctx, "prefill", (tokens.to_vec(),))?;
-        self.tokens.extend_from_slice(tokens);
+    fn decode(&mut self, batch: &[BatchItem<'_>]) -> Result<(), BackendError> {
+        for item in batch {
+            self.check_seq(item.seq)?;
+        }
+        let items: Vec<(usize, Vec<u32>, bool)> = batch
+            .iter()
+            .map(|b| (b.seq, b.tokens.to_vec(), b.logits))
+            .collect();
+        call_unit(&self.ctx, "decode", (items,))?;
+        for item in batch {
+            self.tokens[item.seq].extend_from_slice(item.tokens);
+        }
         Ok(())
     }
 
-    fn decode_one(&mut self) -> Result<u32, BackendError> {
-        let t: u32 = call(&self.ctx, "decode_one", ())?;
+    fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError> {
+        self.check_seq(seq)?;
+        let t: u32 = call(&self.ctx, "sample", (seq,))?;
         if t >= self.n_vocab {
             return Err(BackendError::Other(format!(
-                "the Python backend's decode_one() returned token {t}, outside its vocabulary \
-                 of {}",
+                "the Python backend's sample() returned token {t}, outside its vocabulary of {}",
                 self.n_vocab
             )));
         }
-        self.tokens.push(t);
         Ok(t)
     }
 
@@ -383,41 +421,66 @@ impl BackendContext for PyContext {
         }
     }
 
-    fn kv_pack(&self) -> Result<Vec<u8>, BackendError> {
-        call(&self.ctx, "kv_pack", ())
+    fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
+        self.check_seq(seq)?;
+        call(&self.ctx, "kv_pack", (seq,))
     }
 
-    fn kv_unpack(&mut self, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+    fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {
+        self.check_seq(seq)?;
         let result = enter_python(|py| {
             let data = pyo3::types::PyBytes::new(py, bytes);
             self.ctx
                 .bind(py)
-                .call_method1("kv_unpack", (data, tokens.to_vec()))
+                .call_method1("kv_unpack", (seq, data, tokens.to_vec()))
                 .map(|_| ())
                 .map_err(|e| backend_err(py, e, "kv_unpack"))
         })
         .unwrap_or_else(|| Err(gone()));
         match result {
             Ok(()) => {
-                self.tokens = tokens.to_vec();
+                self.tokens[seq] = tokens.to_vec();
                 Ok(())
             }
             Err(e) => {
-                self.clear();
+                self.clear(seq);
                 Err(e)
             }
         }
     }
 
-    fn remove_last(&mut self) -> Result<(), BackendError> {
-        call_unit(&self.ctx, "remove_last", ())?;
-        self.tokens.pop();
+    fn truncate(&mut self, seq: SeqId, n: usize) -> Result<(), BackendError> {
+        self.check_seq(seq)?;
+        if n > self.tokens[seq].len() {
+            return Err(BackendError::InvalidInput(format!(
+                "cannot keep {n} of {} tokens",
+                self.tokens[seq].len()
+            )));
+        }
+        call_unit(&self.ctx, "truncate", (seq, n))?;
+        self.tokens[seq].truncate(n);
         Ok(())
     }
 
-    fn clear(&mut self) {
-        let _ = call_unit(&self.ctx, "clear", ());
-        self.tokens.clear();
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, n: usize) -> Result<(), BackendError> {
+        self.check_seq(src)?;
+        self.check_seq(dst)?;
+        if src == dst || !self.tokens[dst].is_empty() || n > self.tokens[src].len() {
+            return Err(BackendError::InvalidInput(format!(
+                "cannot copy {n} tokens of sequence {src} ({}) into sequence {dst}",
+                self.tokens[src].len()
+            )));
+        }
+        call_unit(&self.ctx, "copy_prefix", (src, dst, n))?;
+        self.tokens[dst] = self.tokens[src][..n].to_vec();
+        Ok(())
+    }
+
+    fn clear(&mut self, seq: SeqId) {
+        if seq < self.tokens.len() {
+            let _ = call_unit(&self.ctx, "clear", (seq,));
+            self.tokens[seq].clear();
+        }
     }
 }
 

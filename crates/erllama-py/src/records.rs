@@ -163,6 +163,16 @@ record! {
         memory: String,
         /// Why it is not cacheable.
         cache_reason: Option<String>,
+        /// Sequences computed together (`parallel`).
+        parallel: usize,
+        /// Requests running now.
+        running: usize,
+        /// Requests waiting for a sequence or KV cells.
+        queued: usize,
+        /// Finished sequences kept for sharing.
+        warm_sequences: usize,
+        /// KV cells in use (shared cells once), out of `n_ctx`.
+        kv_cells_used: usize,
     }
 }
 
@@ -182,6 +192,11 @@ impl From<EngineModelInfo> for ModelInfo {
             cacheable: i.cacheable,
             memory: i.memory,
             cache_reason: i.cache_reason,
+            parallel: i.parallel,
+            running: i.running,
+            queued: i.queued,
+            warm_sequences: i.warm_sequences,
+            kv_cells_used: i.kv_cells_used,
         }
     }
 }

@@ -18,13 +18,20 @@ The protocol, as used by the engine (the Rust model task calls these with the
 GIL held only for the call):
 
 - backend: ``name``, ``n_vocab``, ``tokenize(text, add_bos)``,
-  ``detokenize(tokens)``, ``new_context(n_ctx, n_batch)``; optional
+  ``detokenize(tokens)``, ``new_context(n_ctx, n_batch, n_seq)``; optional
   ``fingerprint() -> bytes`` (32), ``embed(tokens)``, ``is_eog(token)``,
   ``token_bytes(token)``, ``chat_tokens(messages, add_assistant)``,
   ``load_adapter(path) -> handle``;
-- context: ``prefill(tokens)``, ``decode_one() -> int``, ``kv_pack() -> bytes``,
-  ``kv_unpack(data, tokens)``, ``remove_last()``, ``clear()``; optional
-  ``set_sampling(params: dict)``, ``set_adapters([(handle, scale), ...])``.
+- context, ``n_seq`` sequences over ``n_ctx`` cells they share:
+  ``decode(batch)`` (a list of ``(seq, tokens, logits)``: append each
+  item's tokens to its sequence in one step, all or nothing; ``logits``
+  asks for the logits after the last of them), ``sample(seq) -> int`` (the
+  next token from those logits, not appended), ``kv_pack(seq) -> bytes``,
+  ``kv_unpack(seq, data, tokens)`` (into the cleared sequence),
+  ``truncate(seq, n)``, ``copy_prefix(src, dst, n)`` (the empty ``dst``
+  shares ``src``'s first ``n`` cells), ``clear(seq)``; optional
+  ``set_sampling(seq, params: dict)``, ``set_adapters([(handle, scale),
+  ...])`` (clears every sequence). Logits last until the next ``decode``.
 
 Raise the classes of :mod:`erllama.errors` for bad input; any other exception
 fails the request that caused it and the model keeps serving.
@@ -144,64 +151,133 @@ class StubBackend:
             pass
         return str(path)
 
-    def new_context(self, n_ctx: int, n_batch: int) -> StubContext:
-        if n_ctx <= 0 or n_batch <= 0:
-            raise InvalidInputError("n_ctx and n_batch must be positive")
-        return StubContext(n_ctx)
+    def new_context(self, n_ctx: int, n_batch: int, n_seq: int = 1) -> StubContext:
+        if n_ctx <= 0 or n_batch <= 0 or n_seq <= 0:
+            raise InvalidInputError("n_ctx, n_batch and n_seq must be positive")
+        return StubContext(n_ctx, n_seq)
 
 
 class StubContext:
-    """One stub sequence: the tokens and whether logits are available."""
+    """``n_seq`` stub sequences over ``n_ctx`` cells: each sequence's tokens,
+    the cells it holds (a copied prefix shares its source's cells, counted
+    once) and whether it has logits."""
 
-    def __init__(self, n_ctx: int) -> None:
+    def __init__(self, n_ctx: int, n_seq: int = 1) -> None:
         self.n_ctx = n_ctx
-        self.tokens: list[int] = []
+        self.seqs: list[list[int]] = [[] for _ in range(n_seq)]
         self.adapters: list[tuple[str, float]] = []
-        self._logits = False
+        self._cells: list[list[int]] = [[] for _ in range(n_seq)]
+        self._refs: dict[int, int] = {}
+        self._next_cell = 0
+        self._logits: set[int] = set()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Sequence 0's tokens."""
+        return self.seqs[0]
+
+    @property
+    def used_cells(self) -> int:
+        """Distinct cells in use."""
+        return len(self._refs)
+
+    def _seq(self, seq: int) -> int:
+        if not 0 <= seq < len(self.seqs):
+            raise InvalidInputError(
+                f"sequence {seq} does not exist (the context holds {len(self.seqs)})"
+            )
+        return seq
+
+    def _add_cells(self, seq: int, n: int) -> None:
+        for _ in range(n):
+            cell = self._next_cell
+            self._next_cell += 1
+            self._refs[cell] = 1
+            self._cells[seq].append(cell)
+
+    def _drop_cells(self, seq: int, keep: int) -> None:
+        for cell in self._cells[seq][keep:]:
+            self._refs[cell] -= 1
+            if not self._refs[cell]:
+                del self._refs[cell]
+        del self._cells[seq][keep:]
 
     def set_adapters(self, adapters: Sequence[tuple[str, float]]) -> None:
         self.adapters = list(adapters)
+        for seq in range(len(self.seqs)):
+            self.clear(seq)
 
-    def prefill(self, tokens: Sequence[int]) -> None:
-        if not tokens:
-            raise InvalidInputError("prefill needs at least one token")
-        _check_ids(tokens)
-        if len(self.tokens) + len(tokens) > self.n_ctx:
+    def decode(self, batch: Sequence[tuple[int, Sequence[int], bool]]) -> None:
+        adding = 0
+        seen: set[int] = set()
+        for seq, tokens, _ in batch:
+            self._seq(seq)
+            if seq in seen:
+                raise InvalidInputError(f"sequence {seq} appears twice in one batch")
+            seen.add(seq)
+            if not tokens:
+                raise InvalidInputError("decode needs at least one token per item")
+            _check_ids(tokens)
+            adding += len(tokens)
+        if self.used_cells + adding > self.n_ctx:
             raise ContextOverflowError(
-                f"{len(self.tokens)} + {len(tokens)} tokens exceed n_ctx = {self.n_ctx}"
+                f"{self.used_cells} + {adding} tokens exceed n_ctx = {self.n_ctx}"
             )
-        self.tokens.extend(tokens)
-        self._logits = True
+        self._logits.clear()
+        for seq, tokens, logits in batch:
+            self.seqs[seq].extend(tokens)
+            self._add_cells(seq, len(tokens))
+            if logits:
+                self._logits.add(seq)
 
-    def decode_one(self) -> int:
-        if not self._logits:
-            raise InvalidInputError("no logits: prefill at least one token first")
-        if len(self.tokens) >= self.n_ctx:
-            raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full")
-        t = next_token(self.tokens)
-        self.tokens.append(t)
-        return t
+    def sample(self, seq: int) -> int:
+        if self._seq(seq) not in self._logits:
+            raise InvalidInputError("no logits: decode at least one token first")
+        return next_token(self.seqs[seq])
 
-    def kv_pack(self) -> bytes:
-        return struct.pack(f"<{len(self.tokens)}I", *self.tokens)
+    def kv_pack(self, seq: int) -> bytes:
+        tokens = self.seqs[self._seq(seq)]
+        return struct.pack(f"<{len(tokens)}I", *tokens)
 
-    def kv_unpack(self, data: bytes, tokens: Sequence[int]) -> None:
+    def kv_unpack(self, seq: int, data: bytes, tokens: Sequence[int]) -> None:
+        self.clear(self._seq(seq))
         if len(data) % 4:
             raise KvStateError(f"{len(data)} bytes is not a whole number of u32 tokens")
         packed = list(struct.unpack(f"<{len(data) // 4}I", data))
         if packed != list(tokens):
             raise KvStateError("the state does not hold the given tokens")
-        if len(packed) > self.n_ctx:
-            raise ContextOverflowError(f"{len(packed)} tokens exceed n_ctx = {self.n_ctx}")
-        self.tokens = packed
-        self._logits = False
+        _check_ids(packed)
+        if self.used_cells + len(packed) > self.n_ctx:
+            raise KvStateError(
+                f"no room for {len(packed)} cells ({self.used_cells} of {self.n_ctx} in use)"
+            )
+        self.seqs[seq] = packed
+        self._add_cells(seq, len(packed))
 
-    def remove_last(self) -> None:
-        if not self.tokens:
-            raise InvalidInputError("the sequence is empty")
-        self.tokens.pop()
-        self._logits = False
+    def truncate(self, seq: int, n: int) -> None:
+        tokens = self.seqs[self._seq(seq)]
+        if not 0 <= n <= len(tokens):
+            raise InvalidInputError(f"cannot keep {n} of {len(tokens)} tokens")
+        del tokens[n:]
+        self._drop_cells(seq, n)
+        self._logits.discard(seq)
 
-    def clear(self) -> None:
-        self.tokens = []
-        self._logits = False
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        self._seq(src)
+        self._seq(dst)
+        if src == dst or self.seqs[dst] or not 0 <= n <= len(self.seqs[src]):
+            raise InvalidInputError(
+                f"cannot copy {n} tokens of sequence {src} ({len(self.seqs[src])}) "
+                f"into sequence {dst}"
+            )
+        self.seqs[dst] = self.seqs[src][:n]
+        for cell in self._cells[src][:n]:
+            self._refs[cell] += 1
+            self._cells[dst].append(cell)
+        self._logits.discard(dst)
+
+    def clear(self, seq: int) -> None:
+        self._seq(seq)
+        self.seqs[seq] = []
+        self._drop_cells(seq, 0)
+        self._logits.discard(seq)
