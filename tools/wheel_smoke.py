@@ -63,6 +63,17 @@ def _variants(venv: Path) -> list[tuple[str, frozenset[str]]]:
     return [(n, frozenset(f.split(","))) for n, f in (line.split(" ") for line in out if line)]
 
 
+def _passes(cmd: list[str], env: dict[str, str], cwd: Path, needs_output: bool = False) -> bool:
+    """Runs `cmd` in the bare environment, prints its output; whether it
+    succeeded (and printed something, when `needs_output`)."""
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    print(done.stdout.strip())
+    if done.returncode != 0 or (needs_output and not done.stdout.strip()):
+        print(done.stderr, file=sys.stderr)
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("wheel", type=Path)
@@ -106,7 +117,7 @@ def main() -> int:
         for build in builds:
             run_env = {**env, "ERLLAMA_CPU_VARIANT": build} if build else env
             print(f"-- build: {build or 'default choice'}")
-            gen = subprocess.run(
+            ok = _passes(
                 [
                     "erllama",
                     "generate",
@@ -118,27 +129,11 @@ def main() -> int:
                     "2",
                     "The capital of France is",
                 ],
-                env=run_env,
-                cwd=work,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            print(gen.stdout.strip())
-            if gen.returncode != 0 or not gen.stdout.strip():
-                print(gen.stderr, file=sys.stderr)
-                return 1
-            check = subprocess.run(
-                [venv / "bin/python", "-c", ASYNC_CHECK, str(model)],
-                env=run_env,
-                cwd=work,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            print(check.stdout.strip())
-            if check.returncode != 0:
-                print(check.stderr, file=sys.stderr)
+                run_env,
+                work,
+                needs_output=True,
+            ) and _passes([str(venv / "bin/python"), "-c", ASYNC_CHECK, str(model)], run_env, work)
+            if not ok:
                 return 1
     print("wheel smoke test passed")
     return 0

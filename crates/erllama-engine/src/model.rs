@@ -1166,21 +1166,10 @@ impl Actor {
     }
 
     fn answer_cancelled(&self, sub: Box<Submission>) {
-        let now = Instant::now();
         let stats = RequestStats {
-            prompt_tokens: sub.tokens.len(),
-            completion_tokens: 0,
-            prefill_ms: 0.0,
-            generation_ms: 0.0,
-            restore_ms: 0.0,
-            cache_hit_kind: HitKind::Cold,
-            hit_source: None,
-            cached_tokens: 0,
-            cache_tier: None,
             finish_reason: FinishReason::Cancelled,
             cancelled: true,
-            queue_ms: ms(now.duration_since(sub.submitted)),
-            restore_failure: None,
+            ..RequestStats::dequeued(sub.tokens.len(), ms(sub.submitted.elapsed()))
         };
         let _ = sub.events.send(Event::Done(Ok(Completion {
             request_id: sub.id,
@@ -1196,21 +1185,8 @@ impl Actor {
     /// (kept, shared, waited for, restored, or none).
     fn start(&mut self, seq: SeqId, sub: Box<Submission>) {
         let admitted = Instant::now();
-        let stats = RequestStats {
-            prompt_tokens: sub.tokens.len(),
-            completion_tokens: 0,
-            prefill_ms: 0.0,
-            generation_ms: 0.0,
-            restore_ms: 0.0,
-            cache_hit_kind: HitKind::Cold,
-            hit_source: None,
-            cached_tokens: 0,
-            cache_tier: None,
-            finish_reason: FinishReason::Stop,
-            cancelled: false,
-            queue_ms: ms(admitted.duration_since(sub.submitted)),
-            restore_failure: None,
-        };
+        let stats =
+            RequestStats::dequeued(sub.tokens.len(), ms(admitted.duration_since(sub.submitted)));
         if let Err(e) = self.ctx.set_sampling(seq, &sub.options.sampling) {
             let _ = sub.events.send(Event::Done(Err(e.into())));
             return;

@@ -164,6 +164,29 @@ pub struct RequestStats {
     pub restore_failure: Option<RestoreFailure>,
 }
 
+impl RequestStats {
+    /// The stats of a request leaving the queue after `queue_ms`: nothing
+    /// computed yet, a cold prompt, and `Stop` until something else ends it.
+    #[must_use]
+    pub fn dequeued(prompt_tokens: usize, queue_ms: f64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens: 0,
+            prefill_ms: 0.0,
+            generation_ms: 0.0,
+            restore_ms: 0.0,
+            cache_hit_kind: HitKind::Cold,
+            hit_source: None,
+            cached_tokens: 0,
+            cache_tier: None,
+            finish_reason: FinishReason::Stop,
+            cancelled: false,
+            queue_ms,
+            restore_failure: None,
+        }
+    }
+}
+
 /// A finished request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {

@@ -368,12 +368,7 @@ impl LlamaBackend {
             .with_n_threads_batch(threads);
         let backend = backend()?;
         let mut ctx = {
-            let _guard = self
-                .model
-                .inner
-                .new_context_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _guard = self.model.inner.lock_model_state();
             self.model
                 .inner
                 .model
@@ -686,7 +681,7 @@ impl BackendContext for LlamaContextBackend {
         self.check_seq(seq)?;
         let logits = self.session.seq_logits(seq)?;
         let Some(s) = self.samplers[seq].as_mut() else {
-            return Ok(argmax(logits));
+            return Ok(crate::session::argmax(logits));
         };
         let mut cands = LlamaTokenDataArray::new(
             logits
@@ -768,20 +763,6 @@ impl BackendContext for LlamaContextBackend {
     fn clear(&mut self, seq: SeqId) {
         self.session.seq_clear(seq);
     }
-}
-
-/// Index of the largest logit (the first one on ties, like llama.cpp's
-/// greedy sampler).
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best_v = v;
-            best = i;
-        }
-    }
-    u32::try_from(best).unwrap_or(0)
 }
 
 #[cfg(test)]

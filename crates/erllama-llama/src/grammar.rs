@@ -1574,6 +1574,25 @@ impl Analysis<'_> {
     }
 }
 
+/// Re-evaluates every rule of component `c` with `update` (true when the
+/// rule's value changed) until a round changes nothing or `len + 3` rounds
+/// (at most 200) have passed; false when it did not settle.
+fn settle<'p>(
+    an: &mut Analysis<'p>,
+    c: &[u32],
+    mut update: impl FnMut(&mut Analysis<'p>, usize) -> bool,
+) -> bool {
+    for _ in 0..(c.len() + 3).min(200) {
+        let mut changed = false;
+        for &r in c {
+            changed |= update(an, r as usize);
+        }
+        if !changed {
+            return true;
+        }
+    }
+    false
+}
 fn measure(parsed: &Parsed) -> Result<Measured, Refusal> {
     let n = parsed.rules.len();
     let alts: Vec<Vec<Vec<Sym>>> = parsed
@@ -1611,22 +1630,12 @@ fn measure(parsed: &Parsed) -> Result<Measured, Refusal> {
     // Synthesised attributes, callees first; a fixpoint inside each
     // component, widened to "anything" / unbounded if it does not settle.
     for c in &components {
-        let cap = (c.len() + 3).min(200);
-        let mut settled = false;
-        for _ in 0..cap {
-            let mut changed = false;
-            for &r in c {
-                let l = an.rule_lang(r as usize);
-                if l != an.info[r as usize].lang {
-                    an.info[r as usize].lang = l;
-                    changed = true;
-                }
-            }
-            if !changed {
-                settled = true;
-                break;
-            }
-        }
+        let settled = settle(&mut an, c, |an, r| {
+            let l = an.rule_lang(r);
+            let changed = l != an.info[r].lang;
+            an.info[r].lang = l;
+            changed
+        });
         if !settled {
             for &r in c {
                 let l = &mut an.info[r as usize].lang;
@@ -1654,28 +1663,18 @@ fn measure(parsed: &Parsed) -> Result<Measured, Refusal> {
         an.info[r].breadth = e;
     }
     for c in &components {
-        let cap = (c.len() + 3).min(200);
         // With unbounded recursion (`states` INF), each recursive reference
         // counts as one stack and one pass settles: the analysis assumes
         // nesting does not multiply the stacks (its known blind spot;
         // `build_grammar`'s probe and `GrammarStep`'s deadline are the
         // backstop). Loops (tail recursion only) keep finite `states` and
         // iterate to a fixpoint.
-        let mut settled = false;
-        for _ in 0..cap {
-            let mut changed = false;
-            for &r in c {
-                let v = an.local_alive(r as usize);
-                if v != an.info[r as usize].alive {
-                    an.info[r as usize].alive = v;
-                    changed = true;
-                }
-            }
-            if !changed {
-                settled = true;
-                break;
-            }
-        }
+        let settled = settle(&mut an, c, |an, r| {
+            let v = an.local_alive(r);
+            let changed = v != an.info[r].alive;
+            an.info[r].alive = v;
+            changed
+        });
         if !settled {
             for &r in c {
                 an.info[r as usize].alive = INF;

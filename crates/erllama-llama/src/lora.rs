@@ -84,12 +84,7 @@ impl Drop for LoraInner {
                 .get_mut()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        let _guard = self
-            .model
-            .inner
-            .new_context_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.model.inner.lock_model_state();
         // SAFETY: `raw` came from a successful `llama_adapter_lora_init` on
         // `self.model`, which is still alive (dropped after this), and is
         // freed exactly once, here: `LlamaLoraAdapter` has no `Drop` of its
@@ -196,11 +191,7 @@ impl Model {
             })?;
         let model_ptr = raw_model(&self.inner.model);
         let raw = {
-            let _guard = self
-                .inner
-                .new_context_lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let _guard = self.inner.lock_model_state();
             // SAFETY: `model_ptr` is the live model owned by `self.inner`
             // (kept alive by `&self`); `cpath` is a NUL-terminated path that
             // outlives the call. llama.cpp reads the file, validates it

@@ -72,6 +72,16 @@ pub(crate) struct ModelInner {
     cache_support: std::sync::OnceLock<crate::state::CacheSupport>,
 }
 
+impl ModelInner {
+    /// Holds [`ModelInner::new_context_lock`] (recovered if poisoned: it
+    /// guards no data of its own).
+    pub(crate) fn lock_model_state(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.new_context_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A loaded GGUF model. Cheap to clone; the weights are shared and freed when
 /// the last clone (and the last session using it) is dropped.
 #[derive(Clone)]

@@ -194,11 +194,7 @@ impl Session {
             .with_n_threads_batch(threads);
 
         let ctx = {
-            let _guard = model
-                .inner
-                .new_context_lock
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _guard = model.inner.lock_model_state();
             model
                 .inner
                 .model
@@ -516,12 +512,7 @@ impl Session {
         let decoded = {
             let _compute = crate::backend::compute_lock();
             if self.adapters_changed {
-                let _guard = self
-                    .model
-                    .inner
-                    .new_context_lock
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let _guard = self.model.inner.lock_model_state();
                 self.ctx.decode(&mut self.batch)
             } else {
                 self.ctx.decode(&mut self.batch)
@@ -977,7 +968,7 @@ impl Session {
 
 /// Index of the largest logit (the first one on ties, like llama.cpp's
 /// greedy sampler).
-fn argmax(logits: &[f32]) -> u32 {
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_v = f32::NEG_INFINITY;
     for (i, &v) in logits.iter().enumerate() {

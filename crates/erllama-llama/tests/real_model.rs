@@ -28,17 +28,7 @@ fn params(n_ctx: u32) -> SessionParams {
 
 /// About `n` tokens of ordinary English.
 fn long_prompt(n: usize) -> Vec<u32> {
-    let para = "The history of the lighthouse is a story of engineering, weather and \
-                patience. Keepers climbed the stairs every evening to trim the wicks, \
-                polish the lenses and log the passing ships. ";
-    let mut text = String::new();
-    let mut toks = Vec::new();
-    while toks.len() < n {
-        text.push_str(para);
-        toks = model().tokenize(&text, true, false).unwrap();
-    }
-    toks.truncate(n);
-    toks
+    common::long_prompt(n, |text| model().tokenize(text, true, false).unwrap())
 }
 
 #[test]

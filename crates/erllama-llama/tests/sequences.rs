@@ -36,19 +36,9 @@ fn tokens(text: &str) -> Vec<u32> {
     backend().tokenize(text, true).expect("tokenize")
 }
 
-/// About `n` tokens of ordinary English (at least `n`).
+/// About `n` tokens of ordinary English.
 fn long_prompt(n: usize) -> Vec<u32> {
-    let para = "The history of the lighthouse is a story of engineering, weather and \
-                patience. Keepers climbed the stairs every evening to trim the wicks, \
-                polish the lenses and log the passing ships. ";
-    let mut text = String::new();
-    let mut toks = Vec::new();
-    while toks.len() < n {
-        text.push_str(para);
-        toks = tokens(&text);
-    }
-    toks.truncate(n);
-    toks
+    common::long_prompt(n, tokens)
 }
 
 /// Greedy output of `prompt` run alone in a fresh single-sequence context.

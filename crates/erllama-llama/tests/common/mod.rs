@@ -33,6 +33,22 @@ pub fn model_path() -> PathBuf {
     p
 }
 
+/// About `n` tokens of ordinary English (exactly `n`), tokenized by
+/// `tokenize` (with BOS).
+pub fn long_prompt(n: usize, tokenize: impl Fn(&str) -> Vec<u32>) -> Vec<u32> {
+    let para = "The history of the lighthouse is a story of engineering, weather and \
+                patience. Keepers climbed the stairs every evening to trim the wicks, \
+                polish the lenses and log the passing ships. ";
+    let mut text = String::new();
+    let mut toks = Vec::new();
+    while toks.len() < n {
+        text.push_str(para);
+        toks = tokenize(&text);
+    }
+    toks.truncate(n);
+    toks
+}
+
 /// The test model as an engine backend, loaded once per test binary.
 pub fn backend() -> &'static LlamaBackend {
     static B: OnceLock<LlamaBackend> = OnceLock::new();
