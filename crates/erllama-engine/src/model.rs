@@ -897,9 +897,9 @@ impl Actor {
                 }
             }
         }
-        // One prefill piece (FIFO by admission), plus other requests' last
-        // prompt tokens (one each, cheap).
-        let mut main_piece = false;
+        // Other requests' last prompt tokens (one each, cheap), and one
+        // prefill piece (FIFO by admission).
+        let mut chunk: Option<(SeqId, Vec<u32>, bool)> = None;
         let mut order: Vec<(Instant, SeqId)> = (0..self.slots.len())
             .filter_map(|s| {
                 self.active(s)
@@ -911,15 +911,42 @@ impl Actor {
         for (_, seq) in order {
             let Some(a) = self.active(seq) else { continue };
             let (start, end) = self.next_piece(a);
-            if end - start > 1 {
-                if main_piece {
-                    continue;
-                }
-                main_piece = true;
-            }
             let last = end == a.prompt().len();
-            items.push((seq, a.prompt()[start..end].to_vec(), last));
+            let piece = (seq, a.prompt()[start..end].to_vec(), last);
+            if end - start == 1 {
+                items.push(piece);
+            } else if chunk.is_none() {
+                chunk = Some(piece);
+            }
         }
+        // The one-token rows first, and their tokens handed out at once: a
+        // request's first token never waits for another's prefill chunk.
+        self.decode_step(items);
+        if let Some(chunk) = chunk {
+            self.decode_step(vec![chunk]);
+        }
+        // Requests cancelled meanwhile end now (their sequences are freed
+        // within this step).
+        for seq in 0..self.slots.len() {
+            if self
+                .active(seq)
+                .is_some_and(|a| a.sub.cancel.load(Ordering::Relaxed))
+            {
+                self.finish(seq, FinishReason::Cancelled);
+            }
+        }
+    }
+
+    /// Decodes `items` (sequence, tokens, whether logits are wanted) in one
+    /// backend call and moves their requests on; if the call fails, its
+    /// requests fail (nothing of it was applied).
+    fn decode_step(&mut self, items: Vec<(SeqId, Vec<u32>, bool)>) {
+        // A request of the batch may have ended in an earlier part of the
+        // step (its sampled token stopped it).
+        let items: Vec<_> = items
+            .into_iter()
+            .filter(|(seq, _, _)| self.active(*seq).is_some())
+            .collect();
         if items.is_empty() {
             return;
         }
@@ -931,32 +958,18 @@ impl Actor {
                 logits: *logits,
             })
             .collect();
-        match self.ctx.decode(&batch) {
-            Ok(()) => {}
-            Err(e) => {
-                // Nothing of the batch was applied: its requests fail.
-                let e = EngineError::from(e);
-                for (seq, _, _) in &items {
-                    self.fail(*seq, e.clone());
-                }
-                return;
+        if let Err(e) = self.ctx.decode(&batch) {
+            let e = EngineError::from(e);
+            for (seq, _, _) in &items {
+                self.fail(*seq, e.clone());
             }
+            return;
         }
         for (seq, tokens, _) in &items {
             self.cells.append(*seq, tokens.len());
         }
         for (seq, tokens, logits) in items {
             self.after_decode(seq, tokens.len(), logits);
-        }
-        // Requests cancelled meanwhile end now (their sequences are freed
-        // within this step).
-        for seq in 0..self.slots.len() {
-            if self
-                .active(seq)
-                .is_some_and(|a| a.sub.cancel.load(Ordering::Relaxed))
-            {
-                self.finish(seq, FinishReason::Cancelled);
-            }
         }
     }
 

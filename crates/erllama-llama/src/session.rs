@@ -152,6 +152,10 @@ pub struct Session {
     /// token), at most `n_ctx`. It is llama.cpp's `n_batch` and
     /// `n_ubatch`, so one call is one compute step.
     capacity: usize,
+    /// The buffer [`Session::seq_copy_prefix`] moves state through, kept
+    /// (and so already faulted in) between copies: at most one sequence's
+    /// state.
+    copy_buf: Vec<u8>,
 }
 
 impl std::fmt::Debug for Session {
@@ -217,6 +221,7 @@ impl Session {
             n_ctx: params.n_ctx,
             n_batch,
             capacity: capacity as usize,
+            copy_buf: Vec::new(),
         };
         session.layout = session.probe_layout();
         session.clear();
@@ -721,11 +726,41 @@ impl Session {
             return Ok(());
         }
         // llama.cpp copies between streams only whole and only at the next
-        // decode; a pack and restore is immediate and copies just the
-        // cells in use.
-        let state = self.seq_kv_pack(src)?;
-        let tokens = self.seqs[src].tokens.clone();
-        self.seq_kv_unpack(dst, &state, &tokens)?;
+        // decode; its state calls copy just the cells in use, at once. The
+        // state stays in this context's own form (llama.cpp reads a
+        // sequence's cells into the stream of the sequence it restores), so
+        // it needs neither the one-stream rewrite nor validation.
+        let size = self.seq_kv_pack_size(src);
+        let mut buf = std::mem::take(&mut self.copy_buf);
+        buf.resize(size, 0);
+        let (s, d) = (
+            i32::try_from(src).unwrap_or(i32::MAX),
+            i32::try_from(dst).unwrap_or(i32::MAX),
+        );
+        // SAFETY: `buf` holds `size` bytes, the size llama.cpp just computed
+        // for `src` on this thread with nothing changed in between.
+        let written = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(buf.as_mut_ptr(), s, LlamaStateSeqFlags::empty())
+        };
+        // SAFETY: the bytes are the state this very context wrote for `src`
+        // a moment ago (its layout, its stream count), which llama.cpp
+        // reads back by construction.
+        let ok = written == size
+            && unsafe {
+                self.ctx
+                    .state_seq_set_data_ext(&buf[..size], d, LlamaStateSeqFlags::empty())
+            };
+        self.copy_buf = buf;
+        let len = self.seqs[src].tokens.len();
+        let last = i32::try_from(len).unwrap_or(i32::MAX) - 1;
+        if !ok || self.ctx.kv_cache_seq_pos_max(d) != last {
+            self.truncate_to(dst, 0);
+            return Err(LlamaError::KvState(format!(
+                "copying sequence {src} into {dst} failed"
+            )));
+        }
+        self.seqs[dst].tokens = self.seqs[src].tokens.clone();
         self.truncate_to(dst, n);
         Ok(())
     }
