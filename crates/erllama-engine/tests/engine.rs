@@ -412,6 +412,17 @@ impl BackendContext for LoggedCtx {
 type Log = Arc<std::sync::Mutex<Vec<(char, u32)>>>;
 
 async fn logged_model(engine: &Engine, n_seq: usize) -> (String, Log) {
+    logged_model_with(
+        engine,
+        ContextParams {
+            n_seq,
+            ..ContextParams::default()
+        },
+    )
+    .await
+}
+
+async fn logged_model_with(engine: &Engine, context: ContextParams) -> (String, Log) {
     let log: Log = Arc::default();
     let m = engine
         .load_model(
@@ -421,10 +432,7 @@ async fn logged_model(engine: &Engine, n_seq: usize) -> (String, Log) {
             }),
             None,
             ModelConfig {
-                context: ContextParams {
-                    n_seq,
-                    ..ContextParams::default()
-                },
+                context,
                 policy: policy(),
                 ..ModelConfig::default()
             },
@@ -502,6 +510,59 @@ async fn with_several_sequences_requests_decode_together() {
     let first_of_last = samples.iter().position(|&t| t == tags[2]).expect("ran");
     let last_of_first = samples.iter().rposition(|&t| t == tags[0]).expect("ran");
     assert!(first_of_last < last_of_first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_context_runs_what_fits_and_queues_the_rest() {
+    let engine = engine();
+    // The stub's sequences share one pool of 128 cells; each request may
+    // need 1 + 20 + 30 = 51 of them, so two run at once out of four
+    // sequences and the others wait, FIFO.
+    let (m, log) = logged_model_with(
+        &engine,
+        ContextParams {
+            n_ctx: 128,
+            n_batch: 8,
+            n_threads: None,
+            n_seq: 4,
+        },
+    )
+    .await;
+    let mut streams = Vec::new();
+    let mut tags = Vec::new();
+    for i in 0..6 {
+        let o = opts(30);
+        let t = engine
+            .prepare(&m, &Prompt::Text(words(20, &format!("q{i}"))), &o)
+            .expect("prepare");
+        tags.push(t[1]);
+        streams.push(engine.submit(&m, Prompt::Tokens(t), o).expect("submit"));
+    }
+    for s in streams {
+        assert_eq!(s.collect().await.expect("done").tokens.len(), 30);
+    }
+    let log = log.lock().expect("log").clone();
+    let spans: Vec<(usize, usize)> = tags
+        .iter()
+        .map(|&t| {
+            let first = log.iter().position(|&(k, x)| k == 'd' && x == t);
+            let last = log.iter().rposition(|&(k, x)| k == 'd' && x == t);
+            (first.expect("sampled"), last.expect("sampled"))
+        })
+        .collect();
+    let most = (0..log.len())
+        .map(|i| spans.iter().filter(|&&(a, b)| a <= i && i <= b).count())
+        .max();
+    assert_eq!(most, Some(2), "two requests at a time: {spans:?}");
+    let starts: Vec<usize> = spans.iter().map(|s| s.0).collect();
+    assert!(starts.windows(2).all(|w| w[0] < w[1]), "FIFO: {starts:?}");
+    // One that cannot fit even alone is refused at once.
+    let err = engine
+        .prepare(&m, &Prompt::Text(words(100, "big")), &opts(30))
+        .expect_err("too long");
+    assert_eq!(err.name(), "context_overflow");
+    let info = engine.info(&m).expect("info");
+    assert!(info.kv_cells_used <= 128);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
