@@ -111,7 +111,7 @@ class Stats(_Record):
     @property
     def cache_hit_kind(self) -> Literal["exact", "partial", "cold"]: ...
     @property
-    def hit_source(self) -> Literal["exact", "resume", "longest_prefix"] | None: ...
+    def hit_source(self) -> Literal["exact", "resume", "longest_prefix", "shared"] | None: ...
     @property
     def cached_tokens(self) -> int:
         """Prompt tokens whose KV state came from the cache."""
@@ -127,6 +127,15 @@ class Stats(_Record):
     @property
     def fallback_reason(self) -> str | None:
         """Why it could not be restored."""
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the model computed for this request: the prompt less
+        what came from the cache or another sequence (1 for an exact hit
+        whose row has no stored logits, 0 for one whose row has them)."""
+    @property
+    def decode_tokens(self) -> int:
+        """Generated tokens fed back to the model; a sampled token is fed only
+        when the next one is wanted, so at most ``completion_tokens - 1``."""
 
 @final
 class Completion(_Record):
@@ -383,6 +392,9 @@ class KvcFile(_Record):
     def quant(self) -> str | None: ...
     @property
     def prompt(self) -> str | None: ...
+    @property
+    def logits(self) -> int:
+        """Stored logits: the scores of the token after ``tokens`` (0: none)."""
     @property
     def error(self) -> str | None: ...
 

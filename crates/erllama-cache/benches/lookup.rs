@@ -83,6 +83,7 @@ fn request(id: &Arc<ModelIdentity>, tokens: Vec<u32>, payload: usize) -> SaveReq
         tier: TierKind::Ram,
         tokens: tokens.into(),
         payload: vec![0xA5; payload],
+        logits_count: 0,
         reason: SaveReason::Finish,
         prompt_text: String::new(),
         detail: None,

@@ -135,6 +135,7 @@ fn request(id: &Arc<ModelIdentity>, tier: TierKind, base: &[u8]) -> SaveRequest 
         tier,
         tokens: (first..first + TOKENS).collect(),
         payload,
+        logits_count: 0,
         reason: SaveReason::Finish,
         prompt_text: String::new(),
         detail: None,

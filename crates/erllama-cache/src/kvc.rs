@@ -29,6 +29,9 @@
 //! | 68 | 4 | reserved 0 |
 //! | 72 | 4+N | prompt: u32 length + UTF-8 |
 //! | … | 4+M | TLVs: u32 total length + (u8 tag, u32 length, value)* |
+//!
+//! A payload may end with the logits of the token after the row's tokens
+//! (TLV 0x0A gives their count); the CRC covers them with the state.
 
 use std::fmt;
 use std::str::FromStr;
@@ -62,6 +65,10 @@ const TAG_WRITER_VERSION: u8 = 0x06;
 const TAG_SAVE_REASON_DETAIL: u8 = 0x07;
 const TAG_TOKEN_COUNT: u8 = 0x08;
 const TAG_TOKEN_IDS: u8 = 0x09;
+const TAG_LOGITS: u8 = 0x0A;
+
+/// Bytes of one stored logit (an `f32`, little-endian).
+pub const LOGIT_BYTES: usize = 4;
 
 /// Why a row was saved (header byte 5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -251,6 +258,17 @@ pub enum KvcError {
         /// Number of ids in TLV 0x09.
         token_ids: usize,
     },
+    /// (Addition, TLV 0x0A.) The logits the TLV announces are more bytes
+    /// than the payload holds.
+    #[error(
+        "logits section of {logits_bytes} bytes overruns the payload of {payload_length} bytes"
+    )]
+    LogitsOverrun {
+        /// `4 × count` of the logits TLV.
+        logits_bytes: u64,
+        /// The payload length.
+        payload_length: u64,
+    },
     /// (Full parse.) The payload CRC32C differs from the trailer's.
     #[error("payload CRC32C mismatch: header {expected:#010x}, payload {actual:#010x}")]
     CrcMismatch {
@@ -292,6 +310,7 @@ impl KvcError {
             KvcError::TrailingBytes { .. } => "trailing_bytes",
             KvcError::MissingTlv(_) => "missing_tlv",
             KvcError::TokenCountMismatch { .. } => "token_count_mismatch",
+            KvcError::LogitsOverrun { .. } => "logits_overrun",
             KvcError::CrcMismatch { .. } => "crc_mismatch",
             KvcError::KeyMismatch { .. } => "key_mismatch",
         }
@@ -308,6 +327,14 @@ pub enum KvcBuildError {
     TooManyTokens {
         /// The number of tokens given.
         count: usize,
+    },
+    /// The logits announced are more bytes than the payload holds.
+    #[error("{logits_bytes} bytes of logits do not fit a payload of {payload_length} bytes")]
+    LogitsOverrun {
+        /// `4 × logits_count`.
+        logits_bytes: u64,
+        /// The payload length.
+        payload_length: u64,
     },
     /// The prompt text, a TLV value or the TLV section exceeds u32::MAX
     /// bytes.
@@ -355,6 +382,9 @@ pub struct KvcHeaderInput<'a> {
     pub save_reason_detail: Option<&'a str>,
     /// The token ids whose KV state the payload holds.
     pub tokens: &'a [u32],
+    /// How many logits (`f32`, little-endian) end the payload: the scores
+    /// of the token after `tokens` (TLV 0x0A); 0 → none, TLV omitted.
+    pub logits_count: u32,
 }
 
 /// Everything a KVC header says, as parsed.
@@ -398,6 +428,9 @@ pub struct KvcMeta {
     pub save_reason_detail: Option<String>,
     /// TLV 0x09.
     pub tokens: Vec<u32>,
+    /// TLV 0x0A: how many logits (`f32`, little-endian) end the payload
+    /// (0 when absent: the payload is all sequence state).
+    pub logits_count: u32,
 }
 
 impl KvcMeta {
@@ -412,6 +445,12 @@ impl KvcMeta {
         );
         hasher.update(&self.tokens);
         hasher.finish()
+    }
+
+    /// Bytes of logits at the end of the payload.
+    #[must_use]
+    pub fn logits_bytes(&self) -> u64 {
+        u64::from(self.logits_count) * LOGIT_BYTES as u64
     }
 
     /// The payload's byte range in the file.
@@ -527,14 +566,30 @@ fn u32_len(section: &'static str, len: usize) -> Result<u32, KvcBuildError> {
 /// Builds the bytes before the payload: fixed header, trailer (with the
 /// payload's CRC32C), prompt section and TLV section, in that order; its
 /// length is `payload_offset`. TLVs are written in the order 01 02 03 04
-/// 08 09 05 06 07, empty optional ones left out. The payload is only read
-/// (for its length and CRC), never copied.
+/// 08 09 05 06 07 0A, empty optional ones left out. The payload is only
+/// read (for its length and CRC), never copied.
 ///
 /// # Errors
 ///
 /// [`KvcBuildError`] when the tokens, prompt or a TLV do not fit the
-/// format's u32 length fields.
+/// format's u32 length fields, or the logits announced do not fit the
+/// payload.
 pub fn build_header(input: &KvcHeaderInput<'_>, payload: &[u8]) -> Result<Vec<u8>, KvcBuildError> {
+    build_header_for(input, payload.len() as u64, crc32c(payload))
+}
+
+/// [`build_header`] for a payload of `payload_len` bytes whose CRC32C is
+/// `crc` (computed elsewhere; any value when only the header's length is
+/// wanted).
+///
+/// # Errors
+///
+/// As [`build_header`].
+pub fn build_header_for(
+    input: &KvcHeaderInput<'_>,
+    payload_len: u64,
+    crc: u32,
+) -> Result<Vec<u8>, KvcBuildError> {
     let count = input.tokens.len();
     let token_bytes = count
         .checked_mul(4)
@@ -557,6 +612,14 @@ pub fn build_header(input: &KvcHeaderInput<'_>, payload: &[u8]) -> Result<Vec<u8
     let mode = [input.fingerprint_mode.to_byte()];
     let quant = [input.quant_type.to_byte()];
     let token_count = cached_token_count.to_le_bytes();
+    let logits_count = input.logits_count.to_le_bytes();
+    let logits_bytes = u64::from(input.logits_count) * LOGIT_BYTES as u64;
+    if logits_bytes > payload_len {
+        return Err(KvcBuildError::LogitsOverrun {
+            logits_bytes,
+            payload_length: payload_len,
+        });
+    }
     let fixed: [(u8, &[u8]); 5] = [
         (TAG_FINGERPRINT, &input.fingerprint),
         (TAG_FINGERPRINT_MODE, &mode),
@@ -578,6 +641,9 @@ pub fn build_header(input: &KvcHeaderInput<'_>, payload: &[u8]) -> Result<Vec<u8
         ),
     ];
     let mut tlv_len = fixed.iter().map(|(_, v)| 5 + v.len()).sum::<usize>() + 5 + token_bytes;
+    if input.logits_count > 0 {
+        tlv_len += 5 + logits_count.len();
+    }
     for (_, section, value) in &optional {
         if let Some(v) = value {
             u32_len(section, v.len())?;
@@ -588,8 +654,6 @@ pub fn build_header(input: &KvcHeaderInput<'_>, payload: &[u8]) -> Result<Vec<u8
     let prompt = input.prompt_text.as_bytes();
     let prompt_len = u32_len("prompt text", prompt.len())?;
     let header_len = HEADER_FIXED_LEN + 4 + prompt.len() + 4 + tlv_len;
-    let payload_len = payload.len() as u64;
-
     let mut out = Vec::with_capacity(header_len);
     out.extend_from_slice(&KVC_MAGIC);
     out.push(KVC_VERSION);
@@ -606,7 +670,7 @@ pub fn build_header(input: &KvcHeaderInput<'_>, payload: &[u8]) -> Result<Vec<u8
     // Trailer.
     out.extend_from_slice(&(header_len as u64).to_le_bytes());
     out.extend_from_slice(&payload_len.to_le_bytes());
-    out.extend_from_slice(&crc32c(payload).to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     // Prompt section.
     out.extend_from_slice(&prompt_len.to_le_bytes());
@@ -631,6 +695,10 @@ pub fn build_header(input: &KvcHeaderInput<'_>, payload: &[u8]) -> Result<Vec<u8
             record(&mut out, tag, v.len());
             out.extend_from_slice(v.as_bytes());
         }
+    }
+    if input.logits_count > 0 {
+        record(&mut out, TAG_LOGITS, logits_count.len());
+        out.extend_from_slice(&logits_count);
     }
     debug_assert_eq!(out.len(), header_len);
     Ok(out)
@@ -687,6 +755,7 @@ struct Tlvs<'b> {
     save_reason_detail: Option<&'b [u8]>,
     token_count: Option<u32>,
     token_ids: Option<&'b [u8]>,
+    logits_count: Option<u32>,
 }
 
 /// Stores a known tag's value (or the error saying its size is wrong); a
@@ -759,6 +828,13 @@ fn frame_tlvs(body: &[u8], base: usize) -> Result<Tlvs<'_>, KvcError> {
                 Some(value)
                     .filter(|v| v.len() % 4 == 0)
                     .ok_or("token_ids length must be a multiple of 4"),
+            ),
+            TAG_LOGITS => set(
+                &mut tlvs.logits_count,
+                value
+                    .try_into()
+                    .map(u32::from_le_bytes)
+                    .map_err(sized("logits must be 4 bytes")),
             ),
             // Forward compatibility: newer writers may add tags.
             _ => Ok(()),
@@ -908,6 +984,14 @@ pub fn parse_meta_with_len(prefix: &[u8], file_len: u64) -> Result<KvcMeta, KvcE
             token_ids: n_ids,
         });
     }
+    let logits_count = tlvs.logits_count.unwrap_or(0);
+    let logits_bytes = u64::from(logits_count) * LOGIT_BYTES as u64;
+    if logits_bytes > payload_length {
+        return Err(KvcError::LogitsOverrun {
+            logits_bytes,
+            payload_length,
+        });
+    }
     let tokens = token_ids
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -933,6 +1017,7 @@ pub fn parse_meta_with_len(prefix: &[u8], file_len: u64) -> Result<KvcMeta, KvcE
         writer_version: lossy(tlvs.writer_version),
         save_reason_detail: lossy(tlvs.save_reason_detail),
         tokens,
+        logits_count,
     })
 }
 
@@ -974,6 +1059,7 @@ pub(crate) mod tests {
             writer_version: Some("9.9.9"),
             save_reason_detail: Some("test"),
             tokens,
+            logits_count: 0,
         }
     }
 
@@ -1374,6 +1460,56 @@ pub(crate) mod tests {
         let meta = parse_full(&with_tlvs(&r), &key_of(&[1, 2, 3])).expect("parse");
         assert_eq!(meta.tokens, vec![1, 2, 3]);
         assert_eq!(meta.hostname, None);
+    }
+
+    #[test]
+    fn logits_travel_with_the_payload_under_its_crc() {
+        let tokens = [1, 2, 3];
+        let mut payload: Vec<u8> = [0.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        payload.extend_from_slice(b"state");
+        let inp = KvcHeaderInput {
+            logits_count: 2,
+            ..input(&tokens, "hi")
+        };
+        let f = file(&inp, &payload);
+        let meta = parse_full(&f, &key_of(&tokens)).expect("parse");
+        assert_eq!(meta.logits_count, 2);
+        assert_eq!(meta.logits_bytes(), 8);
+        // Without logits the TLV is left out: what older writers wrote.
+        let plain = parse_full(&good(), &key_of(&tokens)).expect("parse");
+        assert_eq!(plain.logits_count, 0);
+        // A flipped logit is a CRC mismatch like any payload byte.
+        let mut bad = f.clone();
+        let at = usize::try_from(meta.payload_offset).expect("small");
+        bad[at] ^= 1;
+        assert!(matches!(
+            parse_full(&bad, &key_of(&tokens)),
+            Err(KvcError::CrcMismatch { .. })
+        ));
+        // More logits than payload: refused when built and when parsed.
+        let over = KvcHeaderInput {
+            logits_count: 4,
+            ..input(&tokens, "hi")
+        };
+        assert!(matches!(
+            build_header(&over, &payload),
+            Err(KvcBuildError::LogitsOverrun { .. })
+        ));
+        let mut r = required(&[]);
+        r.extend(rec(TAG_LOGITS, &100u32.to_le_bytes()));
+        assert!(matches!(
+            parse_meta(&with_tlvs(&r)),
+            Err(KvcError::LogitsOverrun { .. })
+        ));
+        let mut r = required(&[]);
+        r.extend(rec(TAG_LOGITS, &[1, 0]));
+        assert!(matches!(
+            parse_meta(&with_tlvs(&r)),
+            Err(KvcError::BadTlv { .. })
+        ));
     }
 
     #[test]

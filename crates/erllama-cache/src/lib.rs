@@ -88,10 +88,10 @@ pub use key::{
     UNKNOWN_QUANT_BYTE,
 };
 pub use kvc::{
-    build_header, crc32c, encode_hit_count, header_len, parse_full, parse_meta,
+    build_header, build_header_for, crc32c, encode_hit_count, header_len, parse_full, parse_meta,
     parse_meta_with_len, KvcBuildError, KvcError, KvcHeaderInput, KvcMeta, SaveReason,
     UnknownSaveReasonLabel, HEADER_FIXED_LEN, HIT_COUNT_OFFSET, KVC_MAGIC, KVC_VERSION,
-    PAYLOAD_OFFSET_OFFSET,
+    LOGIT_BYTES, PAYLOAD_OFFSET_OFFSET,
 };
 pub use meta::{
     Cache, CacheConfig, Claim, ClaimError, FileTierConfig, Lookup, OpenError, PrefixLookup,
@@ -107,3 +107,12 @@ pub use tier::{
     Staged, Tier, TierError, TierKind, UnknownTier, Visible,
 };
 pub use writer::{ModelIdentity, PendingSave, SaveError, SaveOutcome, SaveRequest};
+
+/// An empty buffer with at least `len` bytes of capacity for packing a
+/// save's payload: one of the cache's recycled buffers (already faulted
+/// in) when one is large enough. A save hands it back when its bytes are
+/// written, so a save on the request path allocates nothing.
+#[must_use]
+pub fn pack_buffer(len: usize) -> Vec<u8> {
+    tier::pool::take(len)
+}

@@ -17,7 +17,7 @@ use std::time::Instant;
 use crate::counters::Counter;
 use crate::fsio::LinkOutcome;
 use crate::key::{CacheKey, FingerprintMode, KeyHasher, QuantType};
-use crate::kvc::{build_header, KvcBuildError, KvcHeaderInput, SaveReason};
+use crate::kvc::{build_header, build_header_for, KvcBuildError, KvcHeaderInput, SaveReason};
 use crate::meta::{unix_now, Cache, Reservation, RowStatus, WriterState};
 use crate::semaphore::Permit;
 use crate::tier::{SaveStage, Staged, Tier, TierError, TierKind, Visible};
@@ -67,8 +67,14 @@ pub struct SaveRequest {
     pub tier: TierKind,
     /// The tokens whose KV state the payload holds.
     pub tokens: Arc<[u32]>,
-    /// The packed sequence state (moved, never copied by the RAM tier).
+    /// The payload: `logits_count` logits (`f32`, little-endian), then the
+    /// packed sequence state. Taken from [`crate::pack_buffer`] it goes
+    /// back to the pool once written.
     pub payload: Vec<u8>,
+    /// How many logits start the payload (0: none): the scores of the
+    /// token after `tokens`, so an exact hit needs no decode before its
+    /// first token (docs/cache-format.md, TLV 0x0A).
+    pub logits_count: u32,
     /// Why the state is saved.
     pub reason: SaveReason,
     /// The prompt text, for observability only (may be empty).
@@ -102,6 +108,7 @@ impl SaveRequest {
             writer_version: None,
             save_reason_detail: self.detail.as_deref(),
             tokens: &self.tokens,
+            logits_count: self.logits_count,
         }
     }
 }
@@ -229,7 +236,9 @@ impl Cache {
         let key = request.key();
         // Header length does not depend on the payload bytes, so it is
         // measured without the CRC pass (which runs off the request path).
-        let header_len = build_header(&request.header_input(0), &[])?.len() as u64;
+        let header_len =
+            build_header_for(&request.header_input(0), request.payload.len() as u64, 0)?.len()
+                as u64;
         let size = header_len + request.payload.len() as u64;
         if self
             .row(&key)

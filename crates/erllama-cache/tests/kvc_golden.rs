@@ -29,6 +29,7 @@ fn input() -> KvcHeaderInput<'static> {
         writer_version: Some("v1"),
         save_reason_detail: Some("d"),
         tokens: &TOKENS,
+        logits_count: 0,
     }
 }
 

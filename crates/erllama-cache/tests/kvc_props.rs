@@ -45,6 +45,7 @@ impl Meta {
             writer_version: Some(self.version.as_deref().unwrap_or("")),
             save_reason_detail: self.detail.as_deref(),
             tokens: &self.tokens,
+            logits_count: 0,
         }
     }
 

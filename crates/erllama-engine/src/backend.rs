@@ -473,6 +473,30 @@ pub trait BackendContext {
     /// [`BackendError::InvalidInput`] when `seq` has no logits,
     /// [`BackendError::Grammar`], [`BackendError::Cancelled`].
     fn sample(&mut self, seq: SeqId) -> Result<u32, BackendError>;
+    /// `seq`'s current logits (the scores of its next token), while it has
+    /// them: from the [`BackendContext::decode`] that last asked for them
+    /// or from [`BackendContext::set_logits`], until the sequence changes
+    /// or the next decode. The engine stores them with a row that ends at
+    /// the end of a prompt. `None` (the default): the backend keeps none
+    /// to hand out.
+    fn logits(&self, seq: SeqId) -> Option<&[f32]> {
+        let _ = seq;
+        None
+    }
+    /// Makes `logits` (as [`BackendContext::logits`] gave them for the
+    /// tokens `seq` holds now) `seq`'s current logits, so the next
+    /// [`BackendContext::sample`] needs no decode: an exact cache hit
+    /// restores the state and these, and answers at restore speed.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::NotSupported`] (the default; the engine then re-feeds
+    /// the last prompt token), [`BackendError::InvalidInput`] for logits
+    /// of the wrong length or an empty sequence.
+    fn set_logits(&mut self, seq: SeqId, logits: &[f32]) -> Result<(), BackendError> {
+        let _ = (seq, logits);
+        Err(BackendError::NotSupported("stored logits"))
+    }
     /// Whether `token` ends generation.
     ///
     /// # Errors
@@ -485,6 +509,25 @@ pub trait BackendContext {
     ///
     /// [`BackendError::KvState`] when the backend cannot pack.
     fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError>;
+    /// A size hint for [`BackendContext::kv_pack_into`]: at least the bytes
+    /// `seq`'s state packs into, when the backend knows it cheaply (0:
+    /// unknown).
+    fn kv_pack_size(&self, seq: SeqId) -> usize {
+        let _ = seq;
+        0
+    }
+    /// Appends `seq`'s packed KV state (what [`BackendContext::kv_pack`]
+    /// returns) to `buf`: the engine packs into a recycled buffer that is
+    /// already faulted in, so a save on the request path allocates
+    /// nothing. On error `buf` is as it was.
+    ///
+    /// # Errors
+    ///
+    /// As [`BackendContext::kv_pack`].
+    fn kv_pack_into(&self, seq: SeqId, buf: &mut Vec<u8>) -> Result<(), BackendError> {
+        buf.extend_from_slice(&self.kv_pack(seq)?);
+        Ok(())
+    }
     /// Restores a packed state holding `tokens` into `seq`, which is
     /// cleared first. No logits afterwards.
     ///

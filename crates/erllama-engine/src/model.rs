@@ -404,6 +404,7 @@ fn run(
         queue: VecDeque::new(),
         deferred: Vec::new(),
         tick: 0,
+        logits_buf: Vec::new(),
         shared: Arc::clone(&shared),
         setup,
         ctx,
@@ -553,6 +554,8 @@ struct Actor {
     deferred: Vec<Deferred>,
     /// LRU clock of warm sequences.
     tick: u64,
+    /// Stored logits being installed (kept between restores).
+    logits_buf: Vec<f32>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -1000,34 +1003,47 @@ impl Actor {
         match a.phase {
             Phase::Prefilling => {
                 a.prefill_at += n;
+                a.stats.prefill_tokens += n;
                 let at = a.prefill_at;
                 let prompt_len = a.prompt().len();
                 if a.cold_at == Some(at) {
                     a.cold_at = None;
                     a.last_saved_at = at;
-                    self.save_async(seq, SaveReason::Cold);
+                    self.save_async(seq, SaveReason::Cold, false);
                 }
                 if at == prompt_len {
-                    let Slot::Busy(a) = &mut self.slots[seq] else {
-                        return;
-                    };
-                    // The sequence holds exactly the prompt: its own row
-                    // too, so a repeated prompt is an exact hit.
-                    let save_prompt = a.save_prompt;
-                    a.stats.prefill_ms = ms(a.admitted.elapsed());
-                    a.gen_started = Some(Instant::now());
-                    a.phase = Phase::Generating;
-                    // Continued saves count from the end of the prompt.
-                    a.last_saved_at = prompt_len;
-                    if save_prompt {
-                        self.save_async(seq, SaveReason::Cold);
-                    }
+                    self.prompt_done(seq);
+                }
+            }
+            Phase::Generating => {
+                a.stats.decode_tokens += n;
+                if logits {
                     self.generate(seq);
                 }
             }
-            Phase::Generating if logits => self.generate(seq),
-            _ => {}
+            Phase::Waiting { .. } => {}
         }
+    }
+
+    /// `seq` holds its whole prompt and has the logits that follow it:
+    /// the prompt's own row is saved if due (with those logits, so a
+    /// repeat is answered without a decode), and generation starts.
+    fn prompt_done(&mut self, seq: SeqId) {
+        let Slot::Busy(a) = &mut self.slots[seq] else {
+            return;
+        };
+        let prompt_len = a.prompt().len();
+        let save_prompt = a.save_prompt;
+        a.stats.prefill_ms = ms(a.admitted.elapsed());
+        a.gen_started = Some(Instant::now());
+        a.phase = Phase::Generating;
+        a.prefill_at = prompt_len;
+        // Continued saves count from the end of the prompt.
+        a.last_saved_at = prompt_len;
+        if save_prompt {
+            self.save_async(seq, SaveReason::Cold, true);
+        }
+        self.generate(seq);
     }
 
     /// Samples `seq`'s next token and hands it out; feeds it next step
@@ -1078,7 +1094,7 @@ impl Actor {
             self.policy(),
         );
         if continued {
-            self.save_async(seq, SaveReason::Continued);
+            self.save_async(seq, SaveReason::Continued, false);
         }
         let Slot::Busy(a) = &mut self.slots[seq] else {
             return;
@@ -1281,8 +1297,9 @@ impl Actor {
         } else {
             None
         };
+        // (tokens, source, tier, stored logits installed)
         let placed = match restored {
-            Some((len, source, tier)) => Some((len, source, Some(tier))),
+            Some(r) => Some((r.len, r.source, Some(r.tier), r.logits)),
             None => {
                 // A failed restore leaves the sequence empty.
                 let held = self.ctx.tokens(seq).len();
@@ -1293,7 +1310,7 @@ impl Actor {
                         match self.ctx.copy_prefix(src, seq, k) {
                             Ok(()) => {
                                 self.cells.copy(src, seq, k);
-                                Some((k, HitSource::Shared, None))
+                                Some((k, HitSource::Shared, None, false))
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "sharing a prefix failed; prefilling it");
@@ -1302,12 +1319,12 @@ impl Actor {
                             }
                         }
                     }
-                    _ if held > 0 => Some((held, HitSource::Shared, None)),
+                    _ if held > 0 => Some((held, HitSource::Shared, None, false)),
                     _ => None,
                 }
             }
         };
-        if placed.is_some_and(|(_, source, _)| source == HitSource::Shared) {
+        if placed.is_some_and(|(_, source, _, _)| source == HitSource::Shared) {
             self.counters().incr(Counter::HitsShared);
         }
         if placed.is_none() && self.cacheable {
@@ -1319,7 +1336,7 @@ impl Actor {
             None
         };
         let save_prompt = self.cacheable
-            && placed.is_none_or(|(len, _, _)| len < n - 1)
+            && placed.is_none_or(|(len, _, _, _)| len < n - 1)
             && (self.policy().cold_min_tokens..=self.policy().cold_max_tokens).contains(&n);
         let Slot::Busy(a) = &mut self.slots[seq] else {
             return;
@@ -1327,36 +1344,42 @@ impl Actor {
         a.stats.restore_failure = failure;
         a.cold_at = cold_at;
         a.save_prompt = save_prompt;
-        if let Some((len, source, tier)) = placed {
-            // The whole prompt held: its last token is fed again for the
-            // logits of the first generated one.
-            let len = if len >= n {
-                self.ctx
-                    .truncate(seq, n - 1)
-                    .expect("n - 1 is within the sequence");
-                self.cells.truncate(seq, n - 1);
-                n - 1
-            } else {
-                len
-            };
-            let Slot::Busy(a) = &mut self.slots[seq] else {
-                return;
-            };
-            a.stats.cache_hit_kind = if len + 1 >= n {
-                HitKind::Exact
-            } else {
-                HitKind::Partial
-            };
-            a.stats.hit_source = Some(source);
-            a.stats.cached_tokens = if a.stats.cache_hit_kind == HitKind::Exact {
-                n
-            } else {
-                len
-            };
-            a.stats.cache_tier = tier;
-            a.stats.restore_ms = ms(started.elapsed());
-            a.prefill_at = len;
-            a.last_saved_at = len;
+        let Some((len, source, tier, logits)) = placed else {
+            return;
+        };
+        // The whole prompt held with the logits that follow it: generation
+        // starts at once. Without them its last token is fed again for the
+        // logits of the first generated one.
+        let answered = len >= n && logits;
+        let len = if len >= n && !logits {
+            self.ctx
+                .truncate(seq, n - 1)
+                .expect("n - 1 is within the sequence");
+            self.cells.truncate(seq, n - 1);
+            n - 1
+        } else {
+            len.min(n)
+        };
+        let Slot::Busy(a) = &mut self.slots[seq] else {
+            return;
+        };
+        a.stats.cache_hit_kind = if len + 1 >= n {
+            HitKind::Exact
+        } else {
+            HitKind::Partial
+        };
+        a.stats.hit_source = Some(source);
+        a.stats.cached_tokens = if a.stats.cache_hit_kind == HitKind::Exact {
+            n
+        } else {
+            len
+        };
+        a.stats.cache_tier = tier;
+        a.stats.restore_ms = ms(started.elapsed());
+        a.prefill_at = len;
+        a.last_saved_at = len;
+        if answered {
+            self.prompt_done(seq);
         }
     }
 
@@ -1371,9 +1394,10 @@ impl Actor {
 
     /// The lookup order of docs/policy.md for `seq`; restores a hit into
     /// the cleared sequence when it gives more than `better_than` tokens.
-    /// Returns (tokens restored, source, tier). A row that is found but
-    /// fails to restore is removed, counted, logged and reported in
-    /// `failure`, and the next lookup is tried.
+    /// Returns (tokens restored, source, tier, whether the row's stored
+    /// logits were installed: only for a row of the whole prompt). A row
+    /// that is found but fails to restore is removed, counted, logged and
+    /// reported in `failure`, and the next lookup is tried.
     fn restore(
         &mut self,
         seq: SeqId,
@@ -1381,12 +1405,12 @@ impl Actor {
         parent: Option<&CacheKey>,
         better_than: usize,
         failure: &mut Option<RestoreFailure>,
-    ) -> Option<(usize, HitSource, TierKind)> {
+    ) -> Option<Restored> {
         let cache = self.cache().clone();
         let identity = Arc::clone(&self.identity);
         let key = identity.key(tokens);
         if let Lookup::Hit(claim) = cache.lookup(&key) {
-            if let Some(r) = self.unpack(seq, claim, HitSource::Exact, failure) {
+            if let Some(r) = self.unpack(seq, claim, tokens.len(), HitSource::Exact, failure) {
                 self.counters().incr(Counter::HitsExact);
                 return Some(r);
             }
@@ -1396,7 +1420,9 @@ impl Actor {
             if let Lookup::Hit(claim) = cache.lookup_wait(parent, wait) {
                 let len = claim.tokens().len();
                 if len > better_than && len <= tokens.len() && claim.tokens() == &tokens[..len] {
-                    if let Some(r) = self.unpack(seq, claim, HitSource::Resume, failure) {
+                    if let Some(r) =
+                        self.unpack(seq, claim, tokens.len(), HitSource::Resume, failure)
+                    {
                         self.counters().incr(Counter::HitsResume);
                         return Some(r);
                     }
@@ -1407,7 +1433,9 @@ impl Actor {
             cache.longest_prefix(&identity.hasher(), tokens, self.policy())
         {
             if len > better_than {
-                if let Some(r) = self.unpack(seq, claim, HitSource::LongestPrefix, failure) {
+                if let Some(r) =
+                    self.unpack(seq, claim, tokens.len(), HitSource::LongestPrefix, failure)
+                {
                     self.counters().incr(Counter::HitsLongestPrefix);
                     return Some(r);
                 }
@@ -1418,16 +1446,19 @@ impl Actor {
 
     /// Loads and unpacks a claimed row into `seq` (the claim is released
     /// on return); any failure is a miss and leaves the sequence empty. A
-    /// row that cannot be restored is never tried again: a corrupt file is
-    /// deleted by the load (`corrupt_files`), a state the backend refuses
-    /// is removed here (`restore_failures`).
+    /// row of the whole prompt (`prompt_len` tokens) with stored logits
+    /// also installs them, so the first token needs no decode. A row that
+    /// cannot be restored is never tried again: a corrupt file is deleted
+    /// by the load (`corrupt_files`), a state the backend refuses is
+    /// removed here (`restore_failures`).
     fn unpack(
         &mut self,
         seq: SeqId,
         claim: Claim,
+        prompt_len: usize,
         source: HitSource,
         failure: &mut Option<RestoreFailure>,
-    ) -> Option<(usize, HitSource, TierKind)> {
+    ) -> Option<Restored> {
         let len = claim.tokens().len();
         if len == 0 {
             return None;
@@ -1461,11 +1492,27 @@ impl Actor {
         if payload.is_empty() {
             return None;
         }
-        match self.ctx.kv_unpack(seq, &payload, claim.tokens()) {
+        match self.ctx.kv_unpack(seq, payload.state(), claim.tokens()) {
             Ok(()) => {
                 self.cells.clear(seq);
                 self.cells.append(seq, len);
-                Some((len, source, claim.tier()))
+                let mut logits = std::mem::take(&mut self.logits_buf);
+                let with_logits = len == prompt_len
+                    && payload.logits_into(&mut logits)
+                    && match self.ctx.set_logits(seq, &logits) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "stored logits not used; re-feeding");
+                            false
+                        }
+                    };
+                self.logits_buf = logits;
+                Some(Restored {
+                    len,
+                    source,
+                    tier: claim.tier(),
+                    logits: with_logits,
+                })
             }
             Err(e) => {
                 self.counters().incr(Counter::RestoreFailures);
@@ -1514,7 +1561,7 @@ impl Actor {
         // holds the whole prompt is worth saving.
         let live = self.ctx.tokens(seq).len();
         let finish_key = if live >= a.sub.tokens.len() && should_finish_save(live, self.policy()) {
-            self.save_async(seq, SaveReason::Finish)
+            self.save_async(seq, SaveReason::Finish, false)
         } else {
             None
         };
@@ -1635,10 +1682,17 @@ impl Actor {
 
     // --- saves ---
 
-    /// Packs `seq` and reserves its key; the write runs on another thread.
-    /// Returns the key when the row is (or will be) stored.
-    fn save_async(&mut self, seq: SeqId, reason: SaveReason) -> Option<CacheKey> {
-        match self.begin_save(seq, reason) {
+    /// Packs `seq` (with its current logits when `with_logits`: a row that
+    /// ends at the end of a prompt) and reserves its key; the write runs
+    /// on another thread. Returns the key when the row is (or will be)
+    /// stored.
+    fn save_async(
+        &mut self,
+        seq: SeqId,
+        reason: SaveReason,
+        with_logits: bool,
+    ) -> Option<CacheKey> {
+        match self.begin_save(seq, reason, with_logits) {
             Ok(Begun::Pending(pending, key)) => {
                 let spawned = std::thread::Builder::new()
                     .name("erllama-save".into())
@@ -1670,7 +1724,7 @@ impl Actor {
         reason: SaveReason,
     ) -> Result<Option<SaveSummary>, EngineError> {
         let tokens = self.ctx.tokens(seq).len();
-        match self.begin_save(seq, reason)? {
+        match self.begin_save(seq, reason, false)? {
             Begun::Empty => Ok(None),
             Begun::Present(key) => Ok(Some(SaveSummary {
                 key,
@@ -1699,7 +1753,12 @@ impl Actor {
         }
     }
 
-    fn begin_save(&mut self, seq: SeqId, reason: SaveReason) -> Result<Begun, EngineError> {
+    fn begin_save(
+        &mut self,
+        seq: SeqId,
+        reason: SaveReason,
+        with_logits: bool,
+    ) -> Result<Begun, EngineError> {
         let tokens = self.ctx.tokens(seq);
         if tokens.is_empty() || !self.cacheable {
             return Ok(Begun::Empty);
@@ -1709,9 +1768,25 @@ impl Actor {
             self.counters().incr(Counter::DuplicateDropped);
             return Ok(Begun::Present(key));
         }
-        let payload = {
+        // The payload: the logits that follow the tokens (when wanted and
+        // present), then the state, packed into a recycled buffer.
+        let (payload, logits_count) = {
             let _t = self.counters().time(Counter::PackTotalNs);
-            self.ctx.kv_pack(seq)?
+            let logits = if with_logits {
+                self.ctx
+                    .logits(seq)
+                    .filter(|l| u32::try_from(l.len()).is_ok())
+            } else {
+                None
+            };
+            let logits_bytes = logits.map_or(0, |l| l.len() * erllama_cache::LOGIT_BYTES);
+            let mut buf = erllama_cache::pack_buffer(logits_bytes + self.ctx.kv_pack_size(seq));
+            for v in logits.unwrap_or_default() {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            self.ctx.kv_pack_into(seq, &mut buf)?;
+            let count = logits.map_or(0, |l| u32::try_from(l.len()).unwrap_or(0));
+            (buf, count)
         };
         let prompt_text = self
             .active(seq)
@@ -1722,6 +1797,7 @@ impl Actor {
             tier: self.setup.config.tier,
             tokens: self.ctx.tokens(seq).into(),
             payload,
+            logits_count,
             reason,
             prompt_text,
             detail: None,
@@ -1732,6 +1808,16 @@ impl Actor {
             Err(e) => Err(EngineError::Cache(e.to_string())),
         }
     }
+}
+
+/// A row restored into a sequence.
+struct Restored {
+    len: usize,
+    source: HitSource,
+    tier: TierKind,
+    /// Its stored logits were installed: the sequence holds the whole
+    /// prompt and can sample at once.
+    logits: bool,
 }
 
 enum Begun {

@@ -162,6 +162,15 @@ pub struct RequestStats {
     /// The last cached row that was found but failed to restore (the
     /// request then fell back to the next lookup, or to prefill).
     pub restore_failure: Option<RestoreFailure>,
+    /// Prompt tokens the model computed for this request: the prompt less
+    /// what came from the cache or another sequence; 1 for an exact hit
+    /// whose row has no stored logits (its last token is fed again), 0
+    /// for one whose row has them.
+    pub prefill_tokens: usize,
+    /// Generated tokens fed back to the model. A sampled token is fed
+    /// only when the next one is wanted, so this is at most
+    /// `completion_tokens - 1` (0 for `max_tokens=1`).
+    pub decode_tokens: usize,
 }
 
 impl RequestStats {
@@ -183,6 +192,8 @@ impl RequestStats {
             cancelled: false,
             queue_ms,
             restore_failure: None,
+            prefill_tokens: 0,
+            decode_tokens: 0,
         }
     }
 }

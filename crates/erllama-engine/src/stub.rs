@@ -11,6 +11,9 @@
 //! - `decode_one` derives the next token from the FNV-1a hash of the whole
 //!   context (its tokens as u32 little-endian) and never ends generation;
 //! - `kv_pack` is the token list as u32 little-endian; `kv_unpack` restores it;
+//! - its "logits" are two floats, the context hash's high and low 16 bits,
+//!   from which `sample` takes the token; they can be stored and set back
+//!   like a real model's;
 //! - `embed` returns 16 deterministic floats in `[0, 1]`.
 
 use std::collections::HashMap;
@@ -197,6 +200,9 @@ struct StubSeq {
     tokens: Vec<u32>,
     hash: u32,
     has_logits: bool,
+    /// The "logits" (valid while `has_logits`): the high and low 16 bits
+    /// of the hash that chooses the next token.
+    scores: [f32; 2],
 }
 
 impl Default for StubSeq {
@@ -205,8 +211,14 @@ impl Default for StubSeq {
             tokens: Vec::new(),
             hash: FNV_OFFSET,
             has_logits: false,
+            scores: [0.0; 2],
         }
     }
+}
+
+/// The stub's logits of a context hash.
+fn stub_scores(hash: u32) -> [f32; 2] {
+    [f32::from((hash >> 16) as u16), f32::from(hash as u16)]
 }
 
 impl StubSeq {
@@ -295,6 +307,7 @@ impl BackendContext for StubContext {
                 s.push(t);
             }
             s.has_logits = item.logits;
+            s.scores = stub_scores(s.hash);
             self.cells.append(item.seq, item.tokens.len());
         }
         Ok(())
@@ -307,7 +320,39 @@ impl BackendContext for StubContext {
                 "no logits: prefill at least one token first".into(),
             ));
         }
-        Ok(s.hash % STUB_VOCAB)
+        // Integral values below 2^16, as `stub_scores` and `set_logits`
+        // keep them.
+        let [hi, lo] = s.scores.map(|v| v as u32);
+        Ok(((hi << 16) | lo) % STUB_VOCAB)
+    }
+
+    fn logits(&self, seq: SeqId) -> Option<&[f32]> {
+        let s = self.seqs.get(seq)?;
+        s.has_logits.then_some(&s.scores[..])
+    }
+
+    fn set_logits(&mut self, seq: SeqId, logits: &[f32]) -> Result<(), BackendError> {
+        let s = self.seq(seq)?;
+        if s.tokens.is_empty() {
+            return Err(BackendError::InvalidInput(format!(
+                "sequence {seq} is empty: no token has logits to follow"
+            )));
+        }
+        let scores: [f32; 2] = logits.try_into().map_err(|_| {
+            BackendError::InvalidInput(format!("{} logits, the stub has 2", logits.len()))
+        })?;
+        if scores
+            .iter()
+            .any(|v| !(0.0..65_536.0).contains(v) || v.fract() != 0.0)
+        {
+            return Err(BackendError::InvalidInput(
+                "stub logits are whole numbers below 65536".into(),
+            ));
+        }
+        let s = &mut self.seqs[seq];
+        s.scores = scores;
+        s.has_logits = true;
+        Ok(())
     }
 
     fn is_eog(&self, _token: u32) -> Result<bool, BackendError> {

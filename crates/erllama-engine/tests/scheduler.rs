@@ -66,6 +66,7 @@ fn row(cache: &Cache, tier: TierKind, first: u32, len: usize) -> erllama_cache::
             tier,
             tokens: vec![first, 1, 2].into(),
             payload: vec![first as u8; len],
+            logits_count: 0,
             reason: SaveReason::Finish,
             prompt_text: String::new(),
             detail: None,

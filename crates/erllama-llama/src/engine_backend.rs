@@ -744,8 +744,27 @@ impl BackendContext for LlamaContextBackend {
         Ok(self.session.model().is_eog(token))
     }
 
+    fn logits(&self, seq: SeqId) -> Option<&[f32]> {
+        self.session.seq_logits(seq).ok()
+    }
+
+    /// Installs stored logits (one per vocabulary entry) as `seq`'s next
+    /// token scores: sampling then gives exactly what it gave when they
+    /// were computed.
+    fn set_logits(&mut self, seq: SeqId, logits: &[f32]) -> Result<(), BackendError> {
+        Ok(self.session.seq_set_logits(seq, logits)?)
+    }
+
     fn kv_pack(&self, seq: SeqId) -> Result<Vec<u8>, BackendError> {
         Ok(self.session.seq_kv_pack(seq)?)
+    }
+
+    fn kv_pack_size(&self, seq: SeqId) -> usize {
+        self.session.seq_kv_pack_size(seq)
+    }
+
+    fn kv_pack_into(&self, seq: SeqId, buf: &mut Vec<u8>) -> Result<(), BackendError> {
+        Ok(self.session.seq_kv_pack_append(seq, buf)?)
     }
 
     fn kv_unpack(&mut self, seq: SeqId, bytes: &[u8], tokens: &[u32]) -> Result<(), BackendError> {

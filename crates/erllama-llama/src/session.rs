@@ -567,6 +567,39 @@ impl Session {
         Ok(self.ctx.get_logits_ith(at))
     }
 
+    /// Makes `logits` sequence `seq`'s logits for its next token, as a
+    /// decode would have left them: stored with a cached state, they let
+    /// a restored sequence sample without decoding anything. They last
+    /// until the sequence changes or the next [`Session::decode_batch`].
+    ///
+    /// # Errors
+    ///
+    /// [`LlamaError::InvalidParam`] for a sequence that does not exist, an
+    /// empty one, or logits that are not one per vocabulary entry.
+    pub fn seq_set_logits(&mut self, seq: usize, logits: &[f32]) -> Result<()> {
+        self.check_seq(seq)?;
+        let n_vocab = self.model.n_vocab() as usize;
+        if logits.len() != n_vocab {
+            return Err(LlamaError::InvalidParam {
+                name: "logits",
+                reason: format!("{} logits for a vocabulary of {n_vocab}", logits.len()),
+            });
+        }
+        if self.seqs[seq].tokens.is_empty() {
+            return Err(LlamaError::InvalidParam {
+                name: "logits",
+                reason: format!("sequence {seq} is empty: no token has logits to follow"),
+            });
+        }
+        let s = &mut self.seqs[seq];
+        s.logits_at = None;
+        let mut owned = s.owned_logits.take().unwrap_or_default();
+        owned.clear();
+        owned.extend_from_slice(logits);
+        s.owned_logits = Some(owned);
+        Ok(())
+    }
+
     /// Greedy step: takes the most likely next token, appends it to the
     /// sequence (computing the logits after it) and returns it.
     ///
@@ -902,6 +935,53 @@ impl Session {
             return compact_streams(&mut dst[..n]);
         }
         Ok(n)
+    }
+
+    /// Appends sequence `seq`'s packed state (as
+    /// [`Session::seq_kv_pack_into`] writes it) to `buf`, reserving what
+    /// it needs: packing into a recycled buffer that is already faulted in
+    /// costs no page faults and no zero-fill. On error `buf` keeps its
+    /// length.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::seq_kv_pack_into`].
+    pub fn seq_kv_pack_append(&self, seq: usize, buf: &mut Vec<u8>) -> Result<()> {
+        self.check_seq(seq)?;
+        let size = self.seq_kv_pack_size(seq);
+        let start = buf.len();
+        buf.reserve(size);
+        let id = i32::try_from(seq).unwrap_or(i32::MAX);
+        // SAFETY: `reserve` left room for `size` bytes after `start`, the
+        // size llama.cpp just computed for this sequence on this thread
+        // with nothing changed in between (`&self`; `Session` is not
+        // shared across threads), so llama.cpp writes at most `size` bytes
+        // there; the length is extended only over the bytes it wrote.
+        let n = unsafe {
+            let dst = buf.as_mut_ptr().add(start);
+            let n = self
+                .ctx
+                .state_seq_get_data_ext(dst, id, LlamaStateSeqFlags::empty());
+            if n == size {
+                buf.set_len(start + n);
+            }
+            n
+        };
+        if n != size {
+            return Err(LlamaError::KvState(format!(
+                "llama.cpp wrote {n} state bytes, expected {size}"
+            )));
+        }
+        if self.seqs.len() > 1 {
+            match compact_streams(&mut buf[start..]) {
+                Ok(len) => buf.truncate(start + len),
+                Err(e) => {
+                    buf.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Packs sequence 0's state into a new buffer.

@@ -715,6 +715,7 @@ async fn a_row_that_fails_to_restore_is_counted_removed_and_falls_back() {
             tier: TierKind::Ram,
             tokens: tokens.clone().into(),
             payload: state,
+            logits_count: 0,
             reason: erllama_cache::SaveReason::Cold,
             prompt_text: String::new(),
             detail: None,

@@ -51,6 +51,7 @@ pub fn kvc_list(py: Python<'_>, dir: PathBuf) -> PyResult<Vec<KvcFile>> {
                         context_size: meta.context_size,
                         quant: Some(meta.quant_type.label().into()),
                         prompt: Some(meta.prompt_text.chars().take(80).collect()),
+                        logits: meta.logits_count,
                         error: None,
                     }
                 }
@@ -67,6 +68,7 @@ pub fn kvc_list(py: Python<'_>, dir: PathBuf) -> PyResult<Vec<KvcFile>> {
                     context_size: 0,
                     quant: None,
                     prompt: None,
+                    logits: 0,
                     error: Some(why),
                 },
             }

@@ -82,6 +82,12 @@ record! {
         fallback_from: Option<String>,
         /// Why.
         fallback_reason: Option<String>,
+        /// Prompt tokens the model computed (0 for an exact hit whose row
+        /// stored its logits).
+        prefill_tokens: usize,
+        /// Generated tokens fed back to the model (at most
+        /// `completion_tokens - 1`).
+        decode_tokens: usize,
     }
 }
 
@@ -102,6 +108,8 @@ impl From<&RequestStats> for Stats {
             cancelled: s.cancelled,
             fallback_from: s.restore_failure.as_ref().map(|f| f.source.label().into()),
             fallback_reason: s.restore_failure.as_ref().map(|f| f.reason.clone()),
+            prefill_tokens: s.prefill_tokens,
+            decode_tokens: s.decode_tokens,
         }
     }
 }
@@ -474,6 +482,8 @@ record! {
         quant: Option<String>,
         /// The first 80 characters of the stored prompt text.
         prompt: Option<String>,
+        /// Stored logits (the scores of the token after `tokens`; 0: none).
+        logits: u32,
         /// Why the header does not parse.
         error: Option<String>,
     }

@@ -42,7 +42,10 @@ macro_rules! file_tier {
                 payload: Vec<u8>,
                 probe: &dyn Fn($crate::tier::SaveStage),
             ) -> Result<$crate::tier::Staged, $crate::tier::TierError> {
-                self.0.stage(key, &header, &payload, probe)
+                let staged = self.0.stage(key, &header, &payload, probe);
+                // The pack buffer serves the next pack.
+                $crate::tier::pool::give_back(payload);
+                staged
             }
             fn commit(
                 &self,
@@ -259,7 +262,9 @@ impl FileStore {
         };
         let start = usize::try_from(meta.payload_offset)
             .expect("the parse checked the offset against the buffer");
-        Ok(Payload::owned(buf, start))
+        let logits =
+            usize::try_from(meta.logits_bytes()).expect("the parse checked it against the payload");
+        Ok(Payload::owned(buf, start, logits))
     }
 
     pub(crate) fn remove(&self, key: &CacheKey) -> Result<(), TierError> {

@@ -89,35 +89,45 @@ impl FromStr for TierKind {
     }
 }
 
-/// A row's stored bytes as handed out by a load: the payload (the opaque
-/// sequence state) without its KVC header. Dereferences to the payload.
+/// A row's stored bytes as handed out by a load: the payload without its
+/// KVC header — the stored logits, if the row has them (TLV 0x0A), then
+/// the opaque sequence state. Dereferences to the whole payload.
 ///
 /// A file load's buffer goes back to a small pool when the payload is
 /// dropped, so the next load of a similar size reuses memory that is
 /// already faulted in instead of paying a page fault per 4 KiB.
-pub struct Payload(PayloadRepr);
+pub struct Payload {
+    repr: PayloadRepr,
+    /// Bytes of logits at the start of the payload.
+    logits: usize,
+}
 
 impl Clone for Payload {
     fn clone(&self) -> Self {
-        match &self.0 {
-            PayloadRepr::Shared(row) => Payload(PayloadRepr::Shared(Arc::clone(row))),
-            PayloadRepr::Owned { buf, start } => Payload(PayloadRepr::Owned {
+        let repr = match &self.repr {
+            PayloadRepr::Shared(row) => PayloadRepr::Shared(Arc::clone(row)),
+            PayloadRepr::Owned { buf, start } => PayloadRepr::Owned {
                 buf: buf.clone(),
                 start: *start,
-            }),
+            },
+        };
+        Payload {
+            repr,
+            logits: self.logits,
         }
     }
 }
 
 impl Drop for Payload {
     fn drop(&mut self) {
-        if let PayloadRepr::Owned { buf, .. } = &mut self.0 {
+        if let PayloadRepr::Owned { buf, .. } = &mut self.repr {
             pool::give_back(std::mem::take(buf));
         }
     }
 }
 
-/// Recycled load buffers (at most a few, bounded in bytes).
+/// Recycled load and pack buffers (at most a few, bounded in bytes): a
+/// buffer taken from here is already faulted in.
 pub(crate) mod pool {
     use std::sync::Mutex;
 
@@ -128,7 +138,7 @@ pub(crate) mod pool {
 
     /// An empty buffer with at least `len` bytes of capacity, reused when
     /// one is pooled.
-    pub(crate) fn take(len: usize) -> Vec<u8> {
+    pub fn take(len: usize) -> Vec<u8> {
         let mut pool = POOL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -149,7 +159,9 @@ pub(crate) mod pool {
         }
     }
 
-    pub(crate) fn give_back(buf: Vec<u8>) {
+    /// Keeps `buf` for a later [`take`] (within the pool's bounds; else
+    /// it is freed).
+    pub fn give_back(buf: Vec<u8>) {
         if buf.capacity() == 0 {
             return;
         }
@@ -194,18 +206,55 @@ enum PayloadRepr {
 
 impl Payload {
     pub(crate) fn shared(row: Arc<RamRow>) -> Self {
-        Payload(PayloadRepr::Shared(row))
+        let logits = row.logits;
+        Payload {
+            repr: PayloadRepr::Shared(row),
+            logits,
+        }
     }
 
-    pub(crate) fn owned(buf: Vec<u8>, start: usize) -> Self {
-        debug_assert!(start <= buf.len());
-        Payload(PayloadRepr::Owned { buf, start })
+    /// The payload at `buf[start..]`, of which the first `logits` bytes are
+    /// stored logits.
+    pub(crate) fn owned(buf: Vec<u8>, start: usize, logits: usize) -> Self {
+        debug_assert!(start + logits <= buf.len());
+        Payload {
+            repr: PayloadRepr::Owned { buf, start },
+            logits,
+        }
     }
 
     /// Whether the bytes are shared with the RAM store rather than a copy.
     #[must_use]
     pub fn is_shared(&self) -> bool {
-        matches!(self.0, PayloadRepr::Shared(_))
+        matches!(self.repr, PayloadRepr::Shared(_))
+    }
+
+    /// The sequence state (the payload after any stored logits).
+    #[must_use]
+    pub fn state(&self) -> &[u8] {
+        &self[self.logits..]
+    }
+
+    /// The stored logits as little-endian `f32` bytes, when the row has
+    /// them (the scores of the token after the row's tokens).
+    #[must_use]
+    pub fn logits_le(&self) -> Option<&[u8]> {
+        (self.logits > 0).then(|| &self[..self.logits])
+    }
+
+    /// The stored logits decoded into `out` (cleared first); false when the
+    /// row has none.
+    pub fn logits_into(&self, out: &mut Vec<f32>) -> bool {
+        out.clear();
+        let Some(bytes) = self.logits_le() else {
+            return false;
+        };
+        out.extend(
+            bytes
+                .chunks_exact(crate::kvc::LOGIT_BYTES)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        true
     }
 }
 
@@ -213,7 +262,7 @@ impl Deref for Payload {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        match &self.0 {
+        match &self.repr {
             PayloadRepr::Shared(row) => &row.payload,
             PayloadRepr::Owned { buf, start } => &buf[*start..],
         }
@@ -230,6 +279,7 @@ impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Payload")
             .field("len", &self.len())
+            .field("logits", &self.logits)
             .field("shared", &self.is_shared())
             .finish()
     }
@@ -240,6 +290,8 @@ impl fmt::Debug for Payload {
 pub struct RamRow {
     pub(crate) header: Vec<u8>,
     pub(crate) payload: Vec<u8>,
+    /// Bytes of logits at the start of the payload.
+    pub(crate) logits: usize,
 }
 
 /// Bytes made durable but not yet visible under their key (docs/tiers.md

@@ -1,8 +1,10 @@
 //! The `ram` tier: an in-process store of rows held by `Arc`.
 //!
-//! Staging builds the row (taking ownership of the payload: no copy);
-//! committing inserts it; a load clones the `Arc`, so restoring from RAM
-//! never copies the payload. A row being read stays alive after eviction
+//! Staging builds the row: the payload is copied (on the writer thread,
+//! off the request path) into a buffer of its exact size, and the packed
+//! buffer goes back to the pool for the next pack, so a save on the
+//! request path never allocates; committing inserts the row; a load clones
+//! the `Arc`, so restoring from RAM never copies the payload. A row being read stays alive after eviction
 //! until the reader drops it, so an eviction never pulls bytes from under
 //! a restore.
 
@@ -62,7 +64,16 @@ impl Tier for RamTier {
         payload: Vec<u8>,
         _probe: &dyn Fn(SaveStage),
     ) -> Result<Staged, TierError> {
-        Ok(Staged::Ram(Arc::new(RamRow { header, payload })))
+        // The header was built from this payload a moment ago.
+        let logits = parse_meta_with_len(&header, (header.len() + payload.len()) as u64)
+            .map_or(0, |m| usize::try_from(m.logits_bytes()).unwrap_or(0));
+        let row = RamRow {
+            header,
+            payload: payload.as_slice().to_vec(),
+            logits,
+        };
+        super::pool::give_back(payload);
+        Ok(Staged::Ram(Arc::new(row)))
     }
 
     fn commit(&self, key: &CacheKey, staged: Staged) -> Result<Committed, TierError> {

@@ -40,6 +40,7 @@ pub fn request(tier: TierKind, tokens: &[u32], len: usize) -> SaveRequest {
         tier,
         tokens: tokens.into(),
         payload: payload(len, tokens.first().copied().unwrap_or(7)),
+        logits_count: 0,
         reason: SaveReason::Finish,
         prompt_text: "test prompt".into(),
         detail: None,
