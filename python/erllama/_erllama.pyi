@@ -192,6 +192,12 @@ class ModelInfo(_Record):
     def parallel(self) -> int:
         """Sequences computed together (``load_model(parallel=...)``)."""
     @property
+    def cache_type_k(self) -> str:
+        """The K cache's element type (``load_model(cache_type_k=...)``)."""
+    @property
+    def cache_type_v(self) -> str:
+        """The V cache's element type."""
+    @property
     def running(self) -> int:
         """Requests running now."""
     @property
@@ -500,6 +506,8 @@ class Model:
         n_batch: int | None = None,
         n_threads: int | None = None,
         n_seq_max: int | None = None,
+        cache_type_k: str | None = None,
+        cache_type_v: str | None = None,
     ) -> Context:
         """Create an inference context; the context drives sequence 0.
 
@@ -511,9 +519,14 @@ class Model:
                 the number of cores.
             n_seq_max: sequences the context can hold, each with ``n_ctx``
                 KV cells of its own (1..256; None: 1).
+            cache_type_k, cache_type_v: the KV cache's element types
+                (``"f16"``, the default, ``"q8_0"``, ``"q4_0"``, ``"f32"``,
+                ``"bf16"``, ``"q5_1"``, ``"q5_0"``, ``"q4_1"``); any but f16
+                turns flash attention on.
 
         Raises:
-            InvalidInputError: a size is zero, negative or out of range.
+            InvalidInputError: a size is zero, negative or out of range, or an
+                unknown KV cache type.
             ContextError: llama.cpp could not create the context.
         """
 
@@ -650,6 +663,8 @@ class Engine:
         policy: Mapping[str, int] | None,
         fingerprint_mode: str,
         parallel: int,
+        cache_type_k: str | None = None,
+        cache_type_v: str | None = None,
     ) -> Awaitable[str]:
         """Load a model (``backend``: ``"llama"``, ``"stub"`` or an object); resolves to its id."""
 

@@ -45,6 +45,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from erllama.errors import ContextOverflowError, ErllamaError
 
+#: The KV cache element types ``--cache-type-k/-v`` accept (``load_model``'s).
+KV_TYPES: Final = ("f16", "q8_0", "q4_0", "f32", "bf16", "q5_1", "q5_0", "q4_1")
+
 if TYPE_CHECKING:
     import erllama
     from erllama import _erllama
@@ -186,6 +189,8 @@ async def _load(engine: Engine, args: argparse.Namespace) -> erllama.Model:
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         tier="disk" if args.cache_dir else "ram",
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
     )
 
 
@@ -608,6 +613,14 @@ def _build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="the context size in tokens (default: %(default)s)",
         )
+        for which in ("k", "v"):
+            p.add_argument(
+                f"--cache-type-{which}",
+                choices=KV_TYPES,
+                default="f16",
+                help=f"the KV cache's {which.upper()} element type (default: %(default)s; "
+                "q8_0 and q4_0 make states smaller)",
+            )
         p.add_argument(
             "--temperature",
             type=float,
@@ -683,9 +696,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=("ttft", "agents", "parallel", "restart", "speed"),
-        default=["ttft", "agents", "parallel", "restart", "speed"],
-        help="which parts to run (default: all); parallel: decode throughput of 4 "
+        choices=("ttft", "kv", "agents", "parallel", "restart", "speed"),
+        default=["ttft", "kv", "agents", "parallel", "restart", "speed"],
+        help="which parts to run (default: all); kv: rows and restores under q8_0 and q4_0 "
+        "KV caches against f16; parallel: decode throughput of 4 "
         "sequences against 1, a lone request on parallel=4 against parallel=1; speed: cold "
         "prefill and decode tok/s (beside the peer, with --peer)",
     )

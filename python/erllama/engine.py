@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 Tier = Literal["ram", "ram_file", "disk"]
+KvType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 
 
 class CompletionOptions(TypedDict, total=False):
@@ -104,6 +105,8 @@ class LoadOptions(TypedDict, total=False):
     tier: Tier
     policy: Policy | None
     fingerprint_mode: Literal["safe", "gguf_chunked"]
+    cache_type_k: KvType
+    cache_type_v: KvType
 
 
 class Stream:
@@ -425,6 +428,8 @@ class Engine:
         tier: Tier = "ram",
         policy: Policy | None = None,
         fingerprint_mode: Literal["safe", "gguf_chunked"] = "gguf_chunked",
+        cache_type_k: KvType = "f16",
+        cache_type_v: KvType = "f16",
     ) -> Model:
         """Loads a model and returns it.
 
@@ -444,6 +449,14 @@ class Engine:
         :class:`~erllama.errors.ContextOverflowError`. Finished sequences
         stay warm (their prefix is shared with later requests) until their
         cells or sequence are needed.
+
+        ``cache_type_k`` / ``cache_type_v`` are the KV cache's element types
+        (llama.cpp's ``--cache-type-k/-v``): ``"f16"`` (default), ``"q8_0"``
+        (about half the bytes per token, in memory and in every cached row),
+        ``"q4_0"`` (about a quarter), or ``"f32"``, ``"bf16"``, ``"q5_1"``,
+        ``"q5_0"``, ``"q4_1"``. Any type but f16 turns flash attention on (a
+        quantized V cache needs it on CPU). The types are part of every cache
+        key: rows of one type are never restored into a model of another.
         """
         mid = await self._native.load_model(
             backend,
@@ -458,6 +471,8 @@ class Engine:
             tier=tier,
             policy=None if policy is None else policy.to_dict(),
             fingerprint_mode=fingerprint_mode,
+            cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v,
         )
         model = Model(self, mid)
         self._models[mid] = model

@@ -248,6 +248,92 @@ pub struct ModelFingerprint {
     pub quant: QuantType,
 }
 
+/// The element type of a KV cache (llama.cpp's `--cache-type-k/-v`):
+/// quantized types make every cached row and every sequence smaller, at a
+/// cost in precision (docs/api.md, quantized KV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvType {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats (llama.cpp's default).
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit blocks of 32 with an f16 scale (8.5 bits per value).
+    Q8_0,
+    /// 5-bit blocks with scale and minimum.
+    Q5_1,
+    /// 5-bit blocks with a scale.
+    Q5_0,
+    /// 4-bit blocks with scale and minimum.
+    Q4_1,
+    /// 4-bit blocks of 32 with an f16 scale (4.5 bits per value).
+    Q4_0,
+}
+
+impl KvType {
+    /// Every type, in label order of precision.
+    pub const ALL: [KvType; 8] = [
+        KvType::F32,
+        KvType::F16,
+        KvType::Bf16,
+        KvType::Q8_0,
+        KvType::Q5_1,
+        KvType::Q5_0,
+        KvType::Q4_1,
+        KvType::Q4_0,
+    ];
+
+    /// `"f32"`, `"f16"`, `"bf16"`, `"q8_0"`, `"q5_1"`, `"q5_0"`, `"q4_1"`
+    /// or `"q4_0"`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Bf16 => "bf16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q5_1 => "q5_1",
+            KvType::Q5_0 => "q5_0",
+            KvType::Q4_1 => "q4_1",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Whether values are stored in quantized blocks (llama.cpp then needs
+    /// flash attention for a quantized V cache).
+    #[must_use]
+    pub const fn is_quantized(self) -> bool {
+        !matches!(self, KvType::F32 | KvType::F16 | KvType::Bf16)
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = BackendError;
+
+    /// A label of [`KvType::label`], case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let want = s.trim().to_ascii_lowercase();
+        KvType::ALL
+            .into_iter()
+            .find(|t| t.label() == want)
+            .ok_or_else(|| {
+                let labels: Vec<&str> = KvType::ALL.iter().map(|t| t.label()).collect();
+                BackendError::InvalidInput(format!(
+                    "unknown KV cache type {s:?} (expected one of {})",
+                    labels.join(", ")
+                ))
+            })
+    }
+}
+
 /// Options for a new context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextParams {
@@ -262,6 +348,10 @@ pub struct ContextParams {
     /// Sequences computed together (`parallel`): concurrent requests and
     /// kept warm sequences.
     pub n_seq: usize,
+    /// The element type of the K cache.
+    pub type_k: KvType,
+    /// The element type of the V cache.
+    pub type_v: KvType,
 }
 
 impl Default for ContextParams {
@@ -271,6 +361,8 @@ impl Default for ContextParams {
             n_batch: 512,
             n_threads: None,
             n_seq: 4,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         }
     }
 }
@@ -282,16 +374,16 @@ pub trait Backend: Send + Sync {
     /// The weights' fingerprint, mode and quant type for cache keys.
     fn fingerprint(&self) -> ModelFingerprint;
     /// The context parameters that shape the KV layout, hashed into every
-    /// cache key. The default covers n_ctx and n_batch with an f16 KV cache
-    /// in one unified sequence.
+    /// cache key. The default covers n_ctx, n_batch and the KV types in one
+    /// unified sequence.
     fn ctx_params(&self, params: &ContextParams) -> CtxParams {
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         CtxParams {
             n_ctx: n(params.n_ctx),
             n_batch: n(params.n_batch),
             n_ubatch: n(params.n_batch),
-            type_k: "f16".into(),
-            type_v: "f16".into(),
+            type_k: params.type_k.label().into(),
+            type_v: params.type_v.label().into(),
             // A row is one sequence's state, the same whichever context
             // (of any parallelism) saved or restores it.
             n_seq_max: 1,

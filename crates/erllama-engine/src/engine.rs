@@ -60,6 +60,10 @@ pub struct ModelInfo {
     pub cache_reason: Option<String>,
     /// Sequences computed together (`parallel`).
     pub parallel: usize,
+    /// The K cache's element type.
+    pub cache_type_k: crate::KvType,
+    /// The V cache's element type.
+    pub cache_type_v: crate::KvType,
     /// Requests running now (on a sequence).
     pub running: usize,
     /// Requests waiting for a sequence or for KV cells.
@@ -631,6 +635,8 @@ impl Engine {
             memory: support.memory,
             cache_reason: support.reason,
             parallel: e.config.context.n_seq,
+            cache_type_k: e.config.context.type_k,
+            cache_type_v: e.config.context.type_v,
             running: occupancy.running,
             queued: occupancy.queued,
             warm_sequences: occupancy.warm,

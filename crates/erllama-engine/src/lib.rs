@@ -31,7 +31,7 @@ mod text;
 
 pub use backend::{
     AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, ForeignError,
-    KvCells, ModelFingerprint, PrefixReuse, SamplingParams, SeqId, StateSupport,
+    KvCells, KvType, ModelFingerprint, PrefixReuse, SamplingParams, SeqId, StateSupport,
 };
 pub use cells::CellLedger;
 pub use engine::{AdapterInfo, Engine, ModelInfo, RequestStream};

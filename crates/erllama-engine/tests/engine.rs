@@ -44,6 +44,7 @@ async fn stub(engine: &Engine, id: Option<&str>, tier: TierKind) -> String {
                     n_batch: 8,
                     n_threads: None,
                     n_seq: 4,
+                    ..ContextParams::default()
                 },
                 tier,
                 policy: policy(),
@@ -525,6 +526,7 @@ async fn a_pooled_context_runs_what_fits_and_queues_the_rest() {
             n_batch: 8,
             n_threads: None,
             n_seq: 4,
+            ..ContextParams::default()
         },
     )
     .await;

@@ -228,6 +228,8 @@ impl LlamaBackend {
             n_batch: to_u32("n_batch", params.n_batch)?,
             n_threads: params.n_threads,
             n_seq_max: to_u32("n_seq", params.n_seq)?,
+            type_k: params.type_k,
+            type_v: params.type_v,
         })
     }
 
@@ -259,10 +261,12 @@ impl Backend for LlamaBackend {
     }
 
     /// The layout [`Session`] creates: `n_batch` clamped to `n_ctx`,
-    /// `n_ubatch = n_batch`, f16 K and V, one sequence in a unified KV
-    /// cache (whatever `n_seq`: rows hold one sequence in the one-stream
-    /// form, see [`crate::state`]), llama.cpp's default flash-attention policy (`auto`, recorded
-    /// in `extra` since it decides whether V is stored transposed), and the
+    /// `n_ubatch = n_batch`, the K and V types, one sequence in a unified
+    /// KV cache (whatever `n_seq`: rows hold one sequence in the one-stream
+    /// form, see [`crate::state`]), the flash-attention policy (llama.cpp's
+    /// `auto` with f16 K and V, forced on with any other type — a
+    /// quantized V needs it; recorded in `flash_attn` and `extra` since it
+    /// decides whether V is stored transposed), and the
     /// CPU features this build of llama.cpp computes with (`cpu`, from
     /// [`crate::system_info`]): kernels for other instruction sets (the
     /// wheel's AVX-512 build against its x86-64-v3 one) round differently,
@@ -272,18 +276,22 @@ impl Backend for LlamaBackend {
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         let n_ctx = n(params.n_ctx);
         let n_batch = n(params.n_batch).min(n_ctx);
+        let forced = Self::session_params(params).is_ok_and(|p| p.flash_attn_forced());
         CtxParams {
             n_ctx,
             n_batch,
             n_ubatch: n_batch,
-            type_k: "f16".into(),
-            type_v: "f16".into(),
+            type_k: params.type_k.label().into(),
+            type_v: params.type_v.label().into(),
             n_seq_max: 1,
             kv_unified: true,
-            flash_attn: false,
+            flash_attn: forced,
             extra: vec![
                 ("backend".into(), "llama".into()),
-                ("flash_attn".into(), "auto".into()),
+                (
+                    "flash_attn".into(),
+                    if forced { "enabled" } else { "auto" }.into(),
+                ),
                 ("cpu".into(), crate::backend::cpu_features().to_owned()),
             ],
         }

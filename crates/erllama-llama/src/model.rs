@@ -263,6 +263,7 @@ impl Model {
                     n_batch: 64,
                     n_threads: Some(1),
                     n_seq_max: 1,
+                    ..crate::SessionParams::default()
                 };
                 match crate::Session::new(self, &params) {
                     Ok(session) => session.cache_support(),

@@ -5,7 +5,8 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use erllama_engine::KvType;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
@@ -34,6 +35,11 @@ pub struct SessionParams {
     /// reads only its own cells, which is what makes a sequence computed
     /// beside others give the tokens it gives alone.
     pub n_seq_max: u32,
+    /// The element type of the K cache.
+    pub type_k: KvType,
+    /// The element type of the V cache. A quantized one needs flash
+    /// attention, which the session then turns on explicitly.
+    pub type_v: KvType,
 }
 
 impl Default for SessionParams {
@@ -43,11 +49,36 @@ impl Default for SessionParams {
             n_batch: 512,
             n_threads: None,
             n_seq_max: 1,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
         }
     }
 }
 
+/// llama.cpp's name for a KV cache type.
+fn llama_kv_type(t: KvType) -> KvCacheType {
+    match t {
+        KvType::F32 => KvCacheType::F32,
+        KvType::F16 => KvCacheType::F16,
+        KvType::Bf16 => KvCacheType::BF16,
+        KvType::Q8_0 => KvCacheType::Q8_0,
+        KvType::Q5_1 => KvCacheType::Q5_1,
+        KvType::Q5_0 => KvCacheType::Q5_0,
+        KvType::Q4_1 => KvCacheType::Q4_1,
+        KvType::Q4_0 => KvCacheType::Q4_0,
+    }
+}
+
 impl SessionParams {
+    /// Whether the context runs with flash attention forced on (a KV type
+    /// other than f16: a quantized V cache needs it, and the choice must
+    /// not depend on llama.cpp's `auto` resolution for rows to be
+    /// interchangeable); otherwise llama.cpp's `auto` policy decides.
+    #[must_use]
+    pub fn flash_attn_forced(&self) -> bool {
+        self.type_k != KvType::F16 || self.type_v != KvType::F16
+    }
+
     /// The thread count actually used.
     #[must_use]
     pub fn threads(&self) -> u32 {
@@ -194,8 +225,15 @@ impl Session {
             // prefix of any length can be copied to another sequence or
             // kept when a sequence is cut back.
             .with_swa_full(params.n_seq_max > 1)
+            .with_type_k(llama_kv_type(params.type_k))
+            .with_type_v(llama_kv_type(params.type_v))
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
+        let cparams = if params.flash_attn_forced() {
+            cparams.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
+        } else {
+            cparams
+        };
 
         let ctx = {
             let _guard = model.inner.lock_model_state();

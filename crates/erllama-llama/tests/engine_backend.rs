@@ -26,6 +26,7 @@ fn cparams() -> ContextParams {
         n_batch: N_BATCH,
         n_threads: None,
         n_seq: 4,
+        ..ContextParams::default()
     }
 }
 
@@ -530,6 +531,7 @@ fn fingerprint_and_ctx_params_are_stable() {
         n_batch: 512,
         n_threads: Some(2),
         n_seq: 4,
+        ..ContextParams::default()
     });
     assert_eq!((cp.n_ctx, cp.n_batch, cp.n_ubatch), (256, 256, 256));
     assert_eq!((cp.type_k.as_str(), cp.type_v.as_str()), ("f16", "f16"));

@@ -60,6 +60,7 @@ fn session() -> Session {
             n_batch: 512,
             n_threads: None,
             n_seq_max: 1,
+            ..SessionParams::default()
         },
     )
     .expect("session")

@@ -93,6 +93,7 @@ fn ctx() -> Box<dyn BackendContext> {
             n_batch: N_BATCH,
             n_threads: None,
             n_seq: 4,
+            ..ContextParams::default()
         })
         .expect("context")
 }

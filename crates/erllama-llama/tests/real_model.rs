@@ -23,6 +23,7 @@ fn params(n_ctx: u32) -> SessionParams {
         n_batch: 512,
         n_threads: None,
         n_seq_max: 1,
+        ..SessionParams::default()
     }
 }
 

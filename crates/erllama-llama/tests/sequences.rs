@@ -28,6 +28,7 @@ fn context(n_batch: usize, n_seq: usize) -> Box<dyn BackendContext> {
             n_batch,
             n_threads: Some(2),
             n_seq,
+            ..ContextParams::default()
         })
         .expect("context")
 }
@@ -323,6 +324,7 @@ fn session() -> Session {
             n_batch: 32,
             n_threads: Some(2),
             n_seq_max: 4,
+            ..SessionParams::default()
         },
     )
     .expect("session")
@@ -470,6 +472,7 @@ fn a_sequence_keeps_its_cells_in_order_beside_others() {
             n_batch: N_BATCH,
             n_threads: Some(2),
             n_seq: 1,
+            ..ContextParams::default()
         })
         .unwrap();
     for (ctx, seq) in [(&mut c, 0), (&mut fresh, 0)] {

@@ -11,7 +11,7 @@
 //! the Python `CompletionOptions` TypedDict.
 
 use erllama_cache::CacheKey;
-use erllama_engine::{RequestOptions, SamplingParams};
+use erllama_engine::{KvType, RequestOptions, SamplingParams};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
@@ -50,6 +50,21 @@ pub fn u64_in(obj: &Bound<'_, PyAny>, name: &str, lo: u64, hi: u64) -> PyResult<
 pub fn usize_in(obj: &Bound<'_, PyAny>, name: &str, lo: usize, hi: usize) -> PyResult<usize> {
     let v = u64_in(obj, name, lo as u64, hi as u64)?;
     Ok(usize::try_from(v).unwrap_or(hi))
+}
+
+/// A KV cache type label (`"f16"`, `"q8_0"`, ...; `None` → f16).
+pub fn kv_type(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<KvType> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(KvType::F16);
+    };
+    let labels: Vec<&str> = KvType::ALL.iter().map(|t| t.label()).collect();
+    let expected = || format!("{name} must be one of {}", labels.join(", "));
+    if !obj.is_instance_of::<PyString>() {
+        return Err(invalid(format!("{}, got {}", expected(), type_name(obj))));
+    }
+    let text: String = obj.extract()?;
+    text.parse::<KvType>()
+        .map_err(|_| invalid(format!("{}, got {text:?}", expected())))
 }
 
 /// An int in `lo..=hi` as `u32`.

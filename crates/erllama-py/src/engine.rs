@@ -261,7 +261,7 @@ impl PyEngine {
     }
 
     /// Loads a model; resolves to its id.
-    #[pyo3(signature = (backend, *, path, model_id, n_ctx, n_batch, n_threads, n_gpu_layers, use_mmap, tier, policy, fingerprint_mode, parallel))]
+    #[pyo3(signature = (backend, *, path, model_id, n_ctx, n_batch, n_threads, n_gpu_layers, use_mmap, tier, policy, fingerprint_mode, parallel, cache_type_k = None, cache_type_v = None))]
     #[allow(clippy::too_many_arguments)]
     fn load_model<'py>(
         &self,
@@ -278,6 +278,8 @@ impl PyEngine {
         policy: Option<&Bound<'py, PyDict>>,
         fingerprint_mode: &str,
         parallel: &Bound<'py, PyAny>,
+        cache_type_k: Option<&Bound<'py, PyAny>>,
+        cache_type_v: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guard("load_model", || {
             let engine = self.engine.clone();
@@ -290,6 +292,8 @@ impl PyEngine {
                 n_batch: usize_in(n_batch, "n_batch", 1, 1 << 16)?,
                 n_threads: opt(n_threads, |v| u32_in(v, "n_threads", 1, 1024))?,
                 n_seq: usize_in(parallel, "parallel", 1, 256)?,
+                type_k: crate::args::kv_type(cache_type_k, "cache_type_k")?,
+                type_v: crate::args::kv_type(cache_type_v, "cache_type_v")?,
             };
             let n_gpu_layers = u32_in(n_gpu_layers, "n_gpu_layers", 0, 100_000)?;
             let mode = FingerprintMode::from_label(fingerprint_mode)

@@ -217,7 +217,8 @@ impl PyModel {
         })
     }
 
-    #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, n_seq_max = None))]
+    #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, n_seq_max = None, cache_type_k = None, cache_type_v = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new_context(
         &self,
         py: Python<'_>,
@@ -225,6 +226,8 @@ impl PyModel {
         n_batch: Option<&Bound<'_, PyAny>>,
         n_threads: Option<&Bound<'_, PyAny>>,
         n_seq_max: Option<&Bound<'_, PyAny>>,
+        cache_type_k: Option<&Bound<'_, PyAny>>,
+        cache_type_v: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyContext> {
         guard("LlamaModel.new_context", || {
             let get = |v: Option<&Bound<'_, PyAny>>, name, lo, hi, default| match v {
@@ -239,6 +242,8 @@ impl PyModel {
                     _ => None,
                 },
                 n_seq_max: get(n_seq_max, "n_seq_max", 1, 256, 1)?,
+                type_k: crate::args::kv_type(cache_type_k, "cache_type_k")?,
+                type_v: crate::args::kv_type(cache_type_v, "cache_type_v")?,
             };
             let n_ctx = params.n_ctx;
             let model = &self.model;

@@ -173,6 +173,10 @@ record! {
         cache_reason: Option<String>,
         /// Sequences computed together (`parallel`).
         parallel: usize,
+        /// The K cache's element type (`f16`, `q8_0`, ...).
+        cache_type_k: String,
+        /// The V cache's element type.
+        cache_type_v: String,
         /// Requests running now.
         running: usize,
         /// Requests waiting for a sequence or KV cells.
@@ -201,6 +205,8 @@ impl From<EngineModelInfo> for ModelInfo {
             memory: i.memory,
             cache_reason: i.cache_reason,
             parallel: i.parallel,
+            cache_type_k: i.cache_type_k.label().into(),
+            cache_type_v: i.cache_type_v.label().into(),
             running: i.running,
             queued: i.queued,
             warm_sequences: i.warm_sequences,
