@@ -971,8 +971,9 @@ impl Actor {
         for (seq, tokens, _) in &items {
             self.cells.append(*seq, tokens.len());
         }
+        let alone = items.len() == 1;
         for (seq, tokens, logits) in items {
-            self.after_decode(seq, tokens.len(), logits);
+            self.after_decode(seq, tokens.len(), logits, alone);
         }
     }
 
@@ -995,8 +996,9 @@ impl Actor {
         (at, end)
     }
 
-    /// After `seq` got `n` tokens in a step.
-    fn after_decode(&mut self, seq: SeqId, n: usize, logits: bool) {
+    /// After `seq` got `n` tokens in a step (`alone`: no other sequence
+    /// was computed in it).
+    fn after_decode(&mut self, seq: SeqId, n: usize, logits: bool, alone: bool) {
         let Slot::Busy(a) = &mut self.slots[seq] else {
             return;
         };
@@ -1012,7 +1014,7 @@ impl Actor {
                     self.save_async(seq, SaveReason::Cold, false);
                 }
                 if at == prompt_len {
-                    self.prompt_done(seq);
+                    self.prompt_done(seq, alone);
                 }
             }
             Phase::Generating => {
@@ -1026,9 +1028,15 @@ impl Actor {
     }
 
     /// `seq` holds its whole prompt and has the logits that follow it:
-    /// the prompt's own row is saved if due (with those logits, so a
-    /// repeat is answered without a decode), and generation starts.
-    fn prompt_done(&mut self, seq: SeqId) {
+    /// the prompt's own row is saved if due, and generation starts.
+    ///
+    /// The row carries those logits (a repeat is then answered without a
+    /// decode) only when `lone_logits`: the last prompt token was computed
+    /// in a step of its own, as a lone run computes it. A step shared with
+    /// other sequences may round differently (docs/api.md, parallel
+    /// requests), and a row must restore into what a lone run gives: a
+    /// row without logits has its last token fed again, alone.
+    fn prompt_done(&mut self, seq: SeqId, lone_logits: bool) {
         let Slot::Busy(a) = &mut self.slots[seq] else {
             return;
         };
@@ -1041,7 +1049,7 @@ impl Actor {
         // Continued saves count from the end of the prompt.
         a.last_saved_at = prompt_len;
         if save_prompt {
-            self.save_async(seq, SaveReason::Cold, true);
+            self.save_async(seq, SaveReason::Cold, lone_logits);
         }
         self.generate(seq);
     }
@@ -1379,7 +1387,8 @@ impl Actor {
         a.prefill_at = len;
         a.last_saved_at = len;
         if answered {
-            self.prompt_done(seq);
+            // Nothing is saved: the prompt's row is the one just restored.
+            self.prompt_done(seq, false);
         }
     }
 

@@ -23,7 +23,7 @@ use crate::records::Completion;
 /// What the buffer holds.
 enum Slot {
     Empty,
-    Event(Event),
+    Event(Box<Event>),
     /// The engine's channel closed without a final event (the model died).
     Closed,
 }
@@ -86,7 +86,7 @@ impl PyStream {
                 return Ok(());
             }
             let next = events.next().await;
-            *state.slot() = next.map_or(Slot::Closed, Slot::Event);
+            *state.slot() = next.map_or(Slot::Closed, |e| Slot::Event(Box::new(e)));
             Ok(())
         })
     }
@@ -107,17 +107,19 @@ impl PyStream {
                     Kind::InvalidInput,
                     "no event is buffered: await ready() first",
                 )),
-                Slot::Event(Event::Token { text, .. }) => Ok(Some(text)),
-                Slot::Event(Event::Done(result)) => {
-                    self.state.done.store(true, Ordering::Release);
-                    let completion = result.map_err(engine_err)?;
-                    *self
-                        .state
-                        .completion
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(completion.into());
-                    Ok(None)
-                }
+                Slot::Event(event) => match *event {
+                    Event::Token { text, .. } => Ok(Some(text)),
+                    Event::Done(result) => {
+                        self.state.done.store(true, Ordering::Release);
+                        let completion = result.map_err(engine_err)?;
+                        *self
+                            .state
+                            .completion
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(completion.into());
+                        Ok(None)
+                    }
+                },
                 Slot::Closed => {
                     self.state.done.store(true, Ordering::Release);
                     Err(err(
