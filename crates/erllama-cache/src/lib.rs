@@ -64,6 +64,7 @@ mod fsio;
 mod gguf;
 mod key;
 mod kvc;
+mod lru;
 mod meta;
 mod policy;
 mod semaphore;

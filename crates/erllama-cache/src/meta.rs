@@ -21,10 +21,15 @@
 //!   bytes reserved by saves in flight, so concurrent saves can never
 //!   overshoot it together. File deletions happen under the writer lock,
 //!   so a freed key cannot be re-linked before its old file is gone.
+//! - **LRU bookkeeping.** The writer state keeps per-tier recency lists
+//!   ([`crate::lru`]): a claim moves its row to the most recent end, a
+//!   publish appends, every removal unlists, and an eviction walks from
+//!   the least recent end and stops once enough bytes are freed — no
+//!   mutation scans the whole index. Release stays lock-free.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +37,7 @@ use crate::counters::{Counter, Counters};
 use crate::fsio::DirError;
 use crate::key::{CacheKey, KeyHasher};
 use crate::kvc::SaveReason;
+use crate::lru::{Recency, Walk, NIL};
 use crate::policy::{longest_prefix_probes, PolicyConfig};
 use crate::semaphore::{PoolError, WriterPool};
 use crate::tier::{
@@ -166,7 +172,8 @@ impl RowStatus {
 }
 
 /// One index row. Immutable fields are set at reserve or registration;
-/// the atomics are written only under the writer lock and read anywhere.
+/// the atomics are written only under the writer lock and read anywhere,
+/// except the pin word, which a release lowers without the lock.
 #[derive(Debug)]
 pub(crate) struct Row {
     pub(crate) key: CacheKey,
@@ -177,10 +184,19 @@ pub(crate) struct Row {
     pub(crate) created_unix: u64,
     status: AtomicU8,
     size: AtomicU64,
-    refcount: AtomicU32,
+    /// Live claims in the low bits, plus [`PARKED`] while the row sits in
+    /// its tier's parked recency list (one word, so a lock-free release
+    /// and an eviction walk parking the row cannot miss each other).
+    pins: AtomicU32,
     hits: AtomicU32,
     last_used: AtomicU64,
+    /// The row's slot in the recency lists ([`NIL`] unless available);
+    /// only used under the writer lock.
+    lru_slot: AtomicU32,
 }
+
+/// The parked bit of [`Row::pins`] (the claim count stays below it).
+const PARKED: u32 = 1 << 31;
 
 impl Row {
     pub(crate) fn status(&self) -> RowStatus {
@@ -195,49 +211,77 @@ impl Row {
         self.size.load(Ordering::Relaxed)
     }
 
+    /// Live claims. `SeqCst`, paired with [`Row::unpin`] and the parked
+    /// flags (see [`crate::lru`]).
+    pub(crate) fn refcount(&self) -> u32 {
+        self.pins.load(Ordering::SeqCst) & !PARKED
+    }
+
+    /// Whether the row sits in its tier's parked list.
+    #[cfg(test)]
+    pub(crate) fn is_parked(&self) -> bool {
+        self.pins.load(Ordering::SeqCst) & PARKED != 0
+    }
+
+    /// The LRU tick (higher is more recent).
+    pub(crate) fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn lru_slot(&self) -> u32 {
+        self.lru_slot.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_lru_slot(&self, slot: u32) {
+        self.lru_slot.store(slot, Ordering::Relaxed);
+    }
+
+    /// Under the writer lock: sets the parked bit if the row is pinned, in
+    /// one step with respect to releases; false (bit left clear) once the
+    /// last pin is gone.
+    pub(crate) fn try_park(&self) -> bool {
+        self.pins
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n & !PARKED != 0).then_some(n | PARKED)
+            })
+            .is_ok()
+    }
+
+    /// Under the writer lock (a claim): one more pin, parked bit cleared
+    /// (the claim moves the row back to its tier's main list).
+    fn pin(&self) {
+        let _ = self
+            .pins
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some((n & !PARKED) + 1)
+            });
+    }
+
+    /// Lock-free release: one pin fewer (saturating at 0). True when this
+    /// dropped the last pin of a parked row, which the tier's next
+    /// eviction walk must then look at.
+    fn unpin(&self) -> bool {
+        self.pins
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n & !PARKED != 0).then(|| n - 1)
+            })
+            .is_ok_and(|n| n == PARKED | 1)
+    }
+
     fn info(&self) -> RowInfo {
         RowInfo {
             key: self.key,
             tier: self.tier,
             status: self.status(),
             size: self.size(),
-            refcount: self.refcount.load(Ordering::Relaxed),
+            refcount: self.refcount(),
             hits: self.hits.load(Ordering::Relaxed),
-            last_used: self.last_used.load(Ordering::Relaxed),
+            last_used: self.last_used(),
             token_count: self.tokens.len(),
             save_reason: self.save_reason,
             context_size: self.context_size,
             created_unix: self.created_unix,
         }
-    }
-}
-
-/// Eviction order: the least recently used row is the heap's maximum.
-struct Victim(Arc<Row>);
-
-impl Victim {
-    fn rank(&self) -> u64 {
-        self.0.last_used.load(Ordering::Relaxed)
-    }
-}
-
-impl PartialEq for Victim {
-    fn eq(&self, other: &Self) -> bool {
-        self.rank() == other.rank()
-    }
-}
-
-impl Eq for Victim {}
-
-impl PartialOrd for Victim {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Victim {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.rank().cmp(&self.rank())
     }
 }
 
@@ -286,6 +330,8 @@ pub(crate) struct WriterState {
     pub(crate) reserved: [u64; 3],
     pub(crate) reservations: HashMap<CacheKey, Reservation>,
     pub(crate) next_token: u64,
+    /// Every available row in per-tier recency lists ([`crate::lru`]).
+    pub(crate) recency: Recency,
 }
 
 pub(crate) struct Inner {
@@ -298,6 +344,10 @@ pub(crate) struct Inner {
     pub(crate) counters: Arc<Counters>,
     pub(crate) pool: WriterPool,
     pub(crate) tick: AtomicU64,
+    /// Per tier: a release unpinned a parked row (or a walk left unpinned
+    /// rows in the parked list), so the next eviction walk must look at
+    /// the parked list ([`crate::lru`]).
+    pub(crate) parked_released: [AtomicBool; 3],
     pub(crate) config: CacheConfig,
 }
 
@@ -434,12 +484,11 @@ impl Drop for Claim {
         // and eviction decides under the lock on what it sees then; claims
         // (which must not race an eviction) still take the lock.
         // Saturating: a release is idempotent even if accounting were off.
-        let _ = self
-            .row
-            .refcount
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(1))
-            });
+        // Unpinning a parked row tells the tier's next eviction walk to
+        // look at the parked list (SeqCst: see crate::lru).
+        if self.row.unpin() {
+            self.cache.inner.parked_released[self.row.tier.index()].store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -527,6 +576,7 @@ impl Cache {
                 counters,
                 pool,
                 tick: AtomicU64::new(1),
+                parked_released: Default::default(),
                 config,
             }),
         };
@@ -585,10 +635,12 @@ impl Cache {
                 created_unix: r.meta.creation_time,
                 status: AtomicU8::new(RowStatus::Available as u8),
                 size: AtomicU64::new(r.size),
-                refcount: AtomicU32::new(0),
+                pins: AtomicU32::new(0),
                 hits: AtomicU32::new(r.meta.hit_count),
                 last_used: AtomicU64::new(self.next_tick()),
+                lru_slot: AtomicU32::new(NIL),
             });
+            st.recency.insert(&row);
             rows.insert(r.key, row);
             st.used[tier.index()] += r.size;
             self.inner.counters.add(bytes_counter(tier), r.size);
@@ -718,20 +770,23 @@ impl Cache {
 
     fn claim_row(&self, row: Arc<Row>) -> Result<Claim, ClaimError> {
         let hits = {
-            let _writer = self.lock();
+            let mut writer = self.lock();
             // Re-check under the lock: the row may have been removed or
-            // changed state since the lock-free read.
-            let current = self.inner.rows.pin().get(&row.key).cloned();
-            match current {
-                Some(ref r) if Arc::ptr_eq(r, &row) => {}
-                Some(_) => return Err(ClaimError::Busy),
-                None => return Err(ClaimError::NotFound),
+            // changed state since the lock-free read. Every status change
+            // and removal (un)lists the row under this lock, so a listed
+            // row is in the index and available: no second lookup.
+            if row.lru_slot() == NIL {
+                return Err(if self.inner.rows.pin().contains_key(&row.key) {
+                    // Not available, or replaced by a newer row.
+                    ClaimError::Busy
+                } else {
+                    ClaimError::NotFound
+                });
             }
-            if row.status() != RowStatus::Available {
-                return Err(ClaimError::Busy);
-            }
-            row.refcount.fetch_add(1, Ordering::AcqRel);
+            debug_assert_eq!(row.status(), RowStatus::Available);
+            row.pin();
             row.last_used.store(self.next_tick(), Ordering::Relaxed);
+            writer.recency.touch(&row);
             row.hits.fetch_add(1, Ordering::Relaxed).saturating_add(1)
         };
         if let Some(t) = self.tier(row.tier) {
@@ -865,6 +920,7 @@ impl Cache {
             let _ = t.remove(&row.key);
         }
         rows.remove(&row.key);
+        st.recency.remove(row);
         self.account_removed(&mut st, row);
     }
 
@@ -877,38 +933,36 @@ impl Cache {
 
     /// Evicts unpinned available rows of `tiers`, least recently used
     /// first, until at least `want` bytes are freed (or none is left).
-    /// Returns (rows, bytes) evicted.
+    /// Returns (rows, bytes) evicted. Walks the recency lists from the
+    /// least recent end: O(victims), not O(rows).
     pub(crate) fn evict_locked(
         &self,
         st: &mut WriterState,
         want: u64,
         tiers: &[TierKind],
     ) -> (usize, u64) {
-        // A heap (O(n) to build, O(log n) per victim) rather than a full
-        // sort: most evictions take a few rows of many.
-        let mut victims: BinaryHeap<Victim> = self
-            .inner
-            .rows
-            .pin()
-            .values()
-            .filter(|r| tiers.contains(&r.tier) && Self::evictable(r))
-            .map(|r| Victim(Arc::clone(r)))
-            .collect();
+        let mut walk = Walk::new(&st.recency, tiers, &self.inner.parked_released);
+        let freed = self.evict_walk(st, &mut walk, want);
+        walk.finish(&self.inner.parked_released);
+        freed
+    }
+
+    /// Evicts the candidates of `walk` until at least `want` bytes are
+    /// freed or none is left; returns (rows, bytes) evicted.
+    fn evict_walk(&self, st: &mut WriterState, walk: &mut Walk, want: u64) -> (usize, u64) {
         let (mut count, mut freed) = (0, 0);
-        while let Some(Victim(row)) = victims.pop() {
-            if freed >= want {
+        while freed < want {
+            let Some(candidate) = walk.take(&mut st.recency) else {
                 break;
-            }
-            if self.remove_locked(st, &row) {
+            };
+            if self.remove_locked(st, &candidate.row) {
                 count += 1;
-                freed += row.size();
+                freed += candidate.row.size();
+            } else {
+                walk.keep(&candidate);
             }
         }
         (count, freed)
-    }
-
-    fn evictable(row: &Row) -> bool {
-        row.status() == RowStatus::Available && row.refcount.load(Ordering::Acquire) == 0
     }
 
     /// Evicts one row under the writer lock; false (row kept) when its
@@ -921,6 +975,7 @@ impl Cache {
             return false;
         }
         self.inner.rows.pin().remove(&row.key);
+        st.recency.remove(row);
         self.account_removed(st, row);
         self.inner.counters.incr(Counter::Evictions);
         true
@@ -961,18 +1016,38 @@ impl Cache {
             return false;
         }
         let need = committed + size - quota;
-        let evictable: u64 = self
-            .inner
-            .rows
-            .pin()
-            .values()
-            .filter(|r| r.tier == tier && Self::evictable(r))
-            .map(|r| r.size())
-            .sum();
-        if evictable < need {
+        // Walk LRU-first collecting victims until they cover the need; only
+        // then evict them (a row whose bytes cannot be removed is replaced
+        // by the next candidates). Nothing is evicted if they cannot.
+        let mut walk = Walk::new(&st.recency, &[tier], &self.inner.parked_released);
+        let mut victims = Vec::new();
+        let mut covered = 0;
+        while covered < need {
+            let Some(candidate) = walk.take(&mut st.recency) else {
+                break;
+            };
+            covered += candidate.row.size();
+            victims.push(candidate);
+        }
+        if covered < need {
+            for candidate in &victims {
+                walk.keep(candidate);
+            }
+            walk.finish(&self.inner.parked_released);
             return false;
         }
-        self.evict_locked(st, need, &[tier]);
+        let mut freed = 0;
+        for candidate in victims {
+            if self.remove_locked(st, &candidate.row) {
+                freed += candidate.row.size();
+            } else {
+                walk.keep(&candidate);
+            }
+        }
+        if freed < need {
+            self.evict_walk(st, &mut walk, need - freed);
+        }
+        walk.finish(&self.inner.parked_released);
         st.used[i] + st.reserved[i] + size <= quota
     }
 
@@ -998,9 +1073,10 @@ impl Cache {
             created_unix: unix_now(),
             status: AtomicU8::new(RowStatus::Writing as u8),
             size: AtomicU64::new(size),
-            refcount: AtomicU32::new(0),
+            pins: AtomicU32::new(0),
             hits: AtomicU32::new(0),
             last_used: AtomicU64::new(self.next_tick()),
+            lru_slot: AtomicU32::new(NIL),
         }
     }
 
@@ -1008,13 +1084,15 @@ impl Cache {
         self.inner.rows.pin().get(key).cloned()
     }
 
-    /// Marks a written row published (under the writer lock).
-    pub(crate) fn publish_row_locked(&self, st: &mut WriterState, row: &Row, size: u64) {
+    /// Marks a written row published (under the writer lock): available,
+    /// the most recently used of its tier.
+    pub(crate) fn publish_row_locked(&self, st: &mut WriterState, row: &Arc<Row>, size: u64) {
         row.size.store(size, Ordering::Relaxed);
         row.last_used.store(self.next_tick(), Ordering::Relaxed);
         st.used[row.tier.index()] += size;
         self.inner.counters.add(bytes_counter(row.tier), size);
         row.set_status(RowStatus::Available);
+        st.recency.insert(row);
         // An adopted file larger than the reservation: stay under quota.
         let i = row.tier.index();
         let over = (st.used[i] + st.reserved[i]).saturating_sub(self.quota(row.tier));
@@ -1047,6 +1125,471 @@ impl Cache {
             self.inner.pool.try_acquire()
         } else {
             self.inner.pool.acquire_timeout(timeout)
+        }
+    }
+}
+
+#[cfg(test)]
+impl Cache {
+    /// Checks that the recency lists and the index agree (see
+    /// `Recency::check`).
+    ///
+    /// # Errors
+    ///
+    /// What disagrees.
+    pub(crate) fn check_lru(&self) -> Result<(), String> {
+        let st = self.lock();
+        let rows: Vec<Arc<Row>> = self.inner.rows.pin().values().cloned().collect();
+        st.recency.check(&rows, &self.inner.parked_released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::key::{FingerprintMode, QuantType};
+    use crate::writer::{ModelIdentity, SaveError, SaveRequest};
+
+    fn identity() -> Arc<ModelIdentity> {
+        Arc::new(ModelIdentity {
+            fingerprint: [0x11; 32],
+            fingerprint_mode: FingerprintMode::Safe,
+            quant_type: QuantType::Q4_1,
+            ctx_params_hash: [0x22; 32],
+            context_size: 4096,
+        })
+    }
+
+    /// Row `n` of `tier` with a `len`-byte payload.
+    fn request(tier: TierKind, n: u32, len: usize) -> SaveRequest {
+        SaveRequest {
+            identity: identity(),
+            tier,
+            tokens: vec![n, n + 1, n + 2, n + 3].into(),
+            payload: vec![0x5A; len],
+            logits_count: 0,
+            reason: SaveReason::Finish,
+            prompt_text: String::new(),
+            detail: None,
+        }
+    }
+
+    fn key(n: u32) -> CacheKey {
+        request(TierKind::Ram, n, 0).key()
+    }
+
+    fn ram_cache(quota: u64) -> Cache {
+        Cache::open(CacheConfig {
+            ram_quota: quota,
+            ..CacheConfig::default()
+        })
+        .expect("open cache")
+    }
+
+    /// Saves rows `ns` (RAM, 100-byte payloads); returns their size.
+    fn save_all(cache: &Cache, ns: &[u32]) -> u64 {
+        ns.iter()
+            .map(|&n| {
+                cache
+                    .save(request(TierKind::Ram, n, 100))
+                    .expect("save")
+                    .size
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn touch(cache: &Cache, n: u32) {
+        cache.claim(&key(n)).expect("claim").release();
+    }
+
+    /// The rows (by number, of 0..100) in `dump` order.
+    fn order(cache: &Cache) -> Vec<u32> {
+        cache
+            .dump()
+            .iter()
+            .map(|r| (0..100).find(|&n| key(n) == r.key).expect("a test row"))
+            .collect()
+    }
+
+    #[test]
+    fn eviction_follows_claims() {
+        let cache = ram_cache(1 << 20);
+        let size = save_all(&cache, &[1, 2, 3, 4, 5]);
+        touch(&cache, 2);
+        touch(&cache, 1);
+        touch(&cache, 4);
+        assert_eq!(order(&cache), [3, 5, 2, 1, 4]);
+        cache.check_lru().expect("lists agree");
+        assert_eq!(cache.evict_bytes(2 * size, &[TierKind::Ram]), (2, 2 * size));
+        assert_eq!(order(&cache), [2, 1, 4]);
+        assert_eq!(cache.evict_bytes(1, &[TierKind::Ram]), (1, size));
+        assert_eq!(order(&cache), [1, 4]);
+        cache.check_lru().expect("lists agree");
+    }
+
+    #[test]
+    fn pinned_rows_are_skipped_then_evicted_in_order() {
+        let cache = ram_cache(1 << 20);
+        let size = save_all(&cache, &[1, 2, 3, 4]);
+        let pin = cache.claim(&key(1)).expect("claim");
+        touch(&cache, 2);
+        touch(&cache, 3);
+        touch(&cache, 4);
+        // LRU order 1 (pinned), 2, 3, 4: 1 is skipped and parked.
+        assert_eq!(cache.evict_bytes(1, &[TierKind::Ram]), (1, size));
+        assert_eq!(order(&cache), [1, 3, 4]);
+        let one = cache.row(&key(1)).expect("row 1");
+        assert!(one.is_parked());
+        assert!(!cache.inner.parked_released[0].load(Ordering::SeqCst));
+        cache.check_lru().expect("lists agree");
+        // Released: the oldest again, evicted before 3.
+        drop(pin);
+        assert!(cache.inner.parked_released[0].load(Ordering::SeqCst));
+        cache.check_lru().expect("lists agree");
+        assert_eq!(cache.evict_bytes(1, &[TierKind::Ram]), (1, size));
+        assert_eq!(order(&cache), [3, 4]);
+        cache.check_lru().expect("lists agree");
+
+        // A parked row claimed again is the most recent, no longer parked.
+        let pin = cache.claim(&key(3)).expect("claim");
+        save_all(&cache, &[5]);
+        touch(&cache, 4);
+        assert_eq!(order(&cache), [3, 5, 4]);
+        assert_eq!(cache.evict_bytes(1, &[TierKind::Ram]), (1, size));
+        assert_eq!(order(&cache), [3, 4]);
+        assert!(cache.row(&key(3)).expect("row 3").is_parked());
+        let again = cache.claim(&key(3)).expect("claim again");
+        assert!(!cache.row(&key(3)).expect("row 3").is_parked());
+        assert_eq!(order(&cache), [4, 3]);
+        drop((pin, again));
+        cache.check_lru().expect("lists agree");
+        assert_eq!(cache.evict_bytes(1, &[TierKind::Ram]), (1, size));
+        assert_eq!(order(&cache), [3]);
+        // Everything pinned: nothing to evict.
+        let pin = cache.claim(&key(3)).expect("claim");
+        assert_eq!(cache.evict_bytes(u64::MAX, &TierKind::ALL), (0, 0));
+        assert_eq!(cache.gc(), 0);
+        drop(pin);
+        assert_eq!(cache.gc(), 1);
+        assert!(cache.is_empty());
+        cache.check_lru().expect("lists agree");
+    }
+
+    #[test]
+    fn make_room_that_cannot_succeed_evicts_nothing() {
+        let size = save_all(&ram_cache(1 << 20), &[1]);
+        let cache = ram_cache(3 * size);
+        save_all(&cache, &[1, 2, 3]);
+        let pin1 = cache.claim(&key(1)).expect("claim");
+        let pin3 = cache.claim(&key(3)).expect("claim");
+        // Needs two rows' worth; only row 2 is evictable.
+        let big = request(
+            TierKind::Ram,
+            4,
+            usize::try_from(size).expect("small") + 100,
+        );
+        match cache.save(big.clone()) {
+            Err(SaveError::NoSpace { .. }) => {}
+            other => panic!("expected no_space, got {other:?}"),
+        }
+        assert_eq!(order(&cache), [2, 1, 3]);
+        assert_eq!(cache.counters().get(Counter::Evictions), 0);
+        assert_eq!(cache.bytes(TierKind::Ram), 3 * size);
+        cache.check_lru().expect("lists agree");
+        // One row's worth fits by evicting row 2 (1 and 3 are parked
+        // pinned rows by now).
+        save_all(&cache, &[5]);
+        assert_eq!(order(&cache), [1, 3, 5]);
+        assert!(cache.row(&key(1)).expect("row 1").is_parked());
+        // Row 1 released: it and row 5 (3 is pinned) could free two rows'
+        // worth, not three.
+        drop(pin1);
+        let bigger = request(
+            TierKind::Ram,
+            6,
+            usize::try_from(2 * size).expect("small") + 100,
+        );
+        match cache.save(bigger) {
+            Err(SaveError::NoSpace { .. }) => {}
+            other => panic!("expected no_space, got {other:?}"),
+        }
+        assert_eq!(order(&cache), [1, 3, 5]);
+        cache
+            .check_lru()
+            .expect("lists agree (parked row 1 still flagged)");
+        cache.save(big).expect("fits after evicting 1 and 5");
+        assert_eq!(order(&cache), [3, 4]);
+        assert_eq!(cache.counters().get(Counter::Evictions), 3);
+        drop(pin3);
+        cache.check_lru().expect("lists agree");
+    }
+
+    /// Releases racing eviction walks (which park pinned rows) never
+    /// leave an unpinned row where no walk looks: afterwards the lists
+    /// agree with the index and `gc` evicts every row.
+    #[test]
+    fn concurrent_releases_never_strand_parked_rows() {
+        use std::sync::atomic::AtomicUsize;
+        const N: u32 = 16;
+        let cache = ram_cache(1 << 20);
+        let size = save_all(&cache, &(0..N).collect::<Vec<_>>());
+        let (walks, done) = (AtomicU64::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let (cache, walks, done) = (&cache, &walks, &done);
+                s.spawn(move || {
+                    let mut x = 0x9E37_79B9_7F4A_7C15 ^ (t + 1);
+                    let mut rand = move || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x
+                    };
+                    let mut held: Vec<Claim> = Vec::new();
+                    for _ in 0..20_000 {
+                        let n = u32::try_from(rand() % u64::from(N)).expect("small");
+                        if let Ok(claim) = cache.claim(&key(n)) {
+                            held.push(claim);
+                        }
+                        if held.len() > 3 {
+                            let i = usize::try_from(rand() % 4).expect("small");
+                            held.swap_remove(i);
+                        }
+                    }
+                    // Let the walks park what is still held, then release.
+                    let seen = walks.load(Ordering::SeqCst);
+                    while walks.load(Ordering::SeqCst) < seen + 5 {
+                        std::thread::yield_now();
+                    }
+                    drop(held);
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            let (cache, walks, done) = (&cache, &walks, &done);
+            s.spawn(move || {
+                let mut k = 0;
+                while done.load(Ordering::SeqCst) < 2 {
+                    // One to three rows' worth, then everything unpinned.
+                    k = k % 4 + 1;
+                    let want = if k == 4 { u64::MAX } else { k * size };
+                    cache.evict_bytes(want, &[TierKind::Ram]);
+                    walks.fetch_add(1, Ordering::SeqCst);
+                    for n in 0..N {
+                        let _ = cache.save(request(TierKind::Ram, n, 100));
+                    }
+                }
+            });
+        });
+        cache.check_lru().expect("lists agree");
+        assert!(cache.counters().get(Counter::Evictions) > 0);
+        let rows = cache.len();
+        assert_eq!(cache.gc(), rows, "every row is unpinned and found");
+        assert!(cache.is_empty());
+        cache.check_lru().expect("lists agree");
+    }
+
+    #[test]
+    fn tiers_are_merged_by_recency() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(CacheConfig {
+            ram_quota: 1 << 20,
+            disk: Some(FileTierConfig::new(root.path().join("disk"), 1 << 20)),
+            ..CacheConfig::default()
+        })
+        .expect("open cache");
+        for (n, tier) in [(1, TierKind::Disk), (2, TierKind::Ram), (3, TierKind::Disk)] {
+            cache.save(request(tier, n, 100)).expect("save");
+        }
+        save_all(&cache, &[4]);
+        touch(&cache, 1);
+        assert_eq!(order(&cache), [2, 3, 4, 1]);
+        let tiers = [TierKind::Ram, TierKind::Disk];
+        assert_eq!(cache.evict_bytes(1, &tiers).0, 1);
+        assert_eq!(order(&cache), [3, 4, 1]);
+        assert_eq!(cache.evict_bytes(1, &tiers).0, 1);
+        assert_eq!(order(&cache), [4, 1]);
+        assert_eq!(cache.evict_bytes(1, &[TierKind::Disk]).0, 1);
+        assert_eq!(order(&cache), [4]);
+        cache.check_lru().expect("lists agree");
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Save row `n` into tier `t` with a payload of `len` bytes.
+        Save(u32, usize, usize),
+        /// Claim row `n` and hold the claim.
+        Claim(u32),
+        /// Claim row `n` and release it at once.
+        Touch(u32),
+        /// Release the `i`-th held claim.
+        Release(usize),
+        /// Invalidate the `i`-th held claim (drop its row).
+        Invalidate(usize),
+        /// Evict `bytes` from the tiers in `mask`.
+        Evict(u64, u8),
+        Gc,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..24u32, 0..3usize, 0..700usize).prop_map(|(n, t, l)| Op::Save(n, t, l)),
+            3 => (0..24u32).prop_map(Op::Claim),
+            3 => (0..24u32).prop_map(Op::Touch),
+            3 => (0..8usize).prop_map(Op::Release),
+            1 => (0..8usize).prop_map(Op::Invalidate),
+            2 => (0..3000u64, 1..8u8).prop_map(|(b, m)| Op::Evict(b, m)),
+            1 => Just(Op::Gc),
+        ]
+    }
+
+    /// The rows an LRU-first eviction of `want` bytes from `tiers` takes,
+    /// computed from a dump the way the index did before the lists.
+    fn expected_victims(before: &[RowInfo], tiers: &[TierKind], want: u64) -> HashSet<CacheKey> {
+        let mut freed = 0;
+        before
+            .iter()
+            .filter(|r| {
+                tiers.contains(&r.tier) && r.status == RowStatus::Available && r.refcount == 0
+            })
+            .take_while(|r| {
+                let take = freed < want;
+                freed += r.size;
+                take
+            })
+            .map(|r| r.key)
+            .collect()
+    }
+
+    fn gone(before: &[RowInfo], after: &[RowInfo]) -> HashSet<CacheKey> {
+        let kept: HashSet<CacheKey> = after.iter().map(|r| r.key).collect();
+        before
+            .iter()
+            .map(|r| r.key)
+            .filter(|k| !kept.contains(k))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// After any sequence of operations the recency lists and the index
+        /// agree, and every eviction takes exactly the rows a sort of the
+        /// evictable rows by `last_used` would.
+        #[test]
+        fn lists_and_index_agree(ops in proptest::collection::vec(op(), 1..60)) {
+            let root = tempfile::tempdir().expect("tempdir");
+            let quota = 2500;
+            let cache = Cache::open(CacheConfig {
+                ram_quota: quota,
+                ram_file: Some(FileTierConfig::new(root.path().join("shm"), quota)),
+                disk: Some(FileTierConfig::new(root.path().join("disk"), quota)),
+                ..CacheConfig::default()
+            })
+            .expect("open cache");
+            let mut held: Vec<Claim> = Vec::new();
+            for op in ops {
+                let before = cache.dump();
+                let mut expected: HashSet<CacheKey> = HashSet::new();
+                match op {
+                    Op::Save(n, t, len) => {
+                        let tier = TierKind::ALL[t];
+                        let req = request(tier, n, len);
+                        let key = req.key();
+                        let used = cache.bytes(tier);
+                        let result = cache.save(req);
+                        let size = match &result {
+                            Ok(out) => Some(out.size),
+                            Err(SaveError::NoSpace { size, .. }) => Some(*size),
+                            Err(_) => None,
+                        };
+                        if let Some(size) = size {
+                            if used + size > quota && size <= quota {
+                                let need = used + size - quota;
+                                let victims = expected_victims(&before, &[tier], need);
+                                let covered: u64 = before
+                                    .iter()
+                                    .filter(|r| victims.contains(&r.key))
+                                    .map(|r| r.size)
+                                    .sum();
+                                if covered >= need {
+                                    expected = victims;
+                                }
+                            }
+                        }
+                        let fits = size.map(|s| used + s <= quota);
+                        match &result {
+                            Ok(_) => prop_assert!(fits == Some(true) || !expected.is_empty()),
+                            Err(SaveError::NoSpace { .. }) => {
+                                prop_assert!(fits == Some(false) && expected.is_empty());
+                            }
+                            Err(_) => {}
+                        }
+                        if result.is_ok() {
+                            prop_assert!(cache.peek(&key).is_some());
+                        }
+                    }
+                    Op::Claim(n) => {
+                        if let Ok(c) = cache.claim(&key(n)) {
+                            held.push(c);
+                        }
+                    }
+                    Op::Touch(n) => {
+                        if let Ok(c) = cache.claim(&key(n)) {
+                            c.release();
+                        }
+                    }
+                    Op::Release(i) => {
+                        if i < held.len() {
+                            held.swap_remove(i);
+                        }
+                    }
+                    Op::Invalidate(i) => {
+                        if i < held.len() {
+                            let c = held.swap_remove(i);
+                            expected.insert(*c.key());
+                            c.invalidate();
+                        }
+                    }
+                    Op::Evict(bytes, mask) => {
+                        let tiers: Vec<TierKind> = TierKind::ALL
+                            .into_iter()
+                            .filter(|t| mask & (1 << t.index()) != 0)
+                            .collect();
+                        expected = expected_victims(&before, &tiers, bytes);
+                        let bytes_expected: u64 = before
+                            .iter()
+                            .filter(|r| expected.contains(&r.key))
+                            .map(|r| r.size)
+                            .sum();
+                        prop_assert_eq!(
+                            cache.evict_bytes(bytes, &tiers),
+                            (expected.len(), bytes_expected)
+                        );
+                    }
+                    Op::Gc => {
+                        expected = expected_victims(&before, &TierKind::ALL, u64::MAX);
+                        prop_assert_eq!(cache.gc(), expected.len());
+                    }
+                }
+                prop_assert_eq!(gone(&before, &cache.dump()), expected);
+                if let Err(e) = cache.check_lru() {
+                    prop_assert!(false, "{}", e);
+                }
+                for tier in TierKind::ALL {
+                    prop_assert!(cache.bytes(tier) <= quota);
+                }
+            }
+            drop(held);
+            cache.gc();
+            prop_assert!(cache.is_empty());
+            if let Err(e) = cache.check_lru() {
+                prop_assert!(false, "{}", e);
+            }
         }
     }
 }
