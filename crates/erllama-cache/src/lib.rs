@@ -112,8 +112,10 @@ pub use writer::{ModelIdentity, PendingSave, SaveError, SaveOutcome, SaveRequest
 /// An empty buffer with at least `len` bytes of capacity for packing a
 /// save's payload: one of the cache's recycled buffers (already faulted
 /// in) when one is large enough. A save hands it back when its bytes are
-/// written, so a save on the request path allocates nothing.
+/// written, so a save on the request path allocates nothing. A new buffer
+/// gets room for the row's KVC header too, so that loading the row back
+/// from a file tier reuses it rather than faulting in a fresh one.
 #[must_use]
 pub fn pack_buffer(len: usize) -> Vec<u8> {
-    tier::pool::take(len)
+    tier::pool::take(len + len / 64 + (256 << 10))
 }

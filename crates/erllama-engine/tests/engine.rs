@@ -200,6 +200,48 @@ async fn an_exact_prompt_row_is_an_exact_hit() {
     assert_eq!(exact.tokens, std::mem::take(&mut fresh));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_row_with_logits_answers_without_a_decode() {
+    let engine = engine();
+    let m = stub(&engine, None, TierKind::Ram).await;
+    let prompt = Prompt::Text(words(30, "l"));
+    let cold = engine
+        .complete(&m, prompt.clone(), opts(4))
+        .await
+        .expect("cold");
+    assert_eq!(cold.stats.prefill_tokens, cold.stats.prompt_tokens);
+    // Fed: every generated token but the last.
+    assert_eq!(cold.stats.decode_tokens, 3);
+    settle(&engine).await;
+    engine.evict(&m).await.expect("evict");
+    let warm = engine
+        .complete(&m, prompt.clone(), opts(4))
+        .await
+        .expect("warm");
+    assert_eq!(warm.stats.hit_source, Some(HitSource::Exact));
+    // The prompt's row stored the logits after it: nothing was computed
+    // before the first token.
+    assert_eq!(warm.stats.prefill_tokens, 0);
+    assert_eq!(warm.tokens, cold.tokens);
+    engine.evict(&m).await.expect("evict");
+    // max_tokens = 1: no decode at all after the restore.
+    let one = engine.complete(&m, prompt, opts(1)).await.expect("one");
+    assert_eq!((one.stats.prefill_tokens, one.stats.decode_tokens), (0, 0));
+    assert_eq!(one.tokens, cold.tokens[..1]);
+    // A finish row has no logits: its last token is fed again.
+    engine.evict(&m).await.expect("evict");
+    let backend = engine.backend(&m).expect("backend");
+    let mut tokens = backend.tokenize(&words(30, "l"), true).expect("tok");
+    tokens.extend(&cold.tokens[..3]);
+    let resumed = engine
+        .complete(&m, Prompt::Tokens(tokens.clone()), opts(2))
+        .await
+        .expect("finish row");
+    assert_eq!(resumed.stats.hit_source, Some(HitSource::Exact));
+    assert_eq!(resumed.stats.prefill_tokens, 1);
+    assert_eq!(resumed.tokens, engine_cold_output(&tokens, 2).await);
+}
+
 /// The output of a model with an empty cache.
 async fn engine_cold_output(tokens: &[u32], n: usize) -> Vec<u32> {
     let engine = engine();
