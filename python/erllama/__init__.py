@@ -47,6 +47,7 @@ from erllama.engine import (
     SaveSummary,
     SchedulerStatus,
     SchedulerView,
+    Server,
     Stats,
     Stream,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerStatus",
     "SchedulerView",
+    "Server",
     "Stats",
     "Stream",
     "TokenOutOfRangeError",

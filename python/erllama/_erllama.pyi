@@ -28,6 +28,7 @@ __all__ = [
     "ModelInfo",
     "SaveSummary",
     "SchedulerStatus",
+    "Server",
     "Stats",
     "Stream",
     "__version__",
@@ -632,6 +633,19 @@ class Context:
         """Empty the sequence and its KV cache."""
 
 @final
+class Server:
+    """A running HTTP server (:meth:`erllama.Engine.serve`)."""
+
+    @property
+    def host(self) -> str:
+        """The address it listens on."""
+    @property
+    def port(self) -> int:
+        """The port it listens on (the one picked when 0 was asked)."""
+    def stop(self) -> Awaitable[None]:
+        """Stops accepting connections and waits for the requests in flight; idempotent."""
+
+@final
 class Engine:
     """The native engine behind :class:`erllama.Engine` (models, requests, cache)."""
 
@@ -648,6 +662,17 @@ class Engine:
         scheduler: Mapping[str, object],
         pressure_source: object,
     ) -> Self: ...
+    def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        api_key: str | None = None,
+        max_queue: int,
+        max_body_bytes: int,
+    ) -> Awaitable[Server]:
+        """Start the HTTP server over this engine; resolves to the running server."""
+
     def load_model(
         self,
         backend: object,

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import erllama
     from erllama import _erllama
     from erllama._erllama import Model
-    from erllama.engine import CompletionOptions, Engine
+    from erllama.engine import CompletionOptions, Engine, Tier
 
 __all__ = ["main"]
 
@@ -373,6 +373,60 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Loads the models, serves them until SIGINT/SIGTERM, then stops accepting,
+    lets the requests in flight finish, flushes the cache's saves and exits 0."""
+    import asyncio
+    import signal
+
+    import erllama
+
+    paths: list[Path] = args.model or [None]
+    ids: list[str] = args.model_id or []
+    if len(ids) > len(paths):
+        raise ValueError("more --model-id than --model")
+
+    async def run() -> None:
+        cache = erllama.CacheConfig(
+            ram_quota=args.ram_quota,
+            ram_file_dir=args.ram_file_dir,
+            disk_dir=args.cache_dir,
+        )
+        async with erllama.Engine(cache=cache) as engine:
+            tier: Tier = "disk" if args.cache_dir else "ram_file" if args.ram_file_dir else "ram"
+            for i, path in enumerate(paths):
+                await engine.load_model(
+                    _model_path(path),
+                    model_id=ids[i] if i < len(ids) else None,
+                    n_ctx=args.n_ctx,
+                    n_threads=args.threads,
+                    parallel=args.parallel,
+                    tier=tier,
+                    cache_type_k=args.cache_type_k,
+                    cache_type_v=args.cache_type_v,
+                )
+            server = await engine.serve(
+                args.host, args.port, api_key=args.api_key, max_queue=args.max_queue
+            )
+            print(
+                f"erllama: serving {', '.join(engine.models())} on "
+                f"http://{server.host}:{server.port}/v1 (Ctrl-C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            print("erllama: stopping (finishing requests in flight)", file=sys.stderr, flush=True)
+            await server.stop()
+        # Leaving the engine unloads the models and waits for their saves.
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from erllama.bench import run_bench
 
@@ -655,6 +709,94 @@ def _build_parser() -> argparse.ArgumentParser:
     cache.add_argument("dir", type=Path, metavar="DIR")
     cache.add_argument("--json", action="store_true", help="JSON output (ls, stats)")
     cache.set_defaults(command=_cmd_cache)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve models over HTTP (OpenAI-compatible)",
+        description=(
+            "Serve models over HTTP with OpenAI-compatible routes: /v1/chat/completions, "
+            "/v1/completions, /v1/models, /health (docs/server.md). Ctrl-C or SIGTERM "
+            "stops accepting, lets requests in flight finish and flushes the cache."
+        ),
+    )
+    serve.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="a GGUF model file (repeatable; default: the test model)",
+    )
+    serve.add_argument(
+        "--model-id",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="the id of the --model at the same position (default: erllama_model_<N>)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=_int_at_least(0), default=8080, help="port (default: %(default)s; 0: any)"
+    )
+    serve.add_argument(
+        "--parallel",
+        type=_int_at_least(1),
+        default=4,
+        metavar="N",
+        help="requests each model computes at once (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--n-ctx",
+        type=_int_at_least(8),
+        default=4096,
+        metavar="N",
+        help="the context size of each request in tokens (default: %(default)s)",
+    )
+    _add_threads(serve)
+    serve.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="save states to a disk tier there",
+    )
+    serve.add_argument(
+        "--ram-file-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="save states to a ram_file tier there (tmpfs, e.g. /dev/shm/erllama)",
+    )
+    serve.add_argument(
+        "--ram-quota",
+        type=_int_at_least(0),
+        default=1 << 30,
+        metavar="BYTES",
+        help="the ram tier's quota (default: 1 GiB)",
+    )
+    for which in ("k", "v"):
+        serve.add_argument(
+            f"--cache-type-{which}",
+            choices=KV_TYPES,
+            default="f16",
+            help=f"the KV cache's {which.upper()} element type (default: %(default)s)",
+        )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("ERLLAMA_API_KEY"),
+        metavar="KEY",
+        help="require Authorization: Bearer KEY (default: $ERLLAMA_API_KEY, else none)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_int_at_least(1),
+        default=64,
+        metavar="N",
+        help="requests served at once; more get 429 (default: %(default)s)",
+    )
+    serve.set_defaults(command=_cmd_serve)
 
     bench = sub.add_parser(
         "bench",

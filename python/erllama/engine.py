@@ -33,6 +33,7 @@ from erllama._erllama import (
     ModelInfo,
     SaveSummary,
     SchedulerStatus,
+    Server,
     Stats,
 )
 from erllama.config import CacheConfig, Policy, SchedulerConfig
@@ -52,6 +53,7 @@ __all__ = [
     "SaveSummary",
     "SchedulerStatus",
     "SchedulerView",
+    "Server",
     "Stats",
     "Stream",
 ]
@@ -507,6 +509,31 @@ class Engine:
         summary = await self._native.unload(model_id)
         self._models.pop(model_id, None)
         return summary
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        api_key: str | None = None,
+        max_queue: int = 64,
+        max_body_bytes: int = 8 << 20,
+    ) -> Server:
+        """Serves this engine's models over HTTP with OpenAI-compatible routes
+        (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+        ``/health``; see docs/server.md) and returns the running server.
+
+        The server runs in Rust on the engine's runtime: no token passes
+        through Python. ``port=0`` picks a free port (``server.port``).
+        ``api_key`` makes every ``/v1/`` request need ``Authorization:
+        Bearer <key>``; more than ``max_queue`` requests at once are refused
+        with 429; bodies over ``max_body_bytes`` with 413. ``await
+        server.stop()`` stops accepting and waits for the requests in
+        flight. Raises :class:`OSError` when the address cannot be bound.
+        """
+        return await self._native.serve(
+            host, port, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes
+        )
 
     async def shutdown(self) -> None:
         """Unloads every model and waits for background saves to land."""

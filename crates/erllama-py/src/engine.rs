@@ -399,6 +399,30 @@ impl PyEngine {
         self.engine.inflight()
     }
 
+    /// Starts the HTTP server over this engine; resolves to a `Server`.
+    #[pyo3(signature = (host, port, *, api_key = None, max_queue, max_body_bytes))]
+    fn serve<'py>(
+        &self,
+        py: Python<'py>,
+        host: &str,
+        port: &Bound<'py, PyAny>,
+        api_key: Option<String>,
+        max_queue: &Bound<'py, PyAny>,
+        max_body_bytes: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        guard("serve", || {
+            crate::server::serve(
+                py,
+                self.engine.clone(),
+                host,
+                port,
+                api_key,
+                max_queue,
+                max_body_bytes,
+            )
+        })
+    }
+
     fn tokenize<'py>(
         &self,
         py: Python<'py>,

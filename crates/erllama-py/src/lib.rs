@@ -12,6 +12,7 @@ mod kvc;
 mod llama;
 mod pybackend;
 mod records;
+mod server;
 mod stream;
 
 use pyo3::prelude::*;
@@ -54,6 +55,7 @@ fn _erllama(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_test_panic_async, m)?)?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<stream::PyStream>()?;
+    m.add_class::<server::PyServer>()?;
     m.add_class::<records::Stats>()?;
     m.add_class::<records::Completion>()?;
     m.add_class::<records::ModelInfo>()?;
