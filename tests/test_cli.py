@@ -296,3 +296,62 @@ def test_demo_runs_all_four_steps(model_path: Path) -> None:
     assert [s["tier"] for s in out["steps"][1:]] == ["disk", "disk", "disk"]
     assert out["counters"]["hits_exact"] == 1
     assert out["counters"]["hits_resume"] == 1
+
+
+def test_serve_answers_then_stops_on_sigterm_and_exits_0(model_path: Path, tmp_path: Path) -> None:
+    """`erllama serve` on port 0: it prints where it listens, answers, and
+    on SIGTERM finishes, flushes its disk tier and exits 0."""
+    import re
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "erllama",
+            "serve",
+            "--model",
+            str(model_path),
+            "--model-id",
+            "smol",
+            "--port",
+            "0",
+            "--n-ctx",
+            "1024",
+            "--threads",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "rows"),
+        ],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"serving smol on (http://[0-9.]+:\d+)/v1", line)
+        assert found, line
+        base = found.group(1)
+        with urllib.request.urlopen(base + "/health", timeout=30) as r:
+            assert json.load(r) == {"status": "ok"}
+        body = json.dumps(
+            {"model": "smol", "prompt": PROMPT * 120, "max_tokens": 4, "temperature": 0}
+        ).encode()
+        req = urllib.request.Request(
+            base + "/v1/completions", data=body, headers={"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.load(r)
+        assert answer["choices"][0]["text"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        # The prompt's row reached the disk tier before the exit.
+        assert list((tmp_path / "rows").glob("*.kvc"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()

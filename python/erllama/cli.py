@@ -667,14 +667,7 @@ def _build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="the context size in tokens (default: %(default)s)",
         )
-        for which in ("k", "v"):
-            p.add_argument(
-                f"--cache-type-{which}",
-                choices=KV_TYPES,
-                default="f16",
-                help=f"the KV cache's {which.upper()} element type (default: %(default)s; "
-                "q8_0 and q4_0 make states smaller)",
-            )
+        _add_kv_types(p)
         p.add_argument(
             "--temperature",
             type=float,
@@ -776,13 +769,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="the ram tier's quota (default: 1 GiB)",
     )
-    for which in ("k", "v"):
-        serve.add_argument(
-            f"--cache-type-{which}",
-            choices=KV_TYPES,
-            default="f16",
-            help=f"the KV cache's {which.upper()} element type (default: %(default)s)",
-        )
+    _add_kv_types(serve)
     serve.add_argument(
         "--api-key",
         default=os.environ.get("ERLLAMA_API_KEY"),
@@ -859,6 +846,17 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(command=_cmd_bench)
     return parser
+
+
+def _add_kv_types(parser: argparse.ArgumentParser) -> None:
+    for which in ("k", "v"):
+        parser.add_argument(
+            f"--cache-type-{which}",
+            choices=KV_TYPES,
+            default="f16",
+            help=f"the KV cache's {which.upper()} element type (default: %(default)s; "
+            "q8_0 and q4_0 make states smaller)",
+        )
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
