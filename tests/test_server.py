@@ -90,7 +90,9 @@ async def _repeat_and_stream(client: openai.AsyncOpenAI, served: Served) -> None
     assert prompt_tokens > 400
     assert first.usage.completion_tokens == 12 or first.choices[0].finish_reason == "stop"
     assert first.usage.total_tokens == prompt_tokens + first.usage.completion_tokens
-    # Free the sequences: the repeat is restored from the cache.
+    # Free the sequences: the repeat is restored from the cache (once the
+    # prompt's row, written off the request path, is in).
+    assert served.engine.cache.settle()
     await served.model.evict()
     again = await client.chat.completions.create(
         model="smol",
