@@ -198,7 +198,8 @@ async def _bad_requests(client: openai.AsyncOpenAI, served: Served) -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_p": "high"}, "top_p"),
         ({"stop": [1, 2]}, "stop"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
@@ -298,3 +299,37 @@ async def test_a_client_that_leaves_cancels_its_generation(served: Served) -> No
         await asyncio.sleep(0.05)
     assert served.engine.inflight() == []
     assert served.model.info().running == 0
+
+
+async def test_json_mode_and_embeddings(served: Served) -> None:
+    async with served.client() as client:
+        r = await client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "Describe a cat as JSON with name and age."}],
+            response_format={"type": "json_object"},
+            max_tokens=80,
+            temperature=0,
+        )
+        text = r.choices[0].message.content
+        assert text is not None
+        assert text.lstrip().startswith("{")
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        emb = await client.embeddings.create(model="smol", input=["a lighthouse", "a train"])
+        assert [d.index for d in emb.data] == [0, 1]
+        vectors = [d.embedding for d in emb.data]
+        assert len(vectors[0]) == len(vectors[1]) > 0
+        for v in vectors:
+            assert abs(sum(x * x for x in v) - 1.0) < 1e-3
+        assert vectors[0] != vectors[1]
+        # The same as the engine's own embedding of those tokens.
+        tokens = await served.model.tokenize("a lighthouse")
+        by_ids = await client.embeddings.create(model="smol", input=tokens)
+        own = await served.model.embed(tokens)
+        assert by_ids.data[0].embedding == pytest.approx(own, abs=1e-6)
+        assert by_ids.data[0].embedding == pytest.approx(vectors[0], abs=1e-6)
+        assert emb.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.embeddings.create(model="smol", input=[])
+        assert isinstance(err.value.body, dict)
+        assert err.value.body["param"] == "input"

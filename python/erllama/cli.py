@@ -708,8 +708,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="serve models over HTTP (OpenAI-compatible)",
         description=(
             "Serve models over HTTP with OpenAI-compatible routes: /v1/chat/completions, "
-            "/v1/completions, /v1/models, /health (docs/server.md). Ctrl-C or SIGTERM "
-            "stops accepting, lets requests in flight finish and flushes the cache."
+            "/v1/completions, /v1/embeddings, /v1/models, /health (docs/server.md). Ctrl-C "
+            "or SIGTERM stops accepting, lets requests in flight finish and flushes the cache."
         ),
     )
     serve.add_argument(

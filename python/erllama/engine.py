@@ -520,8 +520,9 @@ class Engine:
         max_body_bytes: int = 8 << 20,
     ) -> Server:
         """Serves this engine's models over HTTP with OpenAI-compatible routes
-        (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
-        ``/health``; see docs/server.md) and returns the running server.
+        (``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+        ``/v1/models``, ``/health``; see docs/server.md) and returns the running
+        server.
 
         The server runs in Rust on the engine's runtime: no token passes
         through Python. ``port=0`` picks a free port (``server.port``).

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine as _;
 use erllama_engine::{
     Completion, EngineError, Event, FinishReason, Prompt, RequestOptions, RequestStream,
     SamplingParams,
@@ -22,6 +23,17 @@ use crate::error::ApiError;
 use crate::{unix_now, AppState};
 
 type Obj = Map<String, Value>;
+
+/// `response_format: {"type": "json_object"}`: the output is a JSON object
+/// (llama.cpp's `grammars/json.gbnf`, the grammar its server uses).
+const JSON_OBJECT_GRAMMAR: &str = r#"root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws     ::= | " " | "\n" [ \t]{0,20}
+"#;
 
 /// A request being served: counted in `active` until dropped (for a
 /// stream, when the stream ends or its client goes away).
@@ -642,13 +654,19 @@ pub(crate) async fn chat_completions(
     let obj = parse_object(&body)?;
     let mut common = common(&obj, &["max_tokens", "max_completion_tokens"])?;
     let messages = chat_messages(&obj)?;
-    match field(&obj, "response_format") {
-        None => {}
-        Some(v) if v.get("type").and_then(Value::as_str) == Some("text") => {}
+    match field(&obj, "response_format").map(|v| v.get("type").and_then(Value::as_str)) {
+        None | Some(Some("text")) => {}
+        Some(Some("json_object")) => common.sampling.grammar = Some(JSON_OBJECT_GRAMMAR.into()),
+        Some(Some("json_schema")) => {
+            return Err(ApiError::field(
+                "response_format",
+                "response_format json_schema is not supported by this server yet; json_object is",
+            ))
+        }
         Some(_) => {
             return Err(ApiError::field(
                 "response_format",
-                "only response_format {\"type\": \"text\"} is supported by this server so far",
+                "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
             ))
         }
     }
@@ -718,4 +736,120 @@ pub(crate) async fn completions(
     };
     check_model(&state, &common.model)?;
     run(&state, admission, Api::Text, common, prompt).await
+}
+
+pub(crate) async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let _admission = Admission::enter(&state)?;
+    let obj = parse_object(&body)?;
+    let model =
+        string(&obj, "model")?.ok_or_else(|| ApiError::field("model", "model is required"))?;
+    let base64 = match string(&obj, "encoding_format")?.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(_) => {
+            return Err(ApiError::field(
+                "encoding_format",
+                "encoding_format must be \"float\" or \"base64\"",
+            ))
+        }
+    };
+    if field(&obj, "dimensions").is_some() {
+        return Err(ApiError::field(
+            "dimensions",
+            "dimensions is not supported by this server",
+        ));
+    }
+    let bad = || {
+        ApiError::field(
+            "input",
+            "input must be a string, an array of strings, an array of token ids, or an array of \
+             token-id arrays, none empty",
+        )
+    };
+    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        if items.is_empty() {
+            return Err(bad());
+        }
+        items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(bad)
+            })
+            .collect()
+    };
+    // Each input: text or token ids.
+    let inputs: Vec<Prompt> = match field(&obj, "input") {
+        Some(Value::String(s)) if !s.is_empty() => vec![Prompt::Text(s.clone())],
+        Some(Value::Array(items)) if !items.is_empty() && items.len() <= 2048 => {
+            if items.iter().all(Value::is_number) {
+                vec![Prompt::Tokens(ids(items)?)]
+            } else {
+                items
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) if !s.is_empty() => Ok(Prompt::Text(s.clone())),
+                        Value::Array(inner) => Ok(Prompt::Tokens(ids(inner)?)),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        }
+        None => return Err(ApiError::field("input", "input is required")),
+        Some(_) => return Err(bad()),
+    };
+    check_model(&state, &model)?;
+    let backend = state.engine.backend(&model)?;
+    let n_ctx = state.engine.info(&model)?.n_ctx;
+    let (vectors, used) = blocking(move || {
+        let mut vectors = Vec::with_capacity(inputs.len());
+        let mut used = 0usize;
+        for (i, input) in inputs.into_iter().enumerate() {
+            let tokens = match input {
+                Prompt::Text(t) => backend.tokenize(&t, true).map_err(EngineError::from)?,
+                Prompt::Tokens(t) => t,
+            };
+            if tokens.len() > n_ctx {
+                return Err(ApiError {
+                    code: Some("context_length_exceeded"),
+                    param: Some("input".into()),
+                    ..ApiError::bad_request(format!(
+                        "input {i} has {} tokens, more than the model's context of {n_ctx}",
+                        tokens.len()
+                    ))
+                });
+            }
+            used += tokens.len();
+            vectors.push(backend.embed(&tokens).map_err(EngineError::from)?);
+        }
+        Ok((vectors, used))
+    })
+    .await?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                // Little-endian f32s, as OpenAI's base64 encoding is.
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": used, "total_tokens": used},
+    }))
+    .into_response())
 }

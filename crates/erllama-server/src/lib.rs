@@ -8,8 +8,10 @@
 //!   `{"status": "loading"}`;
 //! - `GET /v1/models`: the loaded models;
 //! - `POST /v1/chat/completions`: chat through the model's template,
-//!   streamed as server-sent events with `stream: true`;
-//! - `POST /v1/completions`: a text or token-array prompt.
+//!   streamed as server-sent events with `stream: true`, held to a JSON
+//!   object by a grammar with `response_format: {"type": "json_object"}`;
+//! - `POST /v1/completions`: a text or token-array prompt;
+//! - `POST /v1/embeddings`: pooled, L2-normalised embeddings.
 //!
 //! Every request body is checked field by field before anything runs; a
 //! bad one is a 400 in OpenAI's error shape naming the field. `usage`
@@ -122,6 +124,7 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(api::models))
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
+        .route("/v1/embeddings", post(api::embeddings))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
