@@ -333,3 +333,40 @@ async def test_json_mode_and_embeddings(served: Served) -> None:
             await client.embeddings.create(model="smol", input=[])
         assert isinstance(err.value.body, dict)
         assert err.value.body["param"] == "input"
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_parse_and_move(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.base, timeout=120) as http:
+        before = _samples((await http.get("/metrics")).text)
+        body = {"model": "smol", "prompt": "The northern line", "max_tokens": 4}
+        for _ in range(2):
+            assert (await http.post("/v1/completions", json=body)).status_code == 200
+        assert (await http.post("/v1/completions", json={"model": "nope"})).status_code == 400
+        after = _samples((await http.get("/metrics")).text)
+    ok = ("erllama_http_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    bad = ("erllama_http_requests_total", (("endpoint", "/v1/completions"), ("status", "400")))
+    assert after[ok] - before.get(ok, 0.0) == 2
+    assert after[bad] - before.get(bad, 0.0) == 1
+    ttft = ("erllama_time_to_first_token_seconds_count", (("model", "smol"),))
+    assert after[ttft] - before.get(ttft, 0.0) == 2
+    per_token = ("erllama_time_per_output_token_seconds_count", (("model", "smol"),))
+    assert after[per_token] >= 2
+    # Every cache counter is there, and they moved.
+    counters = served.engine.cache.counters()
+    for name in counters:
+        key = f"erllama_cache_{name}"
+        assert (key, ()) in after or (key + "_total", ()) in after, name
+    misses = ("erllama_cache_misses_total", ())
+    assert after[misses] > before[misses]
+    assert after[("erllama_requests_running", (("model", "smol"),))] == 0
+    assert ("erllama_requests_queued", (("model", "smol"),)) in after

@@ -479,7 +479,7 @@ struct Streaming {
     out: VecDeque<SseEvent>,
     started: bool,
     ended: bool,
-    _admission: Admission,
+    admission: Admission,
 }
 
 impl Streaming {
@@ -516,6 +516,11 @@ impl Streaming {
                 }
             }
             Some(Event::Done(Ok(c))) => {
+                self.admission.0.metrics.per_token(
+                    &self.model,
+                    c.stats.generation_ms,
+                    c.stats.completion_tokens,
+                );
                 let finish = finish_label(c.stats.finish_reason);
                 let tail = self.api.choice(None, Some(finish), true, false);
                 let e = self.chunk(json!([tail]), None);
@@ -572,6 +577,7 @@ async fn run(
     api: Api,
     common: Common,
     prompt: Prompt,
+    arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
     let options = RequestOptions {
         max_tokens: common.max_tokens.unwrap_or(16),
@@ -581,6 +587,9 @@ async fn run(
     };
     let mut events = state.engine.submit(&common.model, prompt, options)?;
     let first = events.next().await;
+    if matches!(first, Some(Event::Token { .. })) {
+        state.metrics.first_token(&common.model, arrived.elapsed());
+    }
     match first {
         Some(Event::Done(Err(e))) => return Err(e.into()),
         None => return Err(ApiError::internal("the model stopped without answering")),
@@ -591,6 +600,11 @@ async fn run(
             Some(Event::Done(Ok(c))) => c,
             _ => events.collect().await?,
         };
+        state.metrics.per_token(
+            &common.model,
+            completion.stats.generation_ms,
+            completion.stats.completion_tokens,
+        );
         return Ok(Json(whole(api, &common.model, &completion)).into_response());
     }
     let streaming = Streaming {
@@ -604,7 +618,7 @@ async fn run(
         out: VecDeque::new(),
         started: false,
         ended: false,
-        _admission: admission,
+        admission,
     };
     let stream = futures_util::stream::unfold(streaming, next_sse);
     Ok(Sse::new(stream)
@@ -613,6 +627,36 @@ async fn run(
 }
 
 // --- handlers ---
+
+/// Counts every answered request by route and status (`/metrics`).
+pub(crate) async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    state.metrics.request(&endpoint, response.status().as_u16());
+    response
+}
+
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let text = state
+        .metrics
+        .render(&state.engine)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
 
 pub(crate) async fn health(State(state): State<Arc<AppState>>) -> Response {
     if state.engine.models().is_empty() {
@@ -649,6 +693,7 @@ pub(crate) async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     authorize(&state, &headers)?;
     let admission = Admission::enter(&state)?;
     let obj = parse_object(&body)?;
@@ -685,7 +730,15 @@ pub(crate) async fn chat_completions(
         // prompt is reported as such).
         common.max_tokens = Some(n_ctx.saturating_sub(tokens.len()).max(1));
     }
-    run(&state, admission, Api::Chat, common, Prompt::Tokens(tokens)).await
+    run(
+        &state,
+        admission,
+        Api::Chat,
+        common,
+        Prompt::Tokens(tokens),
+        arrived,
+    )
+    .await
 }
 
 pub(crate) async fn completions(
@@ -693,6 +746,7 @@ pub(crate) async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     authorize(&state, &headers)?;
     let admission = Admission::enter(&state)?;
     let obj = parse_object(&body)?;
@@ -735,7 +789,7 @@ pub(crate) async fn completions(
         Some(_) => return Err(bad_prompt()),
     };
     check_model(&state, &common.model)?;
-    run(&state, admission, Api::Text, common, prompt).await
+    run(&state, admission, Api::Text, common, prompt, arrived).await
 }
 
 pub(crate) async fn embeddings(

@@ -11,7 +11,8 @@
 //!   streamed as server-sent events with `stream: true`, held to a JSON
 //!   object by a grammar with `response_format: {"type": "json_object"}`;
 //! - `POST /v1/completions`: a text or token-array prompt;
-//! - `POST /v1/embeddings`: pooled, L2-normalised embeddings.
+//! - `POST /v1/embeddings`: pooled, L2-normalised embeddings;
+//! - `GET /metrics`: Prometheus text format ([`metrics`]).
 //!
 //! Every request body is checked field by field before anything runs; a
 //! bad one is a 400 in OpenAI's error shape naming the field. `usage`
@@ -24,6 +25,7 @@
 
 mod api;
 mod error;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -73,6 +75,8 @@ pub(crate) struct AppState {
     pub(crate) active: AtomicUsize,
     /// When the server started (unix seconds), the models' `created`.
     pub(crate) started: u64,
+    /// What `/metrics` reports.
+    pub(crate) metrics: metrics::Metrics,
 }
 
 /// A running server; [`Server::shutdown`] stops it gracefully (dropping it
@@ -121,12 +125,17 @@ fn unix_now() -> u64 {
 fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
         .route("/v1/models", get(api::models))
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/embeddings", post(api::embeddings))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            api::count_requests,
+        ))
         .with_state(state)
 }
 
@@ -145,6 +154,7 @@ pub async fn start(engine: Engine, config: ServerConfig) -> std::io::Result<Serv
         max_queue: config.max_queue.max(1),
         active: AtomicUsize::new(0),
         started: unix_now(),
+        metrics: metrics::Metrics::new().map_err(std::io::Error::other)?,
     });
     let app = router(state, config.max_body_bytes);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
