@@ -14,6 +14,8 @@ Parts (each figure the median of ``repeats`` runs):
 - **kv** — quantized KV caches against f16 at one prompt length: bytes per
   token of a row, restore time and warm time to first token from ``ram``
   and ``disk``, and whether each hit gave its cold tokens;
+- **http** — a warm exact hit in-process against the same hit through
+  ``erllama serve``'s ``/v1/completions`` (a stdlib client on loopback);
 - **agents** — 4 and 8 concurrent agents (``parallel`` = their number)
   whose prompts share a 2048-token prefix saved by a first, cold agent, each
   with its own ~70-token suffix and 32 generated tokens: min / p50 / p99 /
@@ -298,6 +300,61 @@ async def _kv_types(
     for x in out:
         x["bytes_vs_f16_pct"] = round(100 * x["bytes_per_token"] / f16[x["tier"]], 0)
     return out
+
+
+async def _http(path: Path, n: int, threads: int | None, repeats: int) -> dict[str, Any]:
+    """A warm exact hit of an ``n``-token prompt from ``ram`` in-process and
+    through the HTTP server (``/v1/completions``, ``max_tokens=1``, a plain
+    stdlib client on loopback), runs alternating, each after an evict."""
+    import urllib.request
+
+    policy = erllama.Policy(min_tokens=64, cold_min_tokens=64)
+    async with erllama.Engine(policy=policy) as engine:
+        model = await engine.load_model(
+            path, model_id="m", n_ctx=n + 64, n_batch=512, n_threads=threads
+        )
+        server = await engine.serve("127.0.0.1", 0)
+        try:
+            tokens = await prompt_tokens(model, n, salt=900)
+            _say(f"http: the cold {n}-token prompt")
+            await model.complete(tokens, max_tokens=1)
+            engine.cache.settle(300)
+            url = f"http://{server.host}:{server.port}/v1/completions"
+            body = json.dumps(
+                {"model": "m", "prompt": tokens, "max_tokens": 1, "temperature": 0}
+            ).encode()
+
+            def post() -> dict[str, Any]:
+                req = urllib.request.Request(
+                    url, data=body, headers={"content-type": "application/json"}
+                )
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    return dict(json.load(r))
+
+            inproc, http = [], []
+            for r in range(repeats):
+                _say(f"http: run {r + 1}/{repeats}")
+                await model.evict()
+                t, c = await _complete_timed(model, tokens)
+                if c.stats.cache_hit_kind != "exact":
+                    raise RuntimeError(f"the in-process repeat was not an exact hit: {c.stats}")
+                inproc.append(t)
+                await model.evict()
+                t0 = time.perf_counter()
+                answer = await asyncio.to_thread(post)
+                http.append((time.perf_counter() - t0) * 1e3)
+                cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+                if cached != n:
+                    raise RuntimeError(f"the HTTP repeat reported {cached} cached tokens")
+        finally:
+            await server.stop()
+    med = statistics.median
+    return {
+        "prompt_tokens": n,
+        "in_process_ms": round(med(inproc), 1),
+        "http_ms": round(med(http), 1),
+        "http_overhead_ms": round(med(http) - med(inproc), 1),
+    }
 
 
 async def _stream_timed(model: erllama.Model, tokens: list[int], max_tokens: int) -> dict[str, Any]:
@@ -622,6 +679,10 @@ def run_bench(
         finally:
             shutil.rmtree(root, ignore_errors=True)
         _say("kv results: " + json.dumps(result["kv"]))
+    if "http" in parts:
+        n = 2048 if 2048 in sizes else max(sizes)
+        result["http"] = asyncio.run(_http(model_path, n, threads, max(repeats, 5)))
+        _say("http results: " + json.dumps(result["http"]))
     if "agents" in parts:
         result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
         _say("agents results: " + json.dumps(result["agents"]))
@@ -697,6 +758,14 @@ def render(r: dict[str, Any]) -> str:
                 f"{'yes' if x['hits_equal_cold'] else 'NO'} |"
             )
         out.append("")
+    if "http" in r:
+        x = r["http"]
+        out += [
+            f"warm {x['prompt_tokens']}-token exact hit from ram: in-process "
+            f"{x['in_process_ms']:.1f} ms, through HTTP {x['http_ms']:.1f} ms "
+            f"(+{x['http_overhead_ms']:.1f} ms)",
+            "",
+        ]
     if "agents" in r:
         out += [
             "| agents | one warm agent alone | TTFT min | p50 | p99 | mean | mean / alone "

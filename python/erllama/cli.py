@@ -825,10 +825,11 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=("ttft", "kv", "agents", "parallel", "restart", "speed"),
-        default=["ttft", "kv", "agents", "parallel", "restart", "speed"],
+        choices=("ttft", "kv", "http", "agents", "parallel", "restart", "speed"),
+        default=["ttft", "kv", "http", "agents", "parallel", "restart", "speed"],
         help="which parts to run (default: all); kv: rows and restores under q8_0 and q4_0 "
-        "KV caches against f16; parallel: decode throughput of 4 "
+        "KV caches against f16; http: a warm hit in-process and through the HTTP server; "
+        "parallel: decode throughput of 4 "
         "sequences against 1, a lone request on parallel=4 against parallel=1; speed: cold "
         "prefill and decode tok/s (beside the peer, with --peer)",
     )
