@@ -92,6 +92,11 @@ class CompletionOptions(TypedDict, total=False):
     """Generation ends before any of these strings (at most 16, non-empty)."""
     parent_key: str | None
     """An earlier turn's ``finish_key`` to resume from."""
+    breakpoints: Sequence[int | tuple[int, float | None]] | None
+    """Explicit cache breakpoints (at most 8, strictly increasing, within the
+    prompt): the prompt's state after each of these token counts is saved as
+    a row of its own whatever the policy; a ``(tokens, ttl_s)`` pair also pins
+    that row against eviction for ``ttl_s`` seconds (docs/policy.md)."""
 
 
 class LoadOptions(TypedDict, total=False):
@@ -336,6 +341,24 @@ class CacheView:
     def bytes(self) -> dict[str, int]:
         """Bytes held per tier now."""
         return self._native.cache_bytes()
+
+    def pin(self, key: str, ttl_s: float) -> None:
+        """Keeps the row ``key`` (64 hex digits) from eviction for ``ttl_s``
+        seconds, in (0, 86400]; pinning a pinned row keeps the later deadline.
+
+        The pin lives in this process. Raises
+        :class:`~erllama.errors.InvalidInputError` for a key with no
+        available row.
+        """
+        self._native.cache_pin(key, ttl_s)
+
+    def unpin(self, key: str) -> bool:
+        """Ends :meth:`pin`'s pin of ``key`` now; False if it had none."""
+        return self._native.cache_unpin(key)
+
+    def pins(self) -> dict[str, float]:
+        """Keys pinned by :meth:`pin` (or by a breakpoint) and the seconds each has left."""
+        return self._native.cache_pins()
 
     def settle(self, timeout_s: float = 30.0) -> bool:
         """Waits until no background save is in flight (at most ``timeout_s``

@@ -95,8 +95,8 @@ pub use kvc::{
     LOGIT_BYTES, PAYLOAD_OFFSET_OFFSET,
 };
 pub use meta::{
-    Cache, CacheConfig, Claim, ClaimError, FileTierConfig, Lookup, OpenError, PrefixLookup,
-    RowInfo, RowStatus, DEFAULT_RESERVATION_TTL,
+    Cache, CacheConfig, Claim, ClaimError, FileTierConfig, Lookup, OpenError, PinError,
+    PrefixLookup, RowInfo, RowStatus, DEFAULT_RESERVATION_TTL, MAX_PIN_TTL, MAX_TIMED_PINS,
 };
 pub use policy::{
     cold_save_split, longest_prefix_probes, should_continued_save, should_finish_save,

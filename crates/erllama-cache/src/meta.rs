@@ -349,6 +349,15 @@ pub(crate) struct Inner {
     /// the parked list ([`crate::lru`]).
     pub(crate) parked_released: [AtomicBool; 3],
     pub(crate) config: CacheConfig,
+    /// Pins with an expiry ([`Cache::pin_for`]): each holds one pin on its
+    /// row until the deadline. Lock order: the writer lock, then this.
+    pub(crate) timed_pins: Mutex<HashMap<CacheKey, TimedPin>>,
+}
+
+/// One pin of [`Cache::pin_for`].
+pub(crate) struct TimedPin {
+    row: Arc<Row>,
+    until: Instant,
 }
 
 /// The cache: meta index, tiers, counters and writer pool. Cheap to clone
@@ -407,6 +416,35 @@ pub enum ClaimError {
     #[error("the row is busy (being written or evicted)")]
     Busy,
 }
+
+/// Why [`Cache::pin_for`] could not pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PinError {
+    /// No row under the key.
+    #[error("no row under that key")]
+    NotFound,
+    /// The row is being written or evicted.
+    #[error("the row is busy (being written or evicted)")]
+    Busy,
+    /// [`MAX_TIMED_PINS`] rows are pinned with an expiry already.
+    #[error("too many pinned rows (at most {MAX_TIMED_PINS})")]
+    TooMany,
+}
+
+impl From<ClaimError> for PinError {
+    fn from(e: ClaimError) -> Self {
+        match e {
+            ClaimError::NotFound => Self::NotFound,
+            ClaimError::Busy => Self::Busy,
+        }
+    }
+}
+
+/// Most rows [`Cache::pin_for`] holds at once.
+pub const MAX_TIMED_PINS: usize = 4096;
+
+/// Longest [`Cache::pin_for`] lifetime (a day); longer asks are cut to it.
+pub const MAX_PIN_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// A pin on an available row: it cannot be evicted while the claim lives.
 /// Dropping the claim releases it (so a holder that dies releases too);
@@ -486,9 +524,7 @@ impl Drop for Claim {
         // Saturating: a release is idempotent even if accounting were off.
         // Unpinning a parked row tells the tier's next eviction walk to
         // look at the parked list (SeqCst: see crate::lru).
-        if self.row.unpin() {
-            self.cache.inner.parked_released[self.row.tier.index()].store(true, Ordering::SeqCst);
-        }
+        self.cache.unpin_row(&self.row);
     }
 }
 
@@ -578,6 +614,7 @@ impl Cache {
                 tick: AtomicU64::new(1),
                 parked_released: Default::default(),
                 config,
+                timed_pins: Mutex::new(HashMap::new()),
             }),
         };
         cache.recover()?;
@@ -769,6 +806,16 @@ impl Cache {
     }
 
     fn claim_row(&self, row: Arc<Row>) -> Result<Claim, ClaimError> {
+        self.pin_row(&row)?;
+        Ok(Claim {
+            cache: self.clone(),
+            row,
+        })
+    }
+
+    /// Pins an available row (one more claim), bumps its hits and marks it
+    /// most recently used.
+    fn pin_row(&self, row: &Arc<Row>) -> Result<(), ClaimError> {
         let hits = {
             let mut writer = self.lock();
             // Re-check under the lock: the row may have been removed or
@@ -786,16 +833,149 @@ impl Cache {
             debug_assert_eq!(row.status(), RowStatus::Available);
             row.pin();
             row.last_used.store(self.next_tick(), Ordering::Relaxed);
-            writer.recency.touch(&row);
+            writer.recency.touch(row);
             row.hits.fetch_add(1, Ordering::Relaxed).saturating_add(1)
         };
         if let Some(t) = self.tier(row.tier) {
             t.record_hits(&row.key, hits);
         }
-        Ok(Claim {
-            cache: self.clone(),
-            row,
-        })
+        Ok(())
+    }
+
+    /// Drops one pin of `row` (lock-free, see [`Claim`]'s drop).
+    fn unpin_row(&self, row: &Row) {
+        // Unpinning a parked row tells the tier's next eviction walk to
+        // look at the parked list (SeqCst: see crate::lru).
+        if row.unpin() {
+            self.inner.parked_released[row.tier.index()].store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Pins the row under `key` until `ttl` from now: no eviction (quota,
+    /// [`Cache::gc`], [`Cache::evict_bytes`]) removes it before then. A
+    /// row already pinned this way gets the later of its two deadlines
+    /// (a use refreshes its lifetime, as a prompt cache's TTL does). The
+    /// pin lives in this process only; an explicit delete still removes
+    /// the row. At most [`MAX_TIMED_PINS`] rows are pinned at once.
+    ///
+    /// # Errors
+    ///
+    /// [`PinError::NotFound`], [`PinError::Busy`] (being written or
+    /// evicted), or [`PinError::TooMany`].
+    pub fn pin_for(&self, key: &CacheKey, ttl: Duration) -> Result<(), PinError> {
+        let until = Instant::now() + ttl.min(MAX_PIN_TTL);
+        self.sweep_pins();
+        let row = self.row(key).ok_or(PinError::NotFound)?;
+        {
+            let pins = self.timed_pins();
+            if let Some(p) = pins.get(key) {
+                if Arc::ptr_eq(&p.row, &row) {
+                    drop(pins);
+                    // Already pinned: a use (hits, recency) and a later
+                    // deadline.
+                    self.pin_row(&row)?;
+                    self.unpin_row(&row);
+                    let mut pins = self.timed_pins();
+                    if let Some(p) = pins.get_mut(key) {
+                        p.until = p.until.max(until);
+                        return Ok(());
+                    }
+                    // Expired meanwhile: pin anew below.
+                } else if pins.len() >= MAX_TIMED_PINS {
+                    return Err(PinError::TooMany);
+                }
+            } else if pins.len() >= MAX_TIMED_PINS {
+                return Err(PinError::TooMany);
+            }
+        }
+        self.pin_row(&row)?;
+        let old = self.timed_pins().insert(*key, TimedPin { row, until });
+        if let Some(old) = old {
+            self.unpin_row(&old.row);
+        }
+        Ok(())
+    }
+
+    /// Pins a row being published (under the writer lock) as
+    /// [`Cache::pin_for`] would; skipped (logged) at [`MAX_TIMED_PINS`].
+    pub(crate) fn pin_published_locked(
+        &self,
+        _st: &mut WriterState,
+        row: &Arc<Row>,
+        ttl: Duration,
+    ) {
+        let until = Instant::now() + ttl.min(MAX_PIN_TTL);
+        let mut pins = self.timed_pins();
+        if pins.len() >= MAX_TIMED_PINS && !pins.contains_key(&row.key) {
+            tracing::warn!(key = %row.key, "too many pinned rows; this one is not pinned");
+            return;
+        }
+        row.pin();
+        let old = pins.insert(
+            row.key,
+            TimedPin {
+                row: Arc::clone(row),
+                until,
+            },
+        );
+        drop(pins);
+        if let Some(old) = old {
+            self.unpin_row(&old.row);
+        }
+    }
+
+    /// Ends the [`Cache::pin_for`] pin of `key` now; false if it had none.
+    pub fn unpin(&self, key: &CacheKey) -> bool {
+        let removed = self.timed_pins().remove(key);
+        match removed {
+            Some(p) => {
+                self.unpin_row(&p.row);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The rows pinned by [`Cache::pin_for`] and the time each has left.
+    #[must_use]
+    pub fn timed_pins_left(&self) -> Vec<(CacheKey, Duration)> {
+        self.sweep_pins();
+        let now = Instant::now();
+        let mut out: Vec<_> = self
+            .timed_pins()
+            .iter()
+            .map(|(k, p)| (*k, p.until.saturating_duration_since(now)))
+            .collect();
+        out.sort_by_key(|(k, _)| k.0);
+        out
+    }
+
+    fn timed_pins(&self) -> MutexGuard<'_, HashMap<CacheKey, TimedPin>> {
+        self.inner
+            .timed_pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Releases the timed pins whose deadline passed (every eviction walk
+    /// starts with this, so an expired pin never keeps a row).
+    pub(crate) fn sweep_pins(&self) {
+        let now = Instant::now();
+        let expired: Vec<TimedPin> = {
+            let mut pins = self.timed_pins();
+            if pins.values().all(|p| p.until > now) {
+                return;
+            }
+            let keys: Vec<CacheKey> = pins
+                .iter()
+                .filter(|(_, p)| p.until <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| pins.remove(k)).collect()
+        };
+        for p in expired {
+            self.unpin_row(&p.row);
+        }
     }
 
     /// Exact lookup: claims the row if it is available.
@@ -941,6 +1121,7 @@ impl Cache {
         want: u64,
         tiers: &[TierKind],
     ) -> (usize, u64) {
+        self.sweep_pins();
         let mut walk = Walk::new(&st.recency, tiers, &self.inner.parked_released);
         let freed = self.evict_walk(st, &mut walk, want);
         walk.finish(&self.inner.parked_released);
@@ -1019,6 +1200,7 @@ impl Cache {
         // Walk LRU-first collecting victims until they cover the need; only
         // then evict them (a row whose bytes cannot be removed is replaced
         // by the next candidates). Nothing is evicted if they cannot.
+        self.sweep_pins();
         let mut walk = Walk::new(&st.recency, &[tier], &self.inner.parked_released);
         let mut victims = Vec::new();
         let mut covered = 0;

@@ -193,6 +193,8 @@ pub struct PendingSave {
     linked: Option<u64>,
     _permit: Permit,
     done: bool,
+    /// Pin the row for this long as it is published.
+    pin: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for PendingSave {
@@ -300,6 +302,7 @@ impl Cache {
             linked: None,
             _permit: permit,
             done: false,
+            pin: None,
         })
     }
 
@@ -424,6 +427,12 @@ impl PendingSave {
         self.run_with_probe(&|_| {})
     }
 
+    /// Pins the row for `ttl` from its publish ([`Cache::pin_for`]), in the
+    /// same step: no eviction can come between.
+    pub fn pin_on_publish(&mut self, ttl: std::time::Duration) {
+        self.pin = Some(ttl);
+    }
+
     /// [`PendingSave::run`], calling `probe` at each [`SaveStage`] (crash
     /// tests stop a writer process there). Every error is counted in
     /// `saves_failed`: the save held a reservation and did not publish.
@@ -506,6 +515,9 @@ impl PendingSave {
             .filter(|r| r.status() == RowStatus::Writing)
             .expect("a live reservation keeps its placeholder row");
         cache.publish_row_locked(&mut st, &row, size);
+        if let Some(ttl) = self.pin {
+            cache.pin_published_locked(&mut st, &row, ttl);
+        }
         drop(st);
         cache.inner.published.notify_all();
         Ok(())

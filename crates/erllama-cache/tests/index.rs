@@ -634,3 +634,77 @@ fn a_writer_unwinding_at_any_stage_leaves_no_stray_bytes() {
         }
     }
 }
+
+#[test]
+fn a_timed_pin_holds_against_eviction_until_it_expires() {
+    let root = tempfile::tempdir().expect("tmp");
+    let cache = Cache::open(config(root.path(), 10_000, 0, 0)).expect("open");
+    let a = cache
+        .save(request(TierKind::Ram, &toks(1, 10), 3000))
+        .expect("a")
+        .key;
+    let b = cache
+        .save(request(TierKind::Ram, &toks(2, 10), 3000))
+        .expect("b")
+        .key;
+    assert!(matches!(
+        cache.pin_for(&toks_key(3), Duration::from_secs(60)),
+        Err(erllama_cache::PinError::NotFound)
+    ));
+    cache
+        .pin_for(&a, Duration::from_millis(300))
+        .expect("pin a");
+    assert_eq!(cache.peek(&a).expect("row").refcount, 1);
+    // A second pin refreshes, never stacks.
+    cache
+        .pin_for(&a, Duration::from_millis(300))
+        .expect("again");
+    assert_eq!(cache.peek(&a).expect("row").refcount, 1);
+    assert_eq!(cache.timed_pins_left().len(), 1);
+    // Every eviction path passes it by: gc, evict_bytes, a quota.
+    assert_eq!(cache.gc(), 1, "only b goes");
+    assert!(cache.contains(&a) && !cache.contains(&b));
+    assert_eq!(cache.evict_bytes(u64::MAX, &[TierKind::Ram]), (0, 0));
+    for i in 10..14 {
+        let _ = cache.save(request(TierKind::Ram, &toks(i, 10), 3000));
+    }
+    assert!(cache.contains(&a), "quota pressure keeps the pinned row");
+    assert!(cache.bytes(TierKind::Ram) <= 10_000);
+    // Past its deadline the next eviction takes it.
+    thread::sleep(Duration::from_millis(350));
+    assert_eq!(cache.peek(&a).expect("row").refcount, 1, "lazy expiry");
+    cache.gc();
+    assert!(!cache.contains(&a));
+    assert!(cache.timed_pins_left().is_empty());
+    // unpin ends one early.
+    let c = cache
+        .save(request(TierKind::Ram, &toks(20, 10), 3000))
+        .expect("c")
+        .key;
+    cache.pin_for(&c, Duration::from_secs(3600)).expect("pin c");
+    assert_eq!(cache.gc(), 0);
+    assert!(cache.unpin(&c));
+    assert!(!cache.unpin(&c));
+    assert_eq!(cache.peek(&c).expect("row").refcount, 0);
+    assert_eq!(cache.gc(), 1);
+}
+
+fn toks_key(base: u32) -> erllama_cache::CacheKey {
+    identity().key(&toks(base, 10))
+}
+
+#[test]
+fn a_save_can_pin_its_row_as_it_publishes() {
+    let cache = Cache::open(CacheConfig::default()).expect("open");
+    let mut pending = cache
+        .begin_save(request(TierKind::Ram, &toks(7, 10), 100))
+        .expect("begin");
+    pending.pin_on_publish(Duration::from_secs(60));
+    let key = pending.run().expect("run").key;
+    // Pinned from the moment it is visible.
+    assert_eq!(cache.peek(&key).expect("row").refcount, 1);
+    assert_eq!(cache.timed_pins_left().len(), 1);
+    assert_eq!(cache.gc(), 0);
+    assert!(cache.unpin(&key));
+    assert_eq!(cache.gc(), 1);
+}

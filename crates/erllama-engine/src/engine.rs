@@ -24,7 +24,9 @@ use crate::backend::{Backend, BackendError};
 use crate::model::{
     self, ActorSetup, Adapter, ModelConfig, ModelHandle, ModelStatus, SaveSummary, Submission,
 };
-use crate::request::{Completion, EngineError, Event, Prompt, RequestId, RequestOptions};
+use crate::request::{
+    Completion, EngineError, Event, Prompt, RequestId, RequestOptions, MAX_BREAKPOINTS,
+};
 
 pub use crate::model::AdapterInfo;
 
@@ -241,6 +243,24 @@ fn prepare_tokens(
             index,
             n_vocab,
         });
+    }
+    if options.breakpoints.len() > MAX_BREAKPOINTS {
+        return Err(EngineError::InvalidInput(format!(
+            "at most {MAX_BREAKPOINTS} breakpoints, got {}",
+            options.breakpoints.len()
+        )));
+    }
+    let mut last = 0;
+    for b in &options.breakpoints {
+        if b.tokens <= last || b.tokens > tokens.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "breakpoints must be strictly increasing token counts in 1..={} (the \
+                 prompt's length); got {}",
+                tokens.len(),
+                b.tokens
+            )));
+        }
+        last = b.tokens;
     }
     let n_ctx = entry.config.context.n_ctx;
     if tokens.len().saturating_add(options.max_tokens) > n_ctx {

@@ -40,8 +40,8 @@ pub use pressure::{
     NoopSampler, NvmlSampler, PressureSampler, Sample, SamplerError, SystemSampler,
 };
 pub use request::{
-    Completion, EngineError, Event, FinishReason, HitKind, HitSource, Prompt, RequestId,
-    RequestOptions, RequestStats, RestoreFailure,
+    Breakpoint, Completion, EngineError, Event, FinishReason, HitKind, HitSource, Prompt,
+    PromptUsage, RequestId, RequestOptions, RequestStats, RestoreFailure, MAX_BREAKPOINTS,
 };
 pub use scheduler::{CheckOutcome, Scheduler, SchedulerConfig, SchedulerError, SchedulerStatus};
 pub use stub::{stub_next_token, stub_word_token, stub_words, StubBackend, STUB_BOS, STUB_VOCAB};

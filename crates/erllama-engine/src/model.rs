@@ -49,10 +49,13 @@ use crate::backend::{
 };
 use crate::cells::CellLedger;
 use crate::request::{
-    Completion, EngineError, Event, FinishReason, HitKind, HitSource, RequestId, RequestOptions,
-    RequestStats, RestoreFailure,
+    Completion, EngineError, Event, FinishReason, HitKind, HitSource, PromptUsage, RequestId,
+    RequestOptions, RequestStats, RestoreFailure,
 };
 use crate::text::TextStream;
+
+/// Domain separation of [`Actor::identity_for`]'s salted context hash.
+const SPLIT_SALT: u8 = 0xB7;
 
 /// Mailbox depth of a model actor.
 const MAILBOX: usize = 1024;
@@ -474,7 +477,12 @@ enum Slot {
     Free,
     /// Holds a finished request's tokens (its prompt, then output), kept
     /// for sharing until its cells are needed (least recently used first).
-    Warm { last_used: u64, prompt_len: usize },
+    Warm {
+        last_used: u64,
+        prompt_len: usize,
+        /// The breakpoints its cells were computed with.
+        splits: Arc<[usize]>,
+    },
     /// Serves a request.
     Busy(Box<Active>),
 }
@@ -509,6 +517,9 @@ struct Active {
     admitted: Instant,
     gen_started: Option<Instant>,
     last_saved_at: usize,
+    /// Its breakpoints' token counts: its prefill pieces end there
+    /// (docs/policy.md, breakpoints).
+    splits: Arc<[usize]>,
 }
 
 impl Active {
@@ -822,6 +833,51 @@ impl Actor {
         }
     }
 
+    /// The breakpoints `seq`'s cells were (or are being) computed with.
+    fn splits(&self, seq: SeqId) -> &[usize] {
+        match &self.slots[seq] {
+            Slot::Busy(a) => &a.splits,
+            Slot::Warm { splits, .. } => splits,
+            Slot::Free => &[],
+        }
+    }
+
+    /// How much of a sequence computed with `splits` is what a prefill
+    /// without breakpoints computes too: the whole `n_batch` chunks before
+    /// the first breakpoint's piece (everything, without breakpoints).
+    fn split_cap(&self, splits: &[usize]) -> usize {
+        splits
+            .first()
+            .map_or(usize::MAX, |&b| (b - 1) / self.n_batch() * self.n_batch())
+    }
+
+    /// The identity a row of the first `len` tokens of a sequence computed
+    /// with `splits` is keyed under. Pieces that end at a breakpoint
+    /// round differently from whole chunks, so a row past a breakpoint
+    /// is keyed by its model, its tokens and the breakpoints before its
+    /// end (a row at or before the first breakpoint is an ordinary row: a
+    /// prompt of those tokens is prefilled the same way).
+    fn identity_for(&self, splits: &[usize], len: usize) -> Arc<ModelIdentity> {
+        let before: Vec<u32> = splits
+            .iter()
+            .take_while(|&&b| b < len)
+            .map(|&b| u32::try_from(b).unwrap_or(u32::MAX))
+            .collect();
+        if before.is_empty() {
+            return Arc::clone(&self.identity);
+        }
+        let mut h = erllama_cache::KeyHasher::from_parts(
+            &self.identity.ctx_params_hash,
+            SPLIT_SALT,
+            &[SPLIT_SALT; 32],
+        );
+        h.update(&before);
+        Arc::new(ModelIdentity {
+            ctx_params_hash: h.finish().0,
+            ..(*self.identity).clone()
+        })
+    }
+
     /// How many of `tokens` the sequence `src` can give by sharing its
     /// cells, as a cold prefill of `tokens` would have computed them:
     /// everything it holds when it finished its prompt and `tokens`
@@ -829,7 +885,7 @@ impl Actor {
     /// the last token when it ran exactly this prompt (that token is
     /// re-fed); else the whole `n_batch` chunks of its prompt the two have
     /// in common.
-    fn shareable(&self, src: SeqId, tokens: &[u32]) -> usize {
+    fn shareable(&self, src: SeqId, tokens: &[u32], cap: usize) -> usize {
         let held = self.ctx.tokens(src);
         let prompt_len = self.prompt_len(src);
         let common = common_prefix(held, tokens);
@@ -841,7 +897,8 @@ impl Actor {
             let chunks = common.min(prompt_len.saturating_sub(1));
             chunks / self.n_batch() * self.n_batch()
         };
-        if self.reuse.allows(n, held.len()) {
+        let n = n.min(cap).min(self.split_cap(self.splits(src)));
+        if n > 0 && self.reuse.allows(n, held.len()) {
             n
         } else {
             0
@@ -850,7 +907,7 @@ impl Actor {
 
     /// A sequence still prefilling a prompt that shares at least one whole
     /// chunk with `tokens`: (its seq, the length to wait for).
-    fn pending_share(&self, tokens: &[u32]) -> Option<(SeqId, usize)> {
+    fn pending_share(&self, tokens: &[u32], cap: usize) -> Option<(SeqId, usize)> {
         if self.reuse == PrefixReuse::Nothing {
             return None;
         }
@@ -866,6 +923,7 @@ impl Actor {
                 } else {
                     common.min(a.prompt().len() - 1) / self.n_batch() * self.n_batch()
                 };
+                let want = want.min(cap).min(self.split_cap(&a.splits));
                 (want > self.ctx.tokens(s).len()).then_some((s, want))
             })
             .max_by_key(|&(_, want)| want)
@@ -873,13 +931,18 @@ impl Actor {
 
     /// The best sequence to share from now, other than `exclude`: (seq,
     /// tokens).
-    fn best_share(&self, tokens: &[u32], exclude: Option<SeqId>) -> Option<(SeqId, usize)> {
+    fn best_share(
+        &self,
+        tokens: &[u32],
+        exclude: Option<SeqId>,
+        cap: usize,
+    ) -> Option<(SeqId, usize)> {
         (0..self.slots.len())
             .filter(|&s| Some(s) != exclude && !matches!(self.slots[s], Slot::Free))
             .filter(
                 |&s| !matches!(self.active(s), Some(a) if matches!(a.phase, Phase::Waiting { .. })),
             )
-            .map(|s| (s, self.shareable(s, tokens)))
+            .map(|s| (s, self.shareable(s, tokens, cap)))
             .filter(|&(_, n)| n > 0)
             .max_by_key(|&(s, n)| (n, std::cmp::Reverse(s)))
     }
@@ -914,7 +977,7 @@ impl Actor {
         for (_, seq) in order {
             let Some(a) = self.active(seq) else { continue };
             let (start, end) = self.next_piece(a);
-            let last = end == a.prompt().len();
+            let last = end == a.prompt().len() || a.splits.contains(&end);
             let piece = (seq, a.prompt()[start..end].to_vec(), last);
             if end - start == 1 {
                 items.push(piece);
@@ -993,6 +1056,11 @@ impl Actor {
                 end = cold;
             }
         }
+        // A breakpoint ends a piece, and the token before it goes on its
+        // own (with logits), as a prompt's last token does.
+        if let Some(&b) = a.splits.iter().find(|&&b| b > at) {
+            end = end.min(if at + 1 < b { b - 1 } else { b });
+        }
         (at, end)
     }
 
@@ -1008,6 +1076,13 @@ impl Actor {
                 a.stats.prefill_tokens += n;
                 let at = a.prefill_at;
                 let prompt_len = a.prompt().len();
+                if let Some(bp) = a.sub.options.breakpoints.iter().find(|b| b.tokens == at) {
+                    let pin = bp.pin;
+                    self.save_breakpoint(seq, logits && alone, pin);
+                }
+                let Slot::Busy(a) = &mut self.slots[seq] else {
+                    return;
+                };
                 if a.cold_at == Some(at) {
                     a.cold_at = None;
                     a.last_saved_at = at;
@@ -1110,11 +1185,17 @@ impl Actor {
         if continued {
             a.last_saved_at = live;
         }
+        let prompt = a.generated.is_empty().then_some(PromptUsage {
+            prompt_tokens: a.stats.prompt_tokens,
+            prefill_tokens: a.stats.prefill_tokens,
+            breakpoint_written: a.stats.breakpoint_written,
+        });
         a.generated.push(token);
         let (piece, stopped) = a.text.push(&bytes);
         let _ = a.sub.events.send(Event::Token {
             id: token,
             text: piece,
+            prompt,
         });
         if stopped {
             self.finish(seq, FinishReason::Stop);
@@ -1152,7 +1233,14 @@ impl Actor {
             // llama.cpp server slot is; a running one is shared into a
             // free sequence (if none is free, the least recently used warm
             // one is freed).
-            let share = self.best_share(&tokens, None);
+            let cap = self.split_cap(
+                &sub.options
+                    .breakpoints
+                    .iter()
+                    .map(|b| b.tokens)
+                    .collect::<Vec<_>>(),
+            );
+            let share = self.best_share(&tokens, None, cap);
             let src = share.map(|(s, _)| s);
             let shared = share.map_or(0, |(_, n)| n);
             let in_place = src.filter(|&s| matches!(self.slots[s], Slot::Warm { .. }));
@@ -1222,6 +1310,7 @@ impl Actor {
     /// (kept, shared, waited for, restored, or none).
     fn start(&mut self, seq: SeqId, sub: Box<Submission>) {
         let admitted = Instant::now();
+        let splits: Arc<[usize]> = sub.options.breakpoints.iter().map(|b| b.tokens).collect();
         let stats =
             RequestStats::dequeued(sub.tokens.len(), ms(admitted.duration_since(sub.submitted)));
         if let Err(e) = self.ctx.set_sampling(seq, &sub.options.sampling) {
@@ -1243,16 +1332,18 @@ impl Actor {
             admitted,
             gen_started: None,
             last_saved_at: 0,
+            splits: Arc::clone(&splits),
         };
         let tokens = a.sub.tokens.clone();
         self.slots[seq] = Slot::Busy(Box::new(a));
+        let cap = self.split_cap(&splits);
         // A prefix another sequence is prefilling right now: wait for it
         // (unless this sequence already holds a longer one).
         let now = self
-            .best_share(&tokens, Some(seq))
+            .best_share(&tokens, Some(seq), cap)
             .map_or(0, |(_, n)| n)
             .max(self.ctx.tokens(seq).len());
-        if let Some((src, len)) = self.pending_share(&tokens) {
+        if let Some((src, len)) = self.pending_share(&tokens, cap) {
             if len > now {
                 if let Slot::Busy(a) = &mut self.slots[seq] {
                     a.phase = Phase::Waiting { src, len };
@@ -1294,8 +1385,9 @@ impl Actor {
         let n = tokens.len();
         let started = Instant::now();
         let held = self.ctx.tokens(seq).len();
+        let cap = self.split_cap(self.splits(seq));
         let share = self
-            .best_share(&tokens, Some(seq))
+            .best_share(&tokens, Some(seq), cap)
             .filter(|&(_, k)| k > held);
         let local = share.map_or(held, |(_, k)| k);
         let mut failure = None;
@@ -1386,6 +1478,7 @@ impl Actor {
         a.stats.restore_ms = ms(started.elapsed());
         a.prefill_at = len;
         a.last_saved_at = len;
+        self.renew_breakpoints(seq, len);
         if answered {
             // Nothing is saved: the prompt's row is the one just restored.
             self.prompt_done(seq, false);
@@ -1417,7 +1510,10 @@ impl Actor {
     ) -> Option<Restored> {
         let cache = self.cache().clone();
         let identity = Arc::clone(&self.identity);
-        let key = identity.key(tokens);
+        let splits: Arc<[usize]> = self
+            .active(seq)
+            .map_or_else(|| Arc::from([]), |a| Arc::clone(&a.splits));
+        let key = self.identity_for(&splits, tokens.len()).key(tokens);
         if let Lookup::Hit(claim) = cache.lookup(&key) {
             if let Some(r) = self.unpack(seq, claim, tokens.len(), HitSource::Exact, failure) {
                 self.counters().incr(Counter::HitsExact);
@@ -1438,8 +1534,25 @@ impl Actor {
                 }
             }
         }
+        // The breakpoints' rows, the longest first.
+        for &b in splits.iter().rev() {
+            if b >= tokens.len() || b <= better_than {
+                continue;
+            }
+            let key = self.identity_for(&splits, b).key(&tokens[..b]);
+            if let Lookup::Hit(claim) = cache.lookup(&key) {
+                if let Some(r) =
+                    self.unpack(seq, claim, tokens.len(), HitSource::LongestPrefix, failure)
+                {
+                    self.counters().incr(Counter::HitsLongestPrefix);
+                    return Some(r);
+                }
+            }
+        }
+        // Ordinary rows hold for the chunks before the first breakpoint.
+        let plain = &tokens[..self.split_cap(&splits).min(tokens.len())];
         if let PrefixLookup::Hit { claim, len, .. } =
-            cache.longest_prefix(&identity.hasher(), tokens, self.policy())
+            cache.longest_prefix(&identity.hasher(), plain, self.policy())
         {
             if len > better_than {
                 if let Some(r) =
@@ -1556,6 +1669,7 @@ impl Actor {
             let _ = a.sub.events.send(Event::Token {
                 id: u32::MAX,
                 text: tail,
+                prompt: None,
             });
         }
         if let Some(started) = a.gen_started {
@@ -1564,6 +1678,7 @@ impl Actor {
             a.stats.prefill_ms = ms(a.admitted.elapsed());
         }
         a.stats.completion_tokens = a.generated.len();
+        a.stats.stop_sequence = a.text.matched().map(str::to_owned);
         a.stats.finish_reason = reason;
         a.stats.cancelled = reason == FinishReason::Cancelled;
         // A finish save, also for a cancelled request; only a sequence that
@@ -1579,6 +1694,7 @@ impl Actor {
             self.slots[seq] = Slot::Warm {
                 last_used: self.tick,
                 prompt_len: a.sub.tokens.len(),
+                splits: Arc::clone(&a.splits),
             };
         } else {
             // A cancelled request's cells are freed at once.
@@ -1701,8 +1817,25 @@ impl Actor {
         reason: SaveReason,
         with_logits: bool,
     ) -> Option<CacheKey> {
+        self.save_async_pinned(seq, reason, with_logits, None)
+            .map(|(key, _)| key)
+    }
+
+    /// [`Actor::save_async`], then (with `pin`) the row is kept from
+    /// eviction for that long once it is published. Returns the key and
+    /// whether this save writes it (false: it was already stored).
+    fn save_async_pinned(
+        &mut self,
+        seq: SeqId,
+        reason: SaveReason,
+        with_logits: bool,
+        pin: Option<Duration>,
+    ) -> Option<(CacheKey, bool)> {
         match self.begin_save(seq, reason, with_logits) {
-            Ok(Begun::Pending(pending, key)) => {
+            Ok(Begun::Pending(mut pending, key)) => {
+                if let Some(ttl) = pin {
+                    pending.pin_on_publish(ttl);
+                }
                 let spawned = std::thread::Builder::new()
                     .name("erllama-save".into())
                     .spawn(move || {
@@ -1714,13 +1847,45 @@ impl Actor {
                     tracing::warn!(error = %e, "cannot start a save thread");
                     return None;
                 }
-                Some(key)
+                Some((key, true))
             }
-            Ok(Begun::Present(key)) => Some(key),
+            Ok(Begun::Present(key)) => {
+                if let Some(ttl) = pin {
+                    // Renewed; a row another save is still writing is
+                    // pinned by that save's request if it asked.
+                    let _ = self.cache().pin_for(&key, ttl);
+                }
+                Some((key, false))
+            }
             Ok(Begun::Empty) => None,
             Err(e) => {
                 tracing::debug!(error = %e, reason = reason.label(), "save skipped");
                 None
+            }
+        }
+    }
+
+    /// `seq` just reached one of its breakpoints: its row is saved (with
+    /// the logits that follow when `with_logits`: its last token was
+    /// decoded alone), whatever the policy, and pinned for `pin`.
+    fn save_breakpoint(&mut self, seq: SeqId, with_logits: bool, pin: Option<Duration>) {
+        if let Some((_, true)) = self.save_async_pinned(seq, SaveReason::Cold, with_logits, pin) {
+            if let Slot::Busy(a) = &mut self.slots[seq] {
+                a.stats.breakpoint_written = a.prefill_at;
+            }
+        }
+    }
+
+    /// Renews the pins of the breakpoints a placed prefix of `len` tokens
+    /// covers (a use refreshes a breakpoint's lifetime).
+    fn renew_breakpoints(&self, seq: SeqId, len: usize) {
+        let Some(a) = self.active(seq) else { return };
+        for b in &a.sub.options.breakpoints {
+            if let (true, Some(ttl)) = (b.tokens <= len, b.pin) {
+                let key = self
+                    .identity_for(&a.splits, b.tokens)
+                    .key(&a.prompt()[..b.tokens]);
+                let _ = self.cache().pin_for(&key, ttl);
             }
         }
     }
@@ -1768,11 +1933,12 @@ impl Actor {
         reason: SaveReason,
         with_logits: bool,
     ) -> Result<Begun, EngineError> {
+        let identity = self.identity_for(self.splits(seq), self.ctx.tokens(seq).len());
         let tokens = self.ctx.tokens(seq);
         if tokens.is_empty() || !self.cacheable {
             return Ok(Begun::Empty);
         }
-        let key = self.identity.key(tokens);
+        let key = identity.key(tokens);
         if self.cache().contains(&key) {
             self.counters().incr(Counter::DuplicateDropped);
             return Ok(Begun::Present(key));
@@ -1802,7 +1968,7 @@ impl Actor {
             .map(|a| truncate_chars(&a.sub.prompt_text, 512))
             .unwrap_or_default();
         let request = SaveRequest {
-            identity: Arc::clone(&self.identity),
+            identity,
             tier: self.setup.config.tier,
             tokens: self.ctx.tokens(seq).into(),
             payload,
@@ -1812,7 +1978,7 @@ impl Actor {
             detail: None,
         };
         match self.cache().begin_save(request) {
-            Ok(pending) => Ok(Begun::Pending(pending, key)),
+            Ok(pending) => Ok(Begun::Pending(Box::new(pending), key)),
             Err(SaveError::AlreadyPresent(_) | SaveError::Conflict(_)) => Ok(Begun::Present(key)),
             Err(e) => Err(EngineError::Cache(e.to_string())),
         }
@@ -1832,7 +1998,7 @@ struct Restored {
 enum Begun {
     Empty,
     Present(CacheKey),
-    Pending(erllama_cache::PendingSave, CacheKey),
+    Pending(Box<erllama_cache::PendingSave>, CacheKey),
 }
 
 fn truncate_chars(s: &str, max: usize) -> String {

@@ -30,6 +30,25 @@ pub struct RequestOptions {
     pub stop: Vec<String>,
     /// The `finish_key` of an earlier turn to resume from.
     pub parent_key: Option<CacheKey>,
+    /// Explicit cache breakpoints (docs/policy.md, breakpoints): the
+    /// prompt's state at each of these token counts is saved as a row of
+    /// its own, whatever the policy, and pinned for its TTL. At most
+    /// [`MAX_BREAKPOINTS`], strictly increasing, each within the prompt.
+    pub breakpoints: Vec<Breakpoint>,
+}
+
+/// Most breakpoints one request may set.
+pub const MAX_BREAKPOINTS: usize = 8;
+
+/// One explicit cache breakpoint: save the prompt's first `tokens` tokens
+/// as a row, and keep that row from eviction for `pin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breakpoint {
+    /// Prompt tokens before the breakpoint (at least 1).
+    pub tokens: usize,
+    /// How long the row is kept from eviction (renewed by every request
+    /// that sets the same breakpoint); `None`: not pinned.
+    pub pin: Option<std::time::Duration>,
 }
 
 impl Default for RequestOptions {
@@ -39,6 +58,7 @@ impl Default for RequestOptions {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             parent_key: None,
+            breakpoints: Vec::new(),
         }
     }
 }
@@ -171,6 +191,12 @@ pub struct RequestStats {
     /// only when the next one is wanted, so this is at most
     /// `completion_tokens - 1` (0 for `max_tokens=1`).
     pub decode_tokens: usize,
+    /// The largest breakpoint whose row this request wrote (0: none; a
+    /// breakpoint whose row already existed was only renewed).
+    pub breakpoint_written: usize,
+    /// The stop string that ended generation (`finish_reason` `stop`
+    /// without one: an end-of-generation token).
+    pub stop_sequence: Option<String>,
 }
 
 impl RequestStats {
@@ -193,6 +219,8 @@ impl RequestStats {
             queue_ms,
             restore_failure: None,
             prefill_tokens: 0,
+            breakpoint_written: 0,
+            stop_sequence: None,
             decode_tokens: 0,
         }
     }
@@ -224,9 +252,23 @@ pub enum Event {
         id: u32,
         /// Newly final text.
         text: String,
+        /// With the first token only: what the prompt cost.
+        prompt: Option<PromptUsage>,
     },
     /// The request ended.
     Done(Result<Completion, EngineError>),
+}
+
+/// What a request's prompt cost, final once its first token is out (and
+/// sent with it, so a stream can report it before the end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptUsage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens computed for this request ([`RequestStats::prefill_tokens`]).
+    pub prefill_tokens: usize,
+    /// [`RequestStats::breakpoint_written`].
+    pub breakpoint_written: usize,
 }
 
 /// Errors of engine calls; each maps to exactly one Python exception

@@ -16,6 +16,8 @@ pub(crate) struct TextStream {
     emitted: usize,
     stop: Vec<String>,
     stopped: bool,
+    /// The stop string that ended the text.
+    matched: Option<String>,
 }
 
 impl TextStream {
@@ -59,9 +61,10 @@ impl TextStream {
         let hit = self
             .stop
             .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
-        if let Some(at) = hit {
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| (from + i, s)))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, s)) = hit {
+            self.matched = Some(s.clone());
             self.text.truncate(at);
             self.stopped = true;
             return (self.take_upto(self.text.len()), true);
@@ -84,6 +87,11 @@ impl TextStream {
         let piece = self.text[self.emitted..end].to_owned();
         self.emitted = end;
         piece
+    }
+
+    /// The stop string that ended the text, if one did.
+    pub(crate) fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Ends the stream: everything held back is final now.
@@ -160,6 +168,10 @@ mod tests {
         let (_, text, stopped) = run(&["bb", "ab"], &[b"xxabb"]);
         assert!(stopped);
         assert_eq!(text, "xx");
+        let mut t = TextStream::new(vec!["bb".into(), "ab".into()]);
+        assert!(t.matched().is_none());
+        let _ = t.push(b"xxabb");
+        assert_eq!(t.matched(), Some("ab"), "the stop that ended the text");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! the Python `CompletionOptions` TypedDict.
 
 use erllama_cache::CacheKey;
-use erllama_engine::{KvType, RequestOptions, SamplingParams};
+use erllama_engine::{Breakpoint, KvType, RequestOptions, SamplingParams, MAX_BREAKPOINTS};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
@@ -285,6 +285,58 @@ request_options! {
     stop: Vec<String> = Vec::new(), py None::<String>, check stop_arg;
     /// The `finish_key` of an earlier turn to resume from.
     parent_key: Option<CacheKey> = None, py None::<String>, check |v| optional(v, |v| key_arg(v, "parent_key"));
+    /// Explicit cache breakpoints: token counts, or (token count, pin
+    /// seconds) pairs.
+    breakpoints: Vec<Breakpoint> = Vec::new(), py None::<String>, check breakpoints_arg;
+}
+
+/// Breakpoints: a sequence of token counts or `(tokens, ttl_s)` pairs
+/// (`ttl_s` a number of seconds in (0, 86400], or `None`: not pinned).
+fn breakpoints_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Breakpoint>> {
+    if obj.is_none() {
+        return Ok(Vec::new());
+    }
+    let shape = "breakpoints must be a sequence of token counts or (tokens, ttl_s) pairs";
+    if obj.is_instance_of::<PyString>() {
+        return Err(invalid(shape));
+    }
+    let items: Vec<Bound<'_, PyAny>> = obj
+        .try_iter()
+        .map_err(|_| invalid(shape))?
+        .take(MAX_BREAKPOINTS + 1)
+        .collect::<PyResult<_>>()?;
+    if items.len() > MAX_BREAKPOINTS {
+        return Err(invalid(format!("at most {MAX_BREAKPOINTS} breakpoints")));
+    }
+    items
+        .iter()
+        .map(|item| {
+            let (tokens, ttl) = if item.is_instance_of::<PyInt>() {
+                (item.clone(), None)
+            } else {
+                let pair: Vec<Bound<'_, PyAny>> = item
+                    .try_iter()
+                    .map_err(|_| invalid(shape))?
+                    .take(3)
+                    .collect::<PyResult<_>>()?;
+                match <[Bound<'_, PyAny>; 2]>::try_from(pair) {
+                    Ok([t, ttl]) => (t, Some(ttl)),
+                    Err(_) => return Err(invalid(shape)),
+                }
+            };
+            let tokens = usize_in(&tokens, "breakpoints[].tokens", 1, u32::MAX as usize)?;
+            let pin = match ttl {
+                Some(t) if !t.is_none() => Some(std::time::Duration::from_secs_f64(float_where(
+                    &t,
+                    "breakpoints[].ttl_s",
+                    "in (0, 86400]",
+                    |x| x > 0.0 && x <= 86400.0,
+                )?)),
+                _ => None,
+            };
+            Ok(Breakpoint { tokens, pin })
+        })
+        .collect()
 }
 
 impl RequestArgs {
@@ -304,6 +356,7 @@ impl RequestArgs {
             },
             stop: self.stop,
             parent_key: self.parent_key,
+            breakpoints: self.breakpoints,
         }
     }
 }

@@ -667,6 +667,37 @@ impl PyEngine {
         })
     }
 
+    /// Pins a row against eviction for `ttl_s` seconds (renewing an
+    /// earlier pin to the later deadline).
+    fn cache_pin(&self, key: &Bound<'_, PyAny>, ttl_s: &Bound<'_, PyAny>) -> PyResult<()> {
+        guard("cache.pin", || {
+            let key = crate::args::key_arg(key, "key")?;
+            let ttl = float_where(ttl_s, "ttl_s", "in (0, 86400]", |x| x > 0.0 && x <= 86400.0)?;
+            self.engine
+                .cache()
+                .pin_for(&key, Duration::from_secs_f64(ttl))
+                .map_err(|e| invalid(format!("cannot pin {}: {e}", key.to_hex())))
+        })
+    }
+
+    /// Ends a `cache_pin` pin now; False if the key had none.
+    fn cache_unpin(&self, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        guard("cache.unpin", || {
+            let key = crate::args::key_arg(key, "key")?;
+            Ok(self.engine.cache().unpin(&key))
+        })
+    }
+
+    /// Pinned keys and the seconds each has left.
+    fn cache_pins(&self) -> BTreeMap<String, f64> {
+        self.engine
+            .cache()
+            .timed_pins_left()
+            .into_iter()
+            .map(|(k, left)| (k.to_hex(), left.as_secs_f64()))
+            .collect()
+    }
+
     fn cache_bytes(&self) -> BTreeMap<&'static str, u64> {
         TierKind::ALL
             .iter()

@@ -88,6 +88,10 @@ record! {
         /// Generated tokens fed back to the model (at most
         /// `completion_tokens - 1`).
         decode_tokens: usize,
+        /// The largest breakpoint whose row this request wrote (0: none).
+        breakpoint_written: usize,
+        /// The stop string that ended generation, if one did.
+        stop_sequence: Option<String>,
     }
 }
 
@@ -110,6 +114,8 @@ impl From<&RequestStats> for Stats {
             fallback_reason: s.restore_failure.as_ref().map(|f| f.reason.clone()),
             prefill_tokens: s.prefill_tokens,
             decode_tokens: s.decode_tokens,
+            breakpoint_written: s.breakpoint_written,
+            stop_sequence: s.stop_sequence.clone(),
         }
     }
 }

@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::{unix_now, AppState};
 
-type Obj = Map<String, Value>;
+pub(crate) type Obj = Map<String, Value>;
 
 /// `response_format: {"type": "json_object"}`: the output is a JSON object
 /// (llama.cpp's `grammars/json.gbnf`, the grammar its server uses).
@@ -37,10 +37,10 @@ ws     ::= | " " | "\n" [ \t]{0,20}
 
 /// A request being served: counted in `active` until dropped (for a
 /// stream, when the stream ends or its client goes away).
-struct Admission(Arc<AppState>);
+pub(crate) struct Admission(pub(crate) Arc<AppState>);
 
 impl Admission {
-    fn enter(state: &Arc<AppState>) -> Result<Self, ApiError> {
+    pub(crate) fn enter(state: &Arc<AppState>) -> Result<Self, ApiError> {
         let before = state.active.fetch_add(1, Ordering::AcqRel);
         let admission = Admission(Arc::clone(state));
         if before >= state.max_queue {
@@ -59,7 +59,7 @@ impl Drop for Admission {
     }
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &state.api_key else {
         return Ok(());
     };
@@ -77,7 +77,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 // --- field checks ---
 
-fn parse_object(body: &Bytes) -> Result<Obj, ApiError> {
+pub(crate) fn parse_object(body: &Bytes) -> Result<Obj, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
     match value {
@@ -87,11 +87,11 @@ fn parse_object(body: &Bytes) -> Result<Obj, ApiError> {
 }
 
 /// The field, unless absent or `null`.
-fn field<'a>(obj: &'a Obj, name: &str) -> Option<&'a Value> {
+pub(crate) fn field<'a>(obj: &'a Obj, name: &str) -> Option<&'a Value> {
     obj.get(name).filter(|v| !v.is_null())
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -102,7 +102,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn string(obj: &Obj, name: &str) -> Result<Option<String>, ApiError> {
+pub(crate) fn string(obj: &Obj, name: &str) -> Result<Option<String>, ApiError> {
     match field(obj, name) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -113,7 +113,7 @@ fn string(obj: &Obj, name: &str) -> Result<Option<String>, ApiError> {
     }
 }
 
-fn boolean(obj: &Obj, name: &str) -> Result<Option<bool>, ApiError> {
+pub(crate) fn boolean(obj: &Obj, name: &str) -> Result<Option<bool>, ApiError> {
     match field(obj, name) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -124,7 +124,7 @@ fn boolean(obj: &Obj, name: &str) -> Result<Option<bool>, ApiError> {
     }
 }
 
-fn number_in(obj: &Obj, name: &str, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+pub(crate) fn number_in(obj: &Obj, name: &str, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
     match field(obj, name) {
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
@@ -141,7 +141,7 @@ fn number_in(obj: &Obj, name: &str, lo: f64, hi: f64) -> Result<Option<f64>, Api
     }
 }
 
-fn integer_in(obj: &Obj, name: &str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
+pub(crate) fn integer_in(obj: &Obj, name: &str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
     match field(obj, name) {
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_i64() {
@@ -192,7 +192,7 @@ struct Common {
 
 /// Fields erllama does not implement: refused when they ask for something
 /// other than the default, rather than silently ignored.
-fn refuse_unsupported(obj: &Obj, names: &[(&str, Value)]) -> Result<(), ApiError> {
+pub(crate) fn refuse_unsupported(obj: &Obj, names: &[(&str, Value)]) -> Result<(), ApiError> {
     for (name, default) in names {
         if let Some(v) = field(obj, name) {
             if v != default {
@@ -361,7 +361,7 @@ fn chat_messages(obj: &Obj) -> Result<Vec<(String, String)>, ApiError> {
         .collect()
 }
 
-fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
+pub(crate) fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     state.engine.info(model).map(|_| ()).map_err(|_| {
         ApiError::not_found(
             format!("the model {model:?} does not exist (GET /v1/models lists them)"),
@@ -372,7 +372,7 @@ fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
 
 /// Runs CPU work (tokenizing, the chat template) off the runtime's
 /// workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -584,6 +584,7 @@ async fn run(
         sampling: common.sampling,
         stop: common.stop,
         parent_key: None,
+        breakpoints: Vec::new(),
     };
     let mut events = state.engine.submit(&common.model, prompt, options)?;
     let first = events.next().await;

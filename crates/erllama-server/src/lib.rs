@@ -1,4 +1,4 @@
-//! erllama's HTTP server: OpenAI-compatible endpoints over an
+//! erllama's HTTP server: OpenAI- and Anthropic-compatible endpoints over an
 //! [`Engine`], served by axum on the engine's tokio runtime, so no token
 //! passes through Python.
 //!
@@ -12,6 +12,9 @@
 //!   object by a grammar with `response_format: {"type": "json_object"}`;
 //! - `POST /v1/completions`: a text or token-array prompt;
 //! - `POST /v1/embeddings`: pooled, L2-normalised embeddings;
+//! - `POST /v1/messages`: Anthropic's Messages API, with `cache_control`
+//!   breakpoints saved at their exact token boundary and pinned for their
+//!   TTL ([`anthropic`]);
 //! - `GET /metrics`: Prometheus text format ([`metrics`]).
 //!
 //! Every request body is checked field by field before anything runs; a
@@ -23,6 +26,7 @@
 //! response). More than `max_queue` requests at once are refused with 429
 //! and `Retry-After`; bodies over `max_body_bytes` with 413.
 
+mod anthropic;
 mod api;
 mod error;
 mod metrics;
@@ -130,6 +134,7 @@ fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(api::chat_completions))
         .route("/v1/completions", post(api::completions))
         .route("/v1/embeddings", post(api::embeddings))
+        .route("/v1/messages", post(anthropic::messages))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
