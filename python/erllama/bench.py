@@ -26,6 +26,11 @@ Parts (each figure the median of ``repeats`` runs):
   a 512-token prompt and decode tok/s), runs alternating;
 - **restart** — warm time to first token in a fresh process over the disk
   tier written by another;
+- **clients** — 16 concurrent chat clients (2 streamed requests each, a
+  shared ~1000-token system prompt, 32 tokens each) against ``erllama serve
+  --parallel 4`` and, with ``--peer llama-cpp-python``, against
+  ``llama_cpp.server --cache true --interrupt_requests false`` (one server
+  at a time): TTFT p50 / p99 and aggregate tok/s;
 - **peer** (``--peer llama-cpp-python``) — the same prompts through
   llama-cpp-python (from a separate venv) with ``LlamaRAMCache`` and
   ``LlamaDiskCache``, prompts alternating so a repeat must come from the
@@ -701,6 +706,9 @@ def run_bench(
                 "(python -m venv ~/.cache/erllama/peer-venv && "
                 "~/.cache/erllama/peer-venv/bin/pip install llama-cpp-python==0.3.36)"
             )
+    if "clients" in parts:
+        result["clients"] = _clients(model_path, threads, python)
+        _say("clients results: " + json.dumps(result["clients"]))
     if "speed" in parts:
         result["speed"] = [_speed(model_path, n, 64, threads, repeats, python) for n in sizes]
         _say("speed results: " + json.dumps(result["speed"]))
@@ -711,6 +719,219 @@ def run_bench(
     else:
         print(render(result))
     return 0
+
+
+_CLIENT_PARAGRAPH = (
+    "Operations handbook. Every request is logged with its time, its route and its "
+    "outcome; an operator reviews the logs each morning and files an incident for any "
+    "route whose error rate rose. "
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} not ready after {timeout_s} s")
+
+
+def _stream_chat(base: str, body: dict[str, Any]) -> tuple[float, int, float]:
+    """One streamed chat: (ms to the first content, content chunks, ms to the end)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    t0 = time.perf_counter()
+    first: float | None = None
+    chunks = 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices", []):
+                if (choice.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if first is None:
+                        first = (time.perf_counter() - t0) * 1e3
+    end = (time.perf_counter() - t0) * 1e3
+    return (first if first is not None else end), chunks, end
+
+
+def _drive(base: str, model: str, system: str, clients: int, rounds: int) -> dict[str, Any]:
+    """``clients`` threads, each sending ``rounds`` chats in turn (a shared
+    system prompt, its own question); TTFT percentiles and aggregate tok/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(i: int) -> list[tuple[float, int, float]]:
+        out = []
+        for j in range(rounds):
+            body = {
+                "model": model,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Client {i}, question {j}: what is rule {i + j}?"},
+                ],
+                "max_tokens": 32,
+                "temperature": 0,
+                "stream": True,
+            }
+            out.append(_stream_chat(base, body))
+        return out
+
+    # Warm-up: the shared prefix computed once on each server.
+    _stream_chat(
+        base,
+        {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "Ready?"},
+            ],
+            "max_tokens": 4,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    ttft = [r[0] for r in results]
+    tokens = sum(r[1] for r in results)
+    return {
+        "requests": len(results),
+        "ttft_p50_ms": round(_pct(ttft, 0.5), 0),
+        "ttft_p99_ms": round(_pct(ttft, 0.99), 0),
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "aggregate_tok_s": round(tokens / wall, 1),
+    }
+
+
+def _clients(
+    path: Path,
+    threads: int | None,
+    peer_python: Path | None,
+    clients: int = 16,
+    rounds: int = 2,
+    parallel: int = 4,
+) -> dict[str, Any]:
+    """``clients`` concurrent chat clients against ``erllama serve
+    --parallel`` and, with a peer, llama-cpp-python's server (its RAM
+    cache on), one server at a time on the same machine."""
+    t = str(threads or os.cpu_count() or 1)
+    system = "You follow the handbook. " + _CLIENT_PARAGRAPH * 40
+    out: dict[str, Any] = {"clients": clients, "rounds": rounds, "parallel": parallel}
+    servers: list[tuple[str, list[str]]] = []
+    port = _free_port()
+    servers.append(
+        (
+            "erllama",
+            [
+                sys.executable,
+                "-m",
+                "erllama",
+                "serve",
+                "--model",
+                os.fspath(path),
+                "--model-id",
+                "m",
+                "--port",
+                str(port),
+                "--parallel",
+                str(parallel),
+                "--n-ctx",
+                "4096",
+                "--threads",
+                t,
+            ],
+        )
+    )
+    if peer_python is not None:
+        port2 = _free_port()
+        servers.append(
+            (
+                "llama-cpp-python",
+                [
+                    os.fspath(peer_python),
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    os.fspath(path),
+                    "--model_alias",
+                    "m",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port2),
+                    "--n_ctx",
+                    "4096",
+                    "--n_batch",
+                    "512",
+                    "--n_threads",
+                    t,
+                    "--n_threads_batch",
+                    t,
+                    "--cache",
+                    "true",
+                    "--cache_type",
+                    "ram",
+                    # Its default drops a running stream when a new request
+                    # arrives; queue them instead, as a server for many
+                    # clients must.
+                    "--interrupt_requests",
+                    "false",
+                ],
+            )
+        )
+    for name, cmd in servers:
+        base = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+        _say(f"clients: {clients} clients x {rounds} against {name}")
+        # Logs go to a file: a pipe nobody reads would fill and stall the server.
+        log = tempfile.TemporaryFile()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        try:
+            _wait_ready(base, proc)
+            out[name] = _drive(base, "m", system, clients, rounds)
+        except Exception:
+            log.seek(0)
+            tail = log.read()[-2000:].decode(errors="replace")
+            _say(f"clients: {name} failed; its log ends with:\n{tail}")
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        _say(f"clients: {name}: {json.dumps(out[name])}")
+    return out
 
 
 def _cpu() -> str:
@@ -793,6 +1014,28 @@ def render(r: dict[str, Any]) -> str:
             f"{x['decode_4_seq_tok_s']:.1f} tok/s ({x['decode_4_over_1']:.2f}x)",
             "",
         ]
+    if "clients" in r:
+        x = r["clients"]
+        out += [
+            f"{x['clients']} concurrent chat clients x {x['rounds']} requests (a shared "
+            f"~1000-token system prompt, 32 tokens each, streamed):",
+            "",
+            "| server | TTFT p50 | TTFT p99 | aggregate | wall |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in ("erllama", "llama-cpp-python"):
+            if name in x:
+                y = x[name]
+                label = (
+                    f"erllama serve --parallel {x['parallel']}"
+                    if name == "erllama"
+                    else ("llama_cpp.server --cache")
+                )
+                out.append(
+                    f"| {label} | {y['ttft_p50_ms']:.0f} ms | {y['ttft_p99_ms']:.0f} ms | "
+                    f"{y['aggregate_tok_s']:.1f} tok/s | {y['wall_s']:.1f} s |"
+                )
+        out.append("")
     if "restart" in r:
         x = r["restart"]
         out += [

@@ -705,10 +705,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="serve models over HTTP (OpenAI-compatible)",
+        help="serve models over HTTP (OpenAI- and Anthropic-compatible)",
         description=(
-            "Serve models over HTTP with OpenAI-compatible routes: /v1/chat/completions, "
-            "/v1/completions, /v1/embeddings, /v1/models, /health (docs/server.md). Ctrl-C "
+            "Serve models over HTTP with OpenAI-compatible routes (/v1/chat/completions, "
+            "/v1/completions, /v1/embeddings, /v1/models), Anthropic's /v1/messages, "
+            "/health and /metrics (docs/server.md). Ctrl-C "
             "or SIGTERM stops accepting, lets requests in flight finish and flushes the cache."
         ),
     )
@@ -825,10 +826,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=("ttft", "kv", "http", "agents", "parallel", "restart", "speed"),
-        default=["ttft", "kv", "http", "agents", "parallel", "restart", "speed"],
+        choices=("ttft", "kv", "http", "agents", "parallel", "restart", "speed", "clients"),
+        default=["ttft", "kv", "http", "agents", "parallel", "restart", "speed", "clients"],
         help="which parts to run (default: all); kv: rows and restores under q8_0 and q4_0 "
         "KV caches against f16; http: a warm hit in-process and through the HTTP server; "
+        "clients: 16 concurrent chat clients against erllama serve --parallel 4 (and "
+        "llama-cpp-python's server, with --peer); "
         "parallel: decode throughput of 4 "
         "sequences against 1, a lone request on parallel=4 against parallel=1; speed: cold "
         "prefill and decode tok/s (beside the peer, with --peer)",
