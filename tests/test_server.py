@@ -370,3 +370,42 @@ async def test_metrics_parse_and_move(served: Served) -> None:
     assert after[misses] > before[misses]
     assert after[("erllama_requests_running", (("model", "smol"),))] == 0
     assert ("erllama_requests_queued", (("model", "smol"),)) in after
+
+
+async def test_a_system_prompt_is_reused_exactly(served: Served) -> None:
+    """The leading system message is a breakpoint: a second question over it
+    reuses exactly its tokens (shared or restored), and answers as it does
+    cold."""
+    full = await served.model.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Station 4?"}]
+    )
+    alone = await served.model.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}], add_assistant=False
+    )
+    b = next(
+        (i for i, (x, y) in enumerate(zip(full, alone, strict=False)) if x != y),
+        min(len(full), len(alone)),
+    )
+    assert b > 400
+    async with served.client() as client:
+
+        async def ask(question: str) -> tuple[str, int]:
+            r = await client.chat.completions.create(
+                model="smol", messages=_messages(question), max_tokens=8, temperature=0
+            )
+            assert r.usage is not None
+            assert r.usage.prompt_tokens_details is not None
+            cached = r.usage.prompt_tokens_details.cached_tokens
+            assert cached is not None
+            return r.choices[0].message.content or "", cached
+
+        _, cached = await ask("How many platforms has station 4?")
+        assert cached == 0
+        warm, cached = await ask("How many platforms has station 9?")
+        assert cached == b
+        assert served.engine.cache.settle()
+        await served.model.evict()
+        served.engine.cache.gc()
+        cold, cached = await ask("How many platforms has station 9?")
+        assert cached == 0
+        assert cold == warm

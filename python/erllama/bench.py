@@ -912,24 +912,23 @@ def _clients(
         base = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
         _say(f"clients: {clients} clients x {rounds} against {name}")
         # Logs go to a file: a pipe nobody reads would fill and stall the server.
-        log = tempfile.TemporaryFile()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        try:
-            _wait_ready(base, proc)
-            out[name] = _drive(base, "m", system, clients, rounds)
-        except Exception:
-            log.seek(0)
-            tail = log.read()[-2000:].decode(errors="replace")
-            _say(f"clients: {name} failed; its log ends with:\n{tail}")
-            raise
-        finally:
-            proc.terminate()
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log)
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+                _wait_ready(base, proc)
+                out[name] = _drive(base, "m", system, clients, rounds)
+            except Exception:
+                log.seek(0)
+                tail = log.read()[-2000:].decode(errors="replace")
+                _say(f"clients: {name} failed; its log ends with:\n{tail}")
+                raise
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         _say(f"clients: {name}: {json.dumps(out[name])}")
     return out
 

@@ -574,6 +574,17 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The length of the common prefix of `a` and `b`.
+/// The largest breakpoint both sequences have, within their `common`
+/// tokens and short of a `prompt_len`-token prompt's end (0: none): a piece
+/// ends there in both, so the state before it is the same.
+fn common_split(src: &[usize], req: &[usize], common: usize, prompt_len: usize) -> usize {
+    req.iter()
+        .copied()
+        .filter(|&b| b <= common && b < prompt_len && src.contains(&b))
+        .max()
+        .unwrap_or(0)
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -851,6 +862,26 @@ impl Actor {
             .map_or(usize::MAX, |&b| (b - 1) / self.n_batch() * self.n_batch())
     }
 
+    /// How far two sequences computed with the breakpoints `a` and `b`
+    /// hold the same state (as far as their tokens agree): up to the first
+    /// breakpoint one has and the other not — but the piece that ends
+    /// there was cut differently, so only up to that piece's start: the
+    /// last common breakpoint or the last whole chunk before it.
+    fn split_limit(&self, a: &[usize], b: &[usize]) -> usize {
+        let mut last_common = 0;
+        for i in 0.. {
+            match (a.get(i), b.get(i)) {
+                (Some(x), Some(y)) if x == y => last_common = *x,
+                (None, None) => return usize::MAX,
+                (x, y) => {
+                    let first = (*x.unwrap_or(&usize::MAX)).min(*y.unwrap_or(&usize::MAX));
+                    return last_common.max((first - 1) / self.n_batch() * self.n_batch());
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
     /// The identity a row of the first `len` tokens of a sequence computed
     /// with `splits` is keyed under. Pieces that end at a breakpoint
     /// round differently from whole chunks, so a row past a breakpoint
@@ -885,7 +916,7 @@ impl Actor {
     /// the last token when it ran exactly this prompt (that token is
     /// re-fed); else the whole `n_batch` chunks of its prompt the two have
     /// in common.
-    fn shareable(&self, src: SeqId, tokens: &[u32], cap: usize) -> usize {
+    fn shareable(&self, src: SeqId, tokens: &[u32], splits: &[usize]) -> usize {
         let held = self.ctx.tokens(src);
         let prompt_len = self.prompt_len(src);
         let common = common_prefix(held, tokens);
@@ -895,9 +926,14 @@ impl Actor {
             tokens.len() - 1
         } else {
             let chunks = common.min(prompt_len.saturating_sub(1));
-            chunks / self.n_batch() * self.n_batch()
+            (chunks / self.n_batch() * self.n_batch()).max(common_split(
+                self.splits(src),
+                splits,
+                common,
+                tokens.len(),
+            ))
         };
-        let n = n.min(cap).min(self.split_cap(self.splits(src)));
+        let n = n.min(self.split_limit(self.splits(src), splits));
         if n > 0 && self.reuse.allows(n, held.len()) {
             n
         } else {
@@ -907,7 +943,7 @@ impl Actor {
 
     /// A sequence still prefilling a prompt that shares at least one whole
     /// chunk with `tokens`: (its seq, the length to wait for).
-    fn pending_share(&self, tokens: &[u32], cap: usize) -> Option<(SeqId, usize)> {
+    fn pending_share(&self, tokens: &[u32], splits: &[usize]) -> Option<(SeqId, usize)> {
         if self.reuse == PrefixReuse::Nothing {
             return None;
         }
@@ -921,9 +957,10 @@ impl Actor {
                 let want = if common >= tokens.len() && tokens.len() == a.prompt().len() {
                     tokens.len() - 1
                 } else {
-                    common.min(a.prompt().len() - 1) / self.n_batch() * self.n_batch()
+                    (common.min(a.prompt().len() - 1) / self.n_batch() * self.n_batch())
+                        .max(common_split(&a.splits, splits, common, tokens.len()))
                 };
-                let want = want.min(cap).min(self.split_cap(&a.splits));
+                let want = want.min(self.split_limit(&a.splits, splits));
                 (want > self.ctx.tokens(s).len()).then_some((s, want))
             })
             .max_by_key(|&(_, want)| want)
@@ -935,14 +972,14 @@ impl Actor {
         &self,
         tokens: &[u32],
         exclude: Option<SeqId>,
-        cap: usize,
+        splits: &[usize],
     ) -> Option<(SeqId, usize)> {
         (0..self.slots.len())
             .filter(|&s| Some(s) != exclude && !matches!(self.slots[s], Slot::Free))
             .filter(
                 |&s| !matches!(self.active(s), Some(a) if matches!(a.phase, Phase::Waiting { .. })),
             )
-            .map(|s| (s, self.shareable(s, tokens, cap)))
+            .map(|s| (s, self.shareable(s, tokens, splits)))
             .filter(|&(_, n)| n > 0)
             .max_by_key(|&(s, n)| (n, std::cmp::Reverse(s)))
     }
@@ -1233,14 +1270,8 @@ impl Actor {
             // llama.cpp server slot is; a running one is shared into a
             // free sequence (if none is free, the least recently used warm
             // one is freed).
-            let cap = self.split_cap(
-                &sub.options
-                    .breakpoints
-                    .iter()
-                    .map(|b| b.tokens)
-                    .collect::<Vec<_>>(),
-            );
-            let share = self.best_share(&tokens, None, cap);
+            let splits: Vec<usize> = sub.options.breakpoints.iter().map(|b| b.tokens).collect();
+            let share = self.best_share(&tokens, None, &splits);
             let src = share.map(|(s, _)| s);
             let shared = share.map_or(0, |(_, n)| n);
             let in_place = src.filter(|&s| matches!(self.slots[s], Slot::Warm { .. }));
@@ -1336,14 +1367,13 @@ impl Actor {
         };
         let tokens = a.sub.tokens.clone();
         self.slots[seq] = Slot::Busy(Box::new(a));
-        let cap = self.split_cap(&splits);
         // A prefix another sequence is prefilling right now: wait for it
         // (unless this sequence already holds a longer one).
         let now = self
-            .best_share(&tokens, Some(seq), cap)
+            .best_share(&tokens, Some(seq), &splits)
             .map_or(0, |(_, n)| n)
             .max(self.ctx.tokens(seq).len());
-        if let Some((src, len)) = self.pending_share(&tokens, cap) {
+        if let Some((src, len)) = self.pending_share(&tokens, &splits) {
             if len > now {
                 if let Slot::Busy(a) = &mut self.slots[seq] {
                     a.phase = Phase::Waiting { src, len };
@@ -1385,9 +1415,8 @@ impl Actor {
         let n = tokens.len();
         let started = Instant::now();
         let held = self.ctx.tokens(seq).len();
-        let cap = self.split_cap(self.splits(seq));
         let share = self
-            .best_share(&tokens, Some(seq), cap)
+            .best_share(&tokens, Some(seq), self.splits(seq))
             .filter(|&(_, k)| k > held);
         let local = share.map_or(held, |(_, k)| k);
         let mut failure = None;

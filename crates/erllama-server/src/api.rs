@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use erllama_engine::{
-    Completion, EngineError, Event, FinishReason, Prompt, RequestOptions, RequestStream,
-    SamplingParams,
+    Breakpoint, Completion, EngineError, Event, FinishReason, Prompt, RequestOptions,
+    RequestStream, SamplingParams,
 };
 use serde_json::{json, Map, Value};
 
@@ -34,6 +34,11 @@ string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )
 number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
 ws     ::= | " " | "\n" [ \t]{0,20}
 "#;
+
+/// A chat's leading system messages of at least this many tokens are a
+/// breakpoint: their row is saved, and concurrent requests with the same
+/// system prompt share exactly its tokens.
+const SYSTEM_BREAKPOINT_MIN: usize = 64;
 
 /// A request being served: counted in `active` until dropped (for a
 /// stream, when the stream ends or its client goes away).
@@ -577,6 +582,7 @@ async fn run(
     api: Api,
     common: Common,
     prompt: Prompt,
+    breakpoints: Vec<Breakpoint>,
     arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
     let options = RequestOptions {
@@ -584,7 +590,7 @@ async fn run(
         sampling: common.sampling,
         stop: common.stop,
         parent_key: None,
-        breakpoints: Vec::new(),
+        breakpoints,
     };
     let mut events = state.engine.submit(&common.model, prompt, options)?;
     let first = events.next().await;
@@ -720,10 +726,29 @@ pub(crate) async fn chat_completions(
     check_model(&state, &common.model)?;
     let backend = state.engine.backend(&common.model)?;
     let n_ctx = state.engine.info(&common.model)?.n_ctx;
-    let tokens = blocking(move || {
-        backend
-            .chat_tokens(&messages, true)
-            .map_err(|e| ApiError::from(EngineError::from(e)))
+    let (tokens, breakpoints) = blocking(move || {
+        let err = |e| ApiError::from(EngineError::from(e));
+        let tokens = backend.chat_tokens(&messages, true).map_err(err)?;
+        // The system messages end a piece of their own (docs/server.md).
+        let system = messages.iter().take_while(|(r, _)| r == "system").count();
+        let mut breakpoints = Vec::new();
+        if system > 0 && system < messages.len() {
+            let rendered = backend
+                .chat_tokens(&messages[..system], false)
+                .map_err(err)?;
+            let at = tokens
+                .iter()
+                .zip(&rendered)
+                .take_while(|(a, b)| a == b)
+                .count();
+            if at >= SYSTEM_BREAKPOINT_MIN && at < tokens.len() {
+                breakpoints.push(Breakpoint {
+                    tokens: at,
+                    pin: None,
+                });
+            }
+        }
+        Ok((tokens, breakpoints))
     })
     .await?;
     if common.max_tokens.is_none() {
@@ -737,6 +762,7 @@ pub(crate) async fn chat_completions(
         Api::Chat,
         common,
         Prompt::Tokens(tokens),
+        breakpoints,
         arrived,
     )
     .await
@@ -790,7 +816,16 @@ pub(crate) async fn completions(
         Some(_) => return Err(bad_prompt()),
     };
     check_model(&state, &common.model)?;
-    run(&state, admission, Api::Text, common, prompt, arrived).await
+    run(
+        &state,
+        admission,
+        Api::Text,
+        common,
+        prompt,
+        Vec::new(),
+        arrived,
+    )
+    .await
 }
 
 pub(crate) async fn embeddings(
