@@ -198,7 +198,25 @@ async def _bad_requests(client: openai.AsyncOpenAI, served: Served) -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_p": "high"}, "top_p"),
         ({"stop": [1, 2]}, "stop"),
-        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": _deep(40)},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": 7}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
@@ -299,6 +317,49 @@ async def test_a_client_that_leaves_cancels_its_generation(served: Served) -> No
         await asyncio.sleep(0.05)
     assert served.engine.inflight() == []
     assert served.model.info().running == 0
+
+
+def _deep(levels: int) -> dict[str, object]:
+    schema: dict[str, object] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "pets"],
+    "additionalProperties": False,
+}
+
+
+async def test_json_schema_holds_the_output(served: Served) -> None:
+    async with served.client() as client:
+        for question in ("Describe a person as JSON.", "Invent a sailor called Ann."):
+            r = await client.chat.completions.create(
+                model="smol",
+                messages=[{"role": "user", "content": question}],
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "person", "schema": PERSON, "strict": True},
+                },
+                max_tokens=120,
+                temperature=0,
+            )
+            assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+            value = json.loads(r.choices[0].message.content or "")
+            assert set(value) == {"name", "age", "pets"}
+            assert isinstance(value["name"], str)
+            assert len(value["name"]) <= 20
+            assert isinstance(value["age"], int)
+            assert 0 <= value["age"] <= 120
+            assert all(p in ("cat", "dog") for p in value["pets"])
+            assert len(value["pets"]) <= 3
 
 
 async def test_json_mode_and_embeddings(served: Served) -> None:

@@ -449,6 +449,18 @@ pub trait Backend: Send + Sync {
         let _ = path;
         Err(BackendError::NotSupported("lora"))
     }
+    /// A GBNF grammar (root rule `root`) that holds output to the JSON
+    /// Schema `schema` (JSON text).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::InvalidInput`] for a schema that cannot be
+    /// converted; [`BackendError::NotSupported`] unless the backend
+    /// implements it.
+    fn json_schema_grammar(&self, schema: &str) -> Result<String, BackendError> {
+        let _ = schema;
+        Err(BackendError::NotSupported("json_schema"))
+    }
     /// A pooled embedding of `tokens`.
     ///
     /// # Errors

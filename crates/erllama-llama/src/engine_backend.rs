@@ -344,6 +344,56 @@ impl Backend for LlamaBackend {
     fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
         Ok(self.embed_impl(tokens)?)
     }
+
+    /// llama.cpp's own converter (`common/json-schema-to-grammar.cpp`, what
+    /// its server uses for `response_format`). The schema is bounded first:
+    /// at most [`MAX_SCHEMA_BYTES`] of JSON nested at most
+    /// [`MAX_SCHEMA_DEPTH`] deep, so the recursive converter never meets a
+    /// hostile depth; a schema it rejects is `InvalidInput`.
+    fn json_schema_grammar(&self, schema: &str) -> Result<String, BackendError> {
+        check_schema(schema)?;
+        let grammar = llama_cpp_2::json_schema_to_grammar(schema).map_err(|e| {
+            BackendError::InvalidInput(format!("the JSON schema cannot be converted: {e}"))
+        })?;
+        // The grammar is checked like any user grammar before it is used.
+        Ok(grammar)
+    }
+}
+
+/// Largest JSON schema [`LlamaBackend::json_schema_grammar`] converts.
+pub const MAX_SCHEMA_BYTES: usize = 64 << 10;
+/// Deepest nesting of a JSON schema it converts.
+pub const MAX_SCHEMA_DEPTH: usize = 32;
+
+fn check_schema(schema: &str) -> std::result::Result<(), BackendError> {
+    if schema.len() > MAX_SCHEMA_BYTES {
+        return Err(BackendError::InvalidInput(format!(
+            "the JSON schema is {} bytes, more than {MAX_SCHEMA_BYTES}",
+            schema.len()
+        )));
+    }
+    let value: serde_json::Value = serde_json::from_str(schema)
+        .map_err(|e| BackendError::InvalidInput(format!("the JSON schema is not JSON: {e}")))?;
+    if !value.is_object() && !value.is_boolean() {
+        return Err(BackendError::InvalidInput(
+            "a JSON schema must be an object (or a boolean)".into(),
+        ));
+    }
+    fn depth(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            serde_json::Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    // serde_json stops at 128 levels, so this recursion is bounded too.
+    let d = depth(&value);
+    if d > MAX_SCHEMA_DEPTH {
+        return Err(BackendError::InvalidInput(format!(
+            "the JSON schema nests {d} levels deep, more than {MAX_SCHEMA_DEPTH}"
+        )));
+    }
+    Ok(())
 }
 
 impl LlamaBackend {

@@ -706,19 +706,28 @@ pub(crate) async fn chat_completions(
     let obj = parse_object(&body)?;
     let mut common = common(&obj, &["max_tokens", "max_completion_tokens"])?;
     let messages = chat_messages(&obj)?;
+    let mut schema_grammar: Option<String> = None;
     match field(&obj, "response_format").map(|v| v.get("type").and_then(Value::as_str)) {
         None | Some(Some("text")) => {}
         Some(Some("json_object")) => common.sampling.grammar = Some(JSON_OBJECT_GRAMMAR.into()),
         Some(Some("json_schema")) => {
-            return Err(ApiError::field(
-                "response_format",
-                "response_format json_schema is not supported by this server yet; json_object is",
-            ))
+            let schema = field(&obj, "response_format")
+                .and_then(|f| f.get("json_schema"))
+                .and_then(|j| j.get("schema"))
+                .filter(|s| s.is_object() || s.is_boolean())
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "response_format.json_schema.schema",
+                        "response_format json_schema needs json_schema.schema, a JSON Schema \
+                         object",
+                    )
+                })?;
+            schema_grammar = Some(schema.to_string());
         }
         Some(_) => {
             return Err(ApiError::field(
                 "response_format",
-                "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+                "response_format type must be text, json_object or json_schema",
             ))
         }
     }
@@ -726,8 +735,15 @@ pub(crate) async fn chat_completions(
     check_model(&state, &common.model)?;
     let backend = state.engine.backend(&common.model)?;
     let n_ctx = state.engine.info(&common.model)?.n_ctx;
-    let (tokens, breakpoints) = blocking(move || {
+    let (tokens, breakpoints, grammar) = blocking(move || {
         let err = |e| ApiError::from(EngineError::from(e));
+        let grammar = match schema_grammar {
+            Some(schema) => Some(backend.json_schema_grammar(&schema).map_err(|e| ApiError {
+                param: Some("response_format.json_schema.schema".into()),
+                ..ApiError::from(EngineError::from(e))
+            })?),
+            None => None,
+        };
         let tokens = backend.chat_tokens(&messages, true).map_err(err)?;
         // The system messages end a piece of their own (docs/server.md).
         let system = messages.iter().take_while(|(r, _)| r == "system").count();
@@ -748,9 +764,12 @@ pub(crate) async fn chat_completions(
                 });
             }
         }
-        Ok((tokens, breakpoints))
+        Ok((tokens, breakpoints, grammar))
     })
     .await?;
+    if grammar.is_some() {
+        common.sampling.grammar = grammar;
+    }
     if common.max_tokens.is_none() {
         // As much as the context leaves (at least one, so an overlong
         // prompt is reported as such).
