@@ -27,7 +27,7 @@ Parts (each figure the median of ``repeats`` runs):
 - **restart** — warm time to first token in a fresh process over the disk
   tier written by another;
 - **clients** — 16 concurrent chat clients (2 streamed requests each, a
-  shared ~1000-token system prompt, 32 tokens each) against ``erllama serve
+  shared 2048-token system prompt, 32 tokens each) against ``erllama serve
   --parallel 4`` and, with ``--peer llama-cpp-python``, against
   ``llama_cpp.server --cache true --interrupt_requests false`` (one server
   at a time): TTFT p50 / p99 and aggregate tok/s;
@@ -843,9 +843,22 @@ def _clients(
     """``clients`` concurrent chat clients against ``erllama serve
     --parallel`` and, with a peer, llama-cpp-python's server (its RAM
     cache on), one server at a time on the same machine."""
+    from erllama._erllama import Model as _Tokenizer
+
     t = str(threads or os.cpu_count() or 1)
-    system = "You follow the handbook. " + _CLIENT_PARAGRAPH * 40
-    out: dict[str, Any] = {"clients": clients, "rounds": rounds, "parallel": parallel}
+    # A system prompt of 2048 tokens (and a few more: whole paragraphs).
+    tokenizer = _Tokenizer(os.fspath(path))
+    system = "You follow the handbook. "
+    while len(tokenizer.tokenize(system, add_bos=False)) < 2048:
+        system += _CLIENT_PARAGRAPH
+    system_tokens = len(tokenizer.tokenize(system, add_bos=False))
+    del tokenizer
+    out: dict[str, Any] = {
+        "clients": clients,
+        "rounds": rounds,
+        "parallel": parallel,
+        "system_tokens": system_tokens,
+    }
     servers: list[tuple[str, list[str]]] = []
     port = _free_port()
     servers.append(
@@ -1017,7 +1030,7 @@ def render(r: dict[str, Any]) -> str:
         x = r["clients"]
         out += [
             f"{x['clients']} concurrent chat clients x {x['rounds']} requests (a shared "
-            f"~1000-token system prompt, 32 tokens each, streamed):",
+            f"{x['system_tokens']}-token system prompt, 32 tokens each, streamed):",
             "",
             "| server | TTFT p50 | TTFT p99 | aggregate | wall |",
             "|---|---:|---:|---:|---:|",

@@ -96,6 +96,10 @@ counters! {
     LongestPrefixProbes => "longest_prefix_probes",
     /// Total nanoseconds spent in longest-prefix walks.
     LongestPrefixNs => "longest_prefix_ns",
+    /// Rows another process published into a shared file tier after this
+    /// index was built, found on a lookup miss and adopted after the full
+    /// validation.
+    FilesAdopted => "files_adopted",
     /// Live bytes stored in the RAM tier (gauge; kept by `reset`).
     BytesRam => "bytes_ram",
     /// Live bytes stored in the RAM-file tier (gauge; kept by `reset`).
@@ -233,7 +237,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    const SPEC_NAMES: [&str; 23] = [
+    const SPEC_NAMES: [&str; 24] = [
         "hits_exact",
         "hits_resume",
         "hits_longest_prefix",
@@ -254,6 +258,7 @@ mod tests {
         "load_total_ns",
         "longest_prefix_probes",
         "longest_prefix_ns",
+        "files_adopted",
         "bytes_ram",
         "bytes_ram_file",
         "bytes_disk",

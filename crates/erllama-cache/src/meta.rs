@@ -42,7 +42,7 @@ use crate::policy::{longest_prefix_probes, PolicyConfig};
 use crate::semaphore::{PoolError, WriterPool};
 use crate::tier::{
     DiskTier, FileLoad, LoadError, Payload, RamFileTier, RamTier, Recovered, Tier, TierError,
-    TierKind,
+    TierKind, Visible,
 };
 
 /// Default reservation TTL (docs/tiers.md).
@@ -795,14 +795,64 @@ impl Cache {
     /// [`ClaimError::NotFound`], or [`ClaimError::Busy`] for a row being
     /// written or evicted.
     pub fn claim(&self, key: &CacheKey) -> Result<Claim, ClaimError> {
-        let row = self
-            .inner
-            .rows
-            .pin()
-            .get(key)
-            .cloned()
-            .ok_or(ClaimError::NotFound)?;
+        let found = self.inner.rows.pin().get(key).cloned();
+        let row = match found {
+            Some(row) => row,
+            None => self.adopt(key).ok_or(ClaimError::NotFound)?,
+        };
         self.claim_row(row)
+    }
+
+    /// A row another process published into a shared file tier (docs/tiers.md,
+    /// sharing a directory): on an index miss, a file under the key's name
+    /// is validated in full (framing, CRC32C, recomputed key) and joins
+    /// the index like one found at startup. An invalid one is deleted and
+    /// counted in `corrupt_files`. Costs one `stat` per file tier when
+    /// there is none.
+    fn adopt(&self, key: &CacheKey) -> Option<Arc<Row>> {
+        for tier in [TierKind::RamFile, TierKind::Disk] {
+            let Some(t) = self.tier(tier) else { continue };
+            if !t.visible(key) {
+                continue;
+            }
+            let found = match t.validate_visible(key) {
+                Visible::Valid(found) => found,
+                Visible::RemovedInvalid => {
+                    self.inner.counters.incr(Counter::CorruptFiles);
+                    continue;
+                }
+                Visible::Absent => continue,
+            };
+            let mut st = self.lock();
+            if let Some(row) = self.inner.rows.pin().get(key) {
+                // Adopted or saved here meanwhile.
+                return Some(Arc::clone(row));
+            }
+            if !self.make_room_locked(&mut st, tier, found.size) {
+                return None;
+            }
+            let row = Arc::new(Row {
+                key: found.key,
+                tier,
+                tokens: found.meta.tokens.into(),
+                save_reason: found.meta.save_reason,
+                context_size: found.meta.context_size,
+                created_unix: found.meta.creation_time,
+                status: AtomicU8::new(RowStatus::Available as u8),
+                size: AtomicU64::new(found.size),
+                pins: AtomicU32::new(0),
+                hits: AtomicU32::new(found.meta.hit_count),
+                last_used: AtomicU64::new(self.next_tick()),
+                lru_slot: AtomicU32::new(NIL),
+            });
+            st.recency.insert(&row);
+            self.inner.rows.pin().insert(*key, Arc::clone(&row));
+            st.used[tier.index()] += found.size;
+            self.inner.counters.add(bytes_counter(tier), found.size);
+            self.inner.counters.incr(Counter::FilesAdopted);
+            return Some(row);
+        }
+        None
     }
 
     fn claim_row(&self, row: Arc<Row>) -> Result<Claim, ClaimError> {
@@ -1052,6 +1102,7 @@ impl Cache {
     ) -> PrefixLookup {
         let _timer = self.inner.counters.time(Counter::LongestPrefixNs);
         let lengths: Vec<usize> = longest_prefix_probes(tokens.len(), policy).collect();
+        let lengths_again = lengths.clone();
         let keys = base
             .prefix_keys(tokens, &lengths)
             .expect("probe lengths never exceed the token count");
@@ -1066,6 +1117,32 @@ impl Cache {
             }
             if let Ok(claim) = self.claim_row(Arc::clone(row)) {
                 return PrefixLookup::Hit { claim, len, probes };
+            }
+        }
+        drop(rows);
+        // Rows other processes published into a shared file tier, longest
+        // first (only when the index has none).
+        if self.has_tier(TierKind::RamFile) || self.has_tier(TierKind::Disk) {
+            let keys = base
+                .prefix_keys(tokens, &lengths_again)
+                .expect("probe lengths never exceed the token count");
+            for (len, key) in lengths_again.iter().zip(keys) {
+                if self.inner.rows.pin().contains_key(&key) {
+                    continue;
+                }
+                let Some(row) = self.adopt(&key) else {
+                    continue;
+                };
+                if row.tokens[..] != tokens[..*len] {
+                    continue;
+                }
+                if let Ok(claim) = self.claim_row(row) {
+                    return PrefixLookup::Hit {
+                        claim,
+                        len: *len,
+                        probes,
+                    };
+                }
             }
         }
         PrefixLookup::Miss { probes }

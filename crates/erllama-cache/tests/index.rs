@@ -708,3 +708,48 @@ fn a_save_can_pin_its_row_as_it_publishes() {
     assert!(cache.unpin(&key));
     assert_eq!(cache.gc(), 1);
 }
+
+#[test]
+fn a_row_another_cache_publishes_later_is_adopted_on_a_miss() {
+    let root = tempfile::tempdir().expect("tmp");
+    let a = open(root.path());
+    let b = open(root.path());
+    for (tier, base) in [(TierKind::Disk, 30), (TierKind::RamFile, 31)] {
+        let tokens = toks(base, 40);
+        let key = b.save(request(tier, &tokens, 5000)).expect("b saves").key;
+        assert!(!a.contains(&key), "a's index was built before");
+        let got = hit(a.lookup(&key));
+        assert_eq!(got.tier(), tier);
+        assert_eq!(got.tokens(), &tokens[..]);
+        assert_eq!(&got.load().expect("load")[..], &payload(5000, base)[..]);
+    }
+    assert_eq!(a.counters().get(Counter::FilesAdopted), 2);
+    assert_eq!(
+        a.bytes(TierKind::Disk) + a.bytes(TierKind::RamFile),
+        b.bytes(TierKind::Disk) + b.bytes(TierKind::RamFile)
+    );
+    // A prefix row another cache publishes is found by the walk too.
+    let long = toks(40, 5000);
+    let policy = erllama_cache::PolicyConfig {
+        boundary_align_tokens: 1024,
+        min_tokens: 1024,
+        ..erllama_cache::PolicyConfig::default()
+    };
+    b.save(request(TierKind::Disk, &long[..2048], 100))
+        .expect("b saves a prefix");
+    match a.longest_prefix(&identity().hasher(), &long, &policy) {
+        erllama_cache::PrefixLookup::Hit { len, .. } => assert_eq!(len, 2048),
+        erllama_cache::PrefixLookup::Miss { .. } => panic!("the prefix row was not adopted"),
+    }
+    // A corrupt file is never adopted: deleted and counted.
+    let tokens = toks(50, 40);
+    let key = b.save(request(TierKind::Disk, &tokens, 5000)).expect("b").key;
+    let path = root.path().join("disk").join(format!("{}.kvc", key.to_hex()));
+    let mut bytes = std::fs::read(&path).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&path, bytes).expect("write");
+    assert!(matches!(a.lookup(&key), Lookup::Miss));
+    assert!(!path.exists());
+    assert_eq!(a.counters().get(Counter::CorruptFiles), 1);
+}

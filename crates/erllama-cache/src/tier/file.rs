@@ -73,6 +73,9 @@ macro_rules! file_tier {
             fn validate_visible(&self, key: &$crate::key::CacheKey) -> $crate::tier::Visible {
                 self.0.validate_visible(key)
             }
+            fn visible(&self, key: &$crate::key::CacheKey) -> bool {
+                std::fs::symlink_metadata(self.0.path(key)).is_ok()
+            }
         }
     };
 }

@@ -501,4 +501,12 @@ pub trait Tier: Send + Sync + fmt::Debug {
     /// An invalid one is removed (for files: also a symlink or another
     /// non-regular file, whose entry is unlinked, never followed).
     fn validate_visible(&self, key: &CacheKey) -> Visible;
+
+    /// Whether something is visible under `key`'s name (one `stat`; file
+    /// tiers only): a row another process published here since this
+    /// index was built ([`crate::Cache::lookup`] adopts it).
+    fn visible(&self, key: &CacheKey) -> bool {
+        let _ = key;
+        false
+    }
 }
