@@ -743,8 +743,14 @@ fn a_row_another_cache_publishes_later_is_adopted_on_a_miss() {
     }
     // A corrupt file is never adopted: deleted and counted.
     let tokens = toks(50, 40);
-    let key = b.save(request(TierKind::Disk, &tokens, 5000)).expect("b").key;
-    let path = root.path().join("disk").join(format!("{}.kvc", key.to_hex()));
+    let key = b
+        .save(request(TierKind::Disk, &tokens, 5000))
+        .expect("b")
+        .key;
+    let path = root
+        .path()
+        .join("disk")
+        .join(format!("{}.kvc", key.to_hex()));
     let mut bytes = std::fs::read(&path).expect("read");
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xFF;
