@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import erllama
+from erllama.errors import InvalidInputError
 
 pytestmark = pytest.mark.asyncio
 
@@ -84,3 +85,20 @@ async def test_a_row_published_by_another_process_is_a_hit(
         assert again.stats.cache_hit_kind != "exact"
         assert again.text == other2["text"]
         assert engine.cache.counters()["corrupt_files"] > before
+
+
+async def test_ram_file_rows_restore_from_a_mapping(model_path: Path, tmp_path: Path) -> None:
+    cache = erllama.CacheConfig(ram_file_dir=tmp_path / "shm", ram_file_load="mmap")
+    async with erllama.Engine(cache=cache, policy=POLICY) as engine:
+        model = await engine.load_model(
+            model_path, model_id="m", n_ctx=2048, n_threads=1, tier="ram_file"
+        )
+        cold = await model.complete(PROMPT, max_tokens=8)
+        assert engine.cache.settle()
+        await model.evict()
+        warm = await model.complete(PROMPT, max_tokens=8)
+        assert warm.stats.cache_hit_kind == "exact"
+        assert warm.stats.cache_tier == "ram_file"
+        assert warm.tokens == cold.tokens
+    with pytest.raises(InvalidInputError):
+        erllama.CacheConfig(ram_file_load="copy")  # type: ignore[arg-type]

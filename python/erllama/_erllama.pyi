@@ -668,6 +668,7 @@ class Engine:
         policy: Mapping[str, int],
         scheduler: Mapping[str, object],
         pressure_source: object,
+        ram_file_load: str | None = None,
     ) -> Self: ...
     def serve(
         self,

@@ -362,6 +362,56 @@ async def _http(path: Path, n: int, threads: int | None, repeats: int) -> dict[s
     }
 
 
+async def _ram_file_modes(
+    path: Path, n: int, threads: int | None, repeats: int, root: Path
+) -> dict[str, Any]:
+    """A warm ``n``-token exact hit from ``ram_file`` read back with
+    ``read(2)`` and with ``mmap`` (restored straight from the mapping): two
+    engines over one directory, runs alternating, each after an evict."""
+    policy = erllama.Policy(min_tokens=64, cold_min_tokens=64)
+
+    def config(load: str) -> erllama.CacheConfig:
+        return erllama.CacheConfig(
+            ram_file_dir=root / "shm",
+            ram_file_quota=8 << 30,
+            ram_file_load=load,  # type: ignore[arg-type]
+        )
+
+    async with (
+        erllama.Engine(cache=config("read"), policy=policy) as read_engine,
+        erllama.Engine(cache=config("mmap"), policy=policy) as map_engine,
+    ):
+        models = {}
+        for name, engine in (("read", read_engine), ("mmap", map_engine)):
+            models[name] = await engine.load_model(
+                path, n_ctx=n + 64, n_batch=512, n_threads=threads, tier="ram_file"
+            )
+        tokens = await prompt_tokens(models["read"], n, salt=4242)
+        _say(f"ram_file modes: the cold {n}-token prompt")
+        cold = await models["read"].complete(tokens, max_tokens=1)
+        read_engine.cache.settle(300)
+        await models["read"].evict()
+        ttft: dict[str, list[float]] = {"read": [], "mmap": []}
+        restore: dict[str, list[float]] = {"read": [], "mmap": []}
+        for r in range(repeats):
+            _say(f"ram_file modes: run {r + 1}/{repeats}")
+            for name in ("read", "mmap") if r % 2 == 0 else ("mmap", "read"):
+                t, c = await _complete_timed(models[name], tokens)
+                if c.stats.cache_hit_kind != "exact" or c.tokens != cold.tokens:
+                    raise RuntimeError(f"{name}: not an identical exact hit: {c.stats}")
+                ttft[name].append(t)
+                restore[name].append(c.stats.restore_ms)
+                await models[name].evict()
+    med = statistics.median
+    return {
+        "prompt_tokens": n,
+        "read_warm_ms": round(med(ttft["read"]), 1),
+        "mmap_warm_ms": round(med(ttft["mmap"]), 1),
+        "read_restore_ms": round(med(restore["read"]), 2),
+        "mmap_restore_ms": round(med(restore["mmap"]), 2),
+    }
+
+
 async def _stream_timed(model: erllama.Model, tokens: list[int], max_tokens: int) -> dict[str, Any]:
     """One streamed request: time to first token, end, and its stats."""
     t0 = time.perf_counter()
@@ -688,6 +738,16 @@ def run_bench(
         n = 2048 if 2048 in sizes else max(sizes)
         result["http"] = asyncio.run(_http(model_path, n, threads, max(repeats, 5)))
         _say("http results: " + json.dumps(result["http"]))
+    if "ram_file" in parts:
+        root = Path(tempfile.mkdtemp(prefix="erllama-bench-modes-", dir=shm))
+        try:
+            n = 2048 if 2048 in sizes else max(sizes)
+            result["ram_file"] = asyncio.run(
+                _ram_file_modes(model_path, n, threads, max(repeats, 5), root)
+            )
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        _say("ram_file results: " + json.dumps(result["ram_file"]))
     if "agents" in parts:
         result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
         _say("agents results: " + json.dumps(result["agents"]))
@@ -997,6 +1057,14 @@ def render(r: dict[str, Any]) -> str:
             f"warm {x['prompt_tokens']}-token exact hit from ram: in-process "
             f"{x['in_process_ms']:.1f} ms, through HTTP {x['http_ms']:.1f} ms "
             f"(+{x['http_overhead_ms']:.1f} ms)",
+            "",
+        ]
+    if "ram_file" in r:
+        x = r["ram_file"]
+        out += [
+            f"warm {x['prompt_tokens']}-token exact hit from ram_file: read(2) "
+            f"{x['read_warm_ms']:.1f} ms (restore {x['read_restore_ms']:.1f} ms), mmap "
+            f"{x['mmap_warm_ms']:.1f} ms (restore {x['mmap_restore_ms']:.1f} ms)",
             "",
         ]
     if "agents" in r:

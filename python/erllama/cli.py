@@ -826,10 +826,31 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=("ttft", "kv", "http", "agents", "parallel", "restart", "speed", "clients"),
-        default=["ttft", "kv", "http", "agents", "parallel", "restart", "speed", "clients"],
+        choices=(
+            "ttft",
+            "kv",
+            "http",
+            "ram_file",
+            "agents",
+            "parallel",
+            "restart",
+            "speed",
+            "clients",
+        ),
+        default=[
+            "ttft",
+            "kv",
+            "http",
+            "ram_file",
+            "agents",
+            "parallel",
+            "restart",
+            "speed",
+            "clients",
+        ],
         help="which parts to run (default: all); kv: rows and restores under q8_0 and q4_0 "
         "KV caches against f16; http: a warm hit in-process and through the HTTP server; "
+        "ram_file: a warm ram_file hit read with read(2) and with mmap; "
         "clients: 16 concurrent chat clients against erllama serve --parallel 4 (and "
         "llama-cpp-python's server, with --peer); "
         "parallel: decode throughput of 4 "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 __all__ = ["CacheConfig", "Policy", "SchedulerConfig"]
 
@@ -37,6 +38,10 @@ class CacheConfig:
     """Directory of the ``ram_file`` tier (created 0700 if missing)."""
     ram_file_quota: int = 4 * GIB
     """Bytes the ``ram_file`` tier may hold."""
+    ram_file_load: Literal["read", "mmap"] = "mmap"
+    """How ``ram_file`` rows are read back (docs/tiers.md): ``mmap`` maps the
+    file, validates it on the mapping and restores straight from it, with no
+    copy; ``read`` copies it with ``read(2)`` first (``disk`` always does)."""
     disk_dir: str | os.PathLike[str] | None = None
     """Directory of the ``disk`` tier (created 0700 if missing)."""
     disk_quota: int = 16 * GIB
@@ -51,6 +56,12 @@ class CacheConfig:
                 from erllama.errors import InvalidInputError
 
                 raise InvalidInputError(f"{name} must be an int >= 0, got {value!r}")
+        if self.ram_file_load not in ("read", "mmap"):
+            from erllama.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"ram_file_load must be 'read' or 'mmap', got {self.ram_file_load!r}"
+            )
         if self.writer_limit is not None and self.writer_limit < 1:
             from erllama.errors import InvalidInputError
 

@@ -423,6 +423,7 @@ class Engine:
             ram_quota=c.ram_quota,
             ram_file_dir=c.ram_file_dir,
             ram_file_quota=c.ram_file_quota,
+            ram_file_load=c.ram_file_load,
             disk_dir=c.disk_dir,
             disk_quota=c.disk_quota,
             writer_limit=c.writer_limit,

@@ -759,3 +759,46 @@ fn a_row_another_cache_publishes_later_is_adopted_on_a_miss() {
     assert!(!path.exists());
     assert_eq!(a.counters().get(Counter::CorruptFiles), 1);
 }
+
+#[test]
+fn mmap_loads_restore_straight_from_a_validated_mapping() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut cfg = config(root.path(), 1 << 20, 64 << 20, 64 << 20);
+    if let Some(rf) = cfg.ram_file.as_mut() {
+        rf.load = erllama_cache::FileLoad::Mmap;
+    }
+    let cache = Cache::open(cfg).expect("open");
+    let tokens = toks(60, 40);
+    let key = cache
+        .save(request(TierKind::RamFile, &tokens, 100_000))
+        .expect("save")
+        .key;
+    let claim = hit(cache.lookup(&key));
+    let got = claim.load().expect("load");
+    assert!(got.is_mapped());
+    assert_eq!(&got[..], &payload(100_000, 60)[..]);
+    drop(claim);
+    // Evicted (the file unlinked) while a restore still holds the mapping:
+    // the bytes stay readable and intact.
+    assert_eq!(cache.gc(), 1);
+    assert!(!cache.contains(&key));
+    assert_eq!(&got[..], &payload(100_000, 60)[..]);
+    // A corrupt file is rejected on the mapping: deleted, counted, a miss.
+    let key = cache
+        .save(request(TierKind::RamFile, &toks(70, 40), 100_000))
+        .expect("save")
+        .key;
+    let path = root
+        .path()
+        .join("shm")
+        .join(format!("{}.kvc", key.to_hex()));
+    let mut bytes = std::fs::read(&path).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, bytes).expect("write");
+    let claim = hit(cache.lookup(&key));
+    assert!(claim.load().is_err());
+    drop(claim);
+    assert!(!cache.contains(&key));
+    assert_eq!(cache.counters().get(Counter::CorruptFiles), 1);
+}

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use erllama_cache::{Cache, CacheConfig, FileTierConfig, FingerprintMode, PolicyConfig, TierKind};
+use erllama_cache::{
+    Cache, CacheConfig, FileLoad, FileTierConfig, FingerprintMode, PolicyConfig, TierKind,
+};
 use erllama_engine::{
     Backend, ContextParams, Engine, ModelConfig, NoopSampler, NvmlSampler, PressureSampler, Prompt,
     Scheduler, SchedulerConfig, StubBackend, SystemSampler,
@@ -156,7 +158,7 @@ pub struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (*, ram_quota, ram_file_dir, ram_file_quota, disk_dir, disk_quota, writer_limit, policy, scheduler, pressure_source))]
+    #[pyo3(signature = (*, ram_quota, ram_file_dir, ram_file_quota, disk_dir, disk_quota, writer_limit, policy, scheduler, pressure_source, ram_file_load = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -169,15 +171,28 @@ impl PyEngine {
         policy: &Bound<'_, PyDict>,
         scheduler: &Bound<'_, PyDict>,
         pressure_source: Bound<'_, PyAny>,
+        ram_file_load: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         guard("Engine()", || {
+            let load = match opt(ram_file_load, |v| str_arg(v, "ram_file_load", 16))?.as_deref() {
+                None | Some("read") => FileLoad::Read,
+                Some("mmap") => FileLoad::Mmap,
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "ram_file_load must be \"read\" or \"mmap\", got {other:?}"
+                    )))
+                }
+            };
             let policy = policy_from(Some(policy), &PolicyConfig::default())?;
             let quota = |v, name| u64_in(v, name, 0, MAX_QUOTA);
             let mut config = CacheConfig {
                 ram_quota: quota(ram_quota, "ram_quota")?,
                 ram_file: opt(ram_file_dir, |d| path_arg(d, "ram_file_dir"))?
                     .map(|d| {
-                        quota(ram_file_quota, "ram_file_quota").map(|q| FileTierConfig::new(d, q))
+                        quota(ram_file_quota, "ram_file_quota").map(|q| FileTierConfig {
+                            load,
+                            ..FileTierConfig::new(d, q)
+                        })
                     })
                     .transpose()?,
                 disk: opt(disk_dir, |d| path_arg(d, "disk_dir"))?

@@ -110,6 +110,10 @@ impl Clone for Payload {
                 buf: buf.clone(),
                 start: *start,
             },
+            PayloadRepr::Mapped { map, start } => PayloadRepr::Mapped {
+                map: Arc::clone(map),
+                start: *start,
+            },
         };
         Payload {
             repr,
@@ -202,6 +206,13 @@ enum PayloadRepr {
     Shared(Arc<RamRow>),
     /// A whole file read into memory; the payload starts at `start`.
     Owned { buf: Vec<u8>, start: usize },
+    /// A whole file mapped ([`crate::FileLoad::Mmap`]), validated on the
+    /// mapping; the payload starts at `start`. No copy: a restore reads
+    /// the page cache directly.
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+    },
 }
 
 impl Payload {
@@ -221,6 +232,24 @@ impl Payload {
             repr: PayloadRepr::Owned { buf, start },
             logits,
         }
+    }
+
+    /// The payload at `map[start..]` (a validated file mapping).
+    pub(crate) fn mapped(map: memmap2::Mmap, start: usize, logits: usize) -> Self {
+        debug_assert!(start + logits <= map.len());
+        Payload {
+            repr: PayloadRepr::Mapped {
+                map: Arc::new(map),
+                start,
+            },
+            logits,
+        }
+    }
+
+    /// Whether the bytes are a file mapping rather than a copy.
+    #[must_use]
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.repr, PayloadRepr::Mapped { .. })
     }
 
     /// Whether the bytes are shared with the RAM store rather than a copy.
@@ -265,6 +294,7 @@ impl Deref for Payload {
         match &self.repr {
             PayloadRepr::Shared(row) => &row.payload,
             PayloadRepr::Owned { buf, start } => &buf[*start..],
+            PayloadRepr::Mapped { map, start } => &map[*start..],
         }
     }
 }
