@@ -32,6 +32,7 @@
 
 use std::fs::{self, DirBuilder, File, FileType, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,6 +229,89 @@ pub(crate) fn open_regular(path: &Path, write: bool) -> io::Result<File> {
 #[must_use]
 pub fn final_path(dir: &Path, key: &CacheKey) -> PathBuf {
     dir.join(format!("{key}{KVC_EXT}"))
+}
+
+/// An exclusive `flock` on a tier directory itself (no lock file), which
+/// the saves of every process over that directory take in turn to hold its
+/// quota; released on drop (or when the process dies).
+#[derive(Debug)]
+pub struct DirLock(File);
+
+impl DirLock {
+    /// Blocks until this process holds the directory's lock.
+    ///
+    /// # Errors
+    ///
+    /// Opening the directory or `flock`.
+    pub fn acquire(dir: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(dir)?;
+        loop {
+            // SAFETY: flock on a descriptor this function owns.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(Self(file));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // SAFETY: unlocking the descriptor this lock owns (closing it would
+        // release the lock too).
+        unsafe {
+            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
+/// One published row file of a tier directory.
+#[derive(Debug, Clone)]
+pub struct DirFile {
+    /// The key its name gives.
+    pub key: CacheKey,
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its last modification (a hit rewrites the hit count, so this is
+    /// about the last use).
+    pub modified: std::time::SystemTime,
+}
+
+/// The `<key>.kvc` regular files of `dir` (temp files and anything else
+/// are left out; a file that vanishes meanwhile is skipped).
+///
+/// # Errors
+///
+/// Listing the directory.
+pub fn list_rows(dir: &Path) -> io::Result<Vec<DirFile>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(KVC_EXT)) else {
+            continue;
+        };
+        let Ok(key) = CacheKey::from_hex(hex) else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        out.push(DirFile {
+            key,
+            size: meta.len(),
+            modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        });
+    }
+    Ok(out)
 }
 
 /// Makes `dir` a private tier directory: creates it (and missing parents)

@@ -77,9 +77,9 @@ pub use bench::{
 };
 pub use counters::{Counter, Counters, TimerGuard};
 pub use fsio::{
-    ensure_dir, final_path, link_into_place, not_regular, prepare_dir, read_file, read_header,
-    scan_dir, write_hit_count, write_temp, write_temp_probed, DirError, FsioError, LinkOutcome,
-    NotRegularFile, ScanReport, ScannedFile,
+    ensure_dir, final_path, link_into_place, list_rows, not_regular, prepare_dir, read_file,
+    read_header, scan_dir, write_hit_count, write_temp, write_temp_probed, DirError, DirFile,
+    DirLock, FsioError, LinkOutcome, NotRegularFile, ScanReport, ScannedFile,
 };
 pub use gguf::GgufError;
 pub use key::{

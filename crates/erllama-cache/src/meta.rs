@@ -1239,6 +1239,62 @@ impl Cache {
         true
     }
 
+    /// Before a save links its `size`-byte file for `key` into a file
+    /// tier (under the directory's lock, so saves of every process take
+    /// turns): makes the directory's row files and this one fit the tier's
+    /// quota. This index's least recently used unpinned rows go first,
+    /// then other processes' files, the least recently used (modified)
+    /// first; they see a clean miss. `NoSpace` when even that cannot fit
+    /// it.
+    pub(crate) fn fit_directory(
+        &self,
+        kind: TierKind,
+        tier: &dyn Tier,
+        key: &CacheKey,
+        size: u64,
+    ) -> Result<(), crate::writer::SaveError> {
+        let quota = self.quota(kind);
+        let dir = self.tier_dir(kind).unwrap_or_default();
+        for _ in 0..64 {
+            let files = tier.dir_rows();
+            let total: u64 = files.iter().filter(|f| f.key != *key).map(|f| f.size).sum();
+            if total.saturating_add(size) <= quota {
+                return Ok(());
+            }
+            let need = total + size - quota;
+            let (evicted, _) = {
+                let mut st = self.lock();
+                self.evict_locked(&mut st, need, &[kind])
+            };
+            if evicted > 0 {
+                continue; // look again: some of those rows may be gone already
+            }
+            let mut foreign: Vec<_> = files
+                .into_iter()
+                .filter(|f| f.key != *key && self.row(&f.key).is_none())
+                .collect();
+            foreign.sort_by_key(|f| f.modified);
+            let mut freed = 0;
+            for f in foreign {
+                if freed >= need {
+                    break;
+                }
+                if std::fs::remove_file(crate::fsio::final_path(&dir, &f.key)).is_ok() {
+                    freed += f.size;
+                    self.inner.counters.incr(Counter::Evictions);
+                }
+            }
+            if freed == 0 {
+                break;
+            }
+        }
+        Err(crate::writer::SaveError::NoSpace {
+            tier: kind,
+            size,
+            quota,
+        })
+    }
+
     /// Evicts every unpinned available row; returns how many.
     pub fn gc(&self) -> usize {
         let mut st = self.lock();

@@ -476,7 +476,20 @@ impl PendingSave {
             return Err(SaveError::Expired(self.key));
         }
         probe(SaveStage::Checked);
+        // The directory's quota holds across processes: the check and the
+        // link happen under its lock.
+        let dir_lock = tier.lock_dir().map_err(|e| {
+            SaveError::Tier(crate::tier::TierError::Fsio(crate::fsio::FsioError::Io {
+                op: "lock the tier directory",
+                path: cache.tier_dir(tier_kind).unwrap_or_default(),
+                source: e,
+            }))
+        })?;
+        if dir_lock.is_some() {
+            cache.fit_directory(tier_kind, tier, &self.key, self.reserved)?;
+        }
         let committed = tier.commit(&self.key, staged.take())?;
+        drop(dir_lock);
         // Linked: from now on a drop publishes rather than cancels (the
         // bytes are valid and in place).
         self.linked = Some(committed.size);

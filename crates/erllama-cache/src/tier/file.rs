@@ -76,6 +76,12 @@ macro_rules! file_tier {
             fn visible(&self, key: &$crate::key::CacheKey) -> bool {
                 std::fs::symlink_metadata(self.0.path(key)).is_ok()
             }
+            fn lock_dir(&self) -> std::io::Result<Option<$crate::fsio::DirLock>> {
+                $crate::fsio::DirLock::acquire(self.0.dir()).map(Some)
+            }
+            fn dir_rows(&self) -> Vec<$crate::fsio::DirFile> {
+                $crate::fsio::list_rows(self.0.dir()).unwrap_or_default()
+            }
         }
     };
 }

@@ -539,4 +539,21 @@ pub trait Tier: Send + Sync + fmt::Debug {
         let _ = key;
         false
     }
+
+    /// File tiers: the directory's lock, held by a save while it fits the
+    /// directory's bytes to the quota and links its file, in turn with the
+    /// saves of every other process (`None`: the tier is not a directory).
+    ///
+    /// # Errors
+    ///
+    /// The lock file cannot be opened or locked.
+    fn lock_dir(&self) -> std::io::Result<Option<crate::fsio::DirLock>> {
+        Ok(None)
+    }
+
+    /// File tiers: the published row files in the directory, whoever
+    /// wrote them.
+    fn dir_rows(&self) -> Vec<crate::fsio::DirFile> {
+        Vec::new()
+    }
 }
