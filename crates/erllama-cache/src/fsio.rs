@@ -419,6 +419,31 @@ fn check_writer(writer: &str) -> io::Result<()> {
 
 /// `<pid>-<process-wide counter>-<nanoseconds>`: unique among the temp
 /// names of every process sharing a directory.
+/// The pid in a temp file's name (`...<pid>-<counter>-<nanos>.tmp`, see
+/// [`unique_suffix`]).
+fn temp_owner(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(TMP_EXT)?;
+    let unique = stem.rsplit('.').next()?;
+    let mut parts = unique.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    // The counter and the nanoseconds must follow: only names this crate
+    // makes are read this way.
+    (parts.next()?.parse::<u64>().is_ok() && parts.next()?.parse::<u128>().is_ok()).then_some(pid)
+}
+
+/// Whether process `pid` exists (signal 0: nothing is sent).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 fn unique_suffix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -579,6 +604,8 @@ pub struct ScanReport {
     pub registered: Vec<ScannedFile>,
     /// Number of `*.tmp` files deleted.
     pub removed_tmp: usize,
+    /// `*.tmp` files left alone: a save in flight of another live process.
+    pub kept_tmp: usize,
     /// `*.kvc` files deleted as invalid, with why.
     pub removed_invalid: Vec<(PathBuf, String)>,
 }
@@ -673,6 +700,12 @@ pub fn scan_dir(dir: &Path) -> Result<ScanReport, FsioError> {
             continue;
         }
         if name.ends_with(TMP_EXT) {
+            // Another live process's save in flight (its pid is in the
+            // name) is left to finish: the directory may be shared.
+            if temp_owner(name).is_some_and(|pid| pid != std::process::id() && alive(pid)) {
+                report.kept_tmp += 1;
+                continue;
+            }
             remove_quiet(&path)?;
             report.removed_tmp += 1;
             continue;
@@ -742,6 +775,43 @@ mod tests {
             key_of(tokens),
             build_header(&input(tokens, "hi"), payload).expect("build"),
         )
+    }
+
+    /// The pid of a process that has exited (and been reaped).
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        pid
+    }
+
+    #[test]
+    fn the_scan_leaves_a_live_process_s_temp_files_alone() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("tier");
+        ensure_dir(&dir).expect("dir");
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let theirs = dir.join(format!("k.kvc.w.{}-1-2.tmp", live.id()));
+        let dead = dir.join(format!("k.kvc.w.{}-1-2.tmp", dead_pid()));
+        let mine = dir.join(format!("k.kvc.w.{}-1-2.tmp", std::process::id()));
+        let odd = dir.join("k.kvc.w.12-x.tmp");
+        for p in [&theirs, &dead, &mine, &odd] {
+            fs::write(p, b"partial").expect("w");
+        }
+        let report = scan_dir(&dir).expect("scan");
+        assert_eq!((report.kept_tmp, report.removed_tmp), (1, 3));
+        assert!(theirs.exists());
+        assert!(!dead.exists() && !mine.exists() && !odd.exists());
+        live.kill().expect("kill");
+        live.wait().expect("wait");
+        let report = scan_dir(&dir).expect("scan");
+        assert_eq!((report.kept_tmp, report.removed_tmp), (0, 1));
+        assert!(!theirs.exists());
     }
 
     fn whole(tokens: &[u32], payload: &[u8]) -> (CacheKey, Vec<u8>) {
@@ -873,7 +943,12 @@ mod tests {
         let (_, f) = whole(&[7], b"renamed");
         fs::write(final_path(&dir, &key_of(&[8])), &f).expect("w");
         fs::write(dir.join("junk.kvc"), b"not a kvc file at all").expect("w");
-        fs::write(dir.join(format!("{good_key}.kvc.w.1-2-3.tmp")), b"partial").expect("w");
+        let dead = dead_pid();
+        fs::write(
+            dir.join(format!("{good_key}.kvc.w.{dead}-2-3.tmp")),
+            b"partial",
+        )
+        .expect("w");
         fs::write(dir.join("x.tmp"), b"").expect("w");
         fs::write(dir.join("notes.txt"), b"keep me").expect("w");
         // A link to a valid file, under its key's name: removed, not
