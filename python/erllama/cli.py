@@ -373,6 +373,20 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
+# The parts of `erllama bench`, in the order they run.
+BENCH_PARTS = (
+    "ttft",
+    "kv",
+    "http",
+    "ram_file",
+    "agents",
+    "parallel",
+    "restart",
+    "speed",
+    "clients",
+)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Loads the models, serves them until SIGINT/SIGTERM, then stops accepting,
     lets the requests in flight finish, flushes the cache's saves and exits 0."""
@@ -826,28 +840,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--only",
         nargs="+",
-        choices=(
-            "ttft",
-            "kv",
-            "http",
-            "ram_file",
-            "agents",
-            "parallel",
-            "restart",
-            "speed",
-            "clients",
-        ),
-        default=[
-            "ttft",
-            "kv",
-            "http",
-            "ram_file",
-            "agents",
-            "parallel",
-            "restart",
-            "speed",
-            "clients",
-        ],
+        choices=BENCH_PARTS,
+        default=list(BENCH_PARTS),
         help="which parts to run (default: all); kv: rows and restores under q8_0 and q4_0 "
         "KV caches against f16; http: a warm hit in-process and through the HTTP server; "
         "ram_file: a warm ram_file hit read with read(2) and with mmap; "

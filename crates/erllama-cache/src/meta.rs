@@ -663,24 +663,12 @@ impl Cache {
                 }
                 continue;
             }
-            let row = Arc::new(Row {
-                key: r.key,
-                tier,
-                tokens: r.meta.tokens.into(),
-                save_reason: r.meta.save_reason,
-                context_size: r.meta.context_size,
-                created_unix: r.meta.creation_time,
-                status: AtomicU8::new(RowStatus::Available as u8),
-                size: AtomicU64::new(r.size),
-                pins: AtomicU32::new(0),
-                hits: AtomicU32::new(r.meta.hit_count),
-                last_used: AtomicU64::new(self.next_tick()),
-                lru_slot: AtomicU32::new(NIL),
-            });
+            let (key, size) = (r.key, r.size);
+            let row = Arc::new(self.found_row(tier, r));
             st.recency.insert(&row);
-            rows.insert(r.key, row);
-            st.used[tier.index()] += r.size;
-            self.inner.counters.add(bytes_counter(tier), r.size);
+            rows.insert(key, row);
+            st.used[tier.index()] += size;
+            self.inner.counters.add(bytes_counter(tier), size);
         }
         drop(rows);
         // A quota lowered since the files were written: trim LRU-first.
@@ -831,24 +819,12 @@ impl Cache {
             if !self.make_room_locked(&mut st, tier, found.size) {
                 return None;
             }
-            let row = Arc::new(Row {
-                key: found.key,
-                tier,
-                tokens: found.meta.tokens.into(),
-                save_reason: found.meta.save_reason,
-                context_size: found.meta.context_size,
-                created_unix: found.meta.creation_time,
-                status: AtomicU8::new(RowStatus::Available as u8),
-                size: AtomicU64::new(found.size),
-                pins: AtomicU32::new(0),
-                hits: AtomicU32::new(found.meta.hit_count),
-                last_used: AtomicU64::new(self.next_tick()),
-                lru_slot: AtomicU32::new(NIL),
-            });
+            let size = found.size;
+            let row = Arc::new(self.found_row(tier, *found));
             st.recency.insert(&row);
             self.inner.rows.pin().insert(*key, Arc::clone(&row));
-            st.used[tier.index()] += found.size;
-            self.inner.counters.add(bytes_counter(tier), found.size);
+            st.used[tier.index()] += size;
+            self.inner.counters.add(bytes_counter(tier), size);
             self.inner.counters.incr(Counter::FilesAdopted);
             return Some(row);
         }
@@ -1364,6 +1340,25 @@ impl Cache {
         }
         walk.finish(&self.inner.parked_released);
         st.used[i] + st.reserved[i] + size <= quota
+    }
+
+    /// An available row for a valid file found in `tier` (the startup scan,
+    /// or a file another process published).
+    fn found_row(&self, tier: TierKind, r: Recovered) -> Row {
+        Row {
+            key: r.key,
+            tier,
+            tokens: r.meta.tokens.into(),
+            save_reason: r.meta.save_reason,
+            context_size: r.meta.context_size,
+            created_unix: r.meta.creation_time,
+            status: AtomicU8::new(RowStatus::Available as u8),
+            size: AtomicU64::new(r.size),
+            pins: AtomicU32::new(0),
+            hits: AtomicU32::new(r.meta.hit_count),
+            last_used: AtomicU64::new(self.next_tick()),
+            lru_slot: AtomicU32::new(NIL),
+        }
     }
 
     pub(crate) fn insert_row_locked(&self, row: Row) {

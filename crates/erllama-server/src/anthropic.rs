@@ -14,7 +14,6 @@
 //! `message_stop`).
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,8 +30,8 @@ use erllama_engine::{
 use serde_json::{json, Value};
 
 use crate::api::{
-    authorize, blocking, boolean, check_model, field, integer_in, number_in, parse_object, string,
-    type_name, Admission, Obj,
+    authorize, blocking, boolean, check_model, field, first_event, integer_in, next_sse, number_in,
+    parse_object, string, type_name, Admission, Obj, SseAnswer,
 };
 use crate::error::ApiError;
 use crate::AppState;
@@ -563,21 +562,20 @@ impl Streaming {
     }
 }
 
-async fn next_sse(
-    mut s: Streaming,
-) -> Option<(std::result::Result<SseEvent, Infallible>, Streaming)> {
-    loop {
-        if let Some(e) = s.out.pop_front() {
-            return Some((Ok(e), s));
-        }
-        if s.ended {
-            return None;
-        }
-        let event = match s.first.take() {
-            Some(e) => Some(e),
-            None => s.events.next().await,
-        };
-        s.push(event);
+impl SseAnswer for Streaming {
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut VecDeque<SseEvent>,
+        bool,
+        &mut Option<Event>,
+        &mut RequestStream,
+    ) {
+        (&mut self.out, self.ended, &mut self.first, &mut self.events)
+    }
+
+    fn push(&mut self, event: Option<Event>) {
+        Streaming::push(self, event);
     }
 }
 
@@ -606,18 +604,10 @@ pub(crate) async fn messages(
     let mut events = state
         .engine
         .submit(&params.model, Prompt::Tokens(tokens), options)?;
-    let first = events.next().await;
-    if matches!(first, Some(Event::Token { .. })) {
-        state.metrics.first_token(&params.model, arrived.elapsed());
-    }
-    match first {
-        Some(Event::Done(Err(e))) => return Err(e.into()),
-        None => return Err(ApiError::internal("the model stopped without answering").into()),
-        _ => {}
-    }
+    let first = first_event(&state, &params.model, &mut events, arrived).await?;
     if !params.stream {
         let c = match first {
-            Some(Event::Done(Ok(c))) => c,
+            Event::Done(Ok(c)) => c,
             _ => events.collect().await.map_err(ApiError::from)?,
         };
         state.metrics.per_token(
@@ -643,7 +633,7 @@ pub(crate) async fn messages(
         model: params.model,
         breakpoints,
         events,
-        first,
+        first: Some(first),
         out: VecDeque::new(),
         started: false,
         ended: false,

@@ -558,19 +558,76 @@ impl Streaming {
     }
 }
 
-async fn next_sse(mut s: Streaming) -> Option<(Result<SseEvent, Infallible>, Streaming)> {
+/// A streamed answer in some API's event format: engine events in, SSE
+/// events out.
+pub(crate) trait SseAnswer: Sized {
+    /// The parts [`next_sse`] drives: events ready to send, whether the
+    /// answer has ended, the first engine event (read before the response
+    /// was chosen), and the request's event stream.
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut VecDeque<SseEvent>,
+        bool,
+        &mut Option<Event>,
+        &mut RequestStream,
+    );
+    /// Turns one engine event (`None`: the model went away) into SSE events.
+    fn push(&mut self, event: Option<Event>);
+}
+
+/// The next SSE event of `s` (for `futures_util::stream::unfold`).
+pub(crate) async fn next_sse<S: SseAnswer>(mut s: S) -> Option<(Result<SseEvent, Infallible>, S)> {
     loop {
-        if let Some(e) = s.out.pop_front() {
+        let (out, ended, first, events) = s.parts();
+        if let Some(e) = out.pop_front() {
             return Some((Ok(e), s));
         }
-        if s.ended {
+        if ended {
             return None;
         }
-        let event = match s.first.take() {
+        let event = match first.take() {
             Some(e) => Some(e),
-            None => s.events.next().await,
+            None => events.next().await,
         };
         s.push(event);
+    }
+}
+
+impl SseAnswer for Streaming {
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut VecDeque<SseEvent>,
+        bool,
+        &mut Option<Event>,
+        &mut RequestStream,
+    ) {
+        (&mut self.out, self.ended, &mut self.first, &mut self.events)
+    }
+
+    fn push(&mut self, event: Option<Event>) {
+        Streaming::push(self, event);
+    }
+}
+
+/// The request's first engine event (a token, or its end), timed as its
+/// first token; an error before it is an HTTP error, not a stream.
+pub(crate) async fn first_event(
+    state: &AppState,
+    model: &str,
+    events: &mut RequestStream,
+    arrived: std::time::Instant,
+) -> Result<Event, ApiError> {
+    match events.next().await {
+        Some(Event::Done(Err(e))) => Err(e.into()),
+        None => Err(ApiError::internal("the model stopped without answering")),
+        Some(event) => {
+            if matches!(event, Event::Token { .. }) {
+                state.metrics.first_token(model, arrived.elapsed());
+            }
+            Ok(event)
+        }
     }
 }
 
@@ -593,18 +650,10 @@ async fn run(
         breakpoints,
     };
     let mut events = state.engine.submit(&common.model, prompt, options)?;
-    let first = events.next().await;
-    if matches!(first, Some(Event::Token { .. })) {
-        state.metrics.first_token(&common.model, arrived.elapsed());
-    }
-    match first {
-        Some(Event::Done(Err(e))) => return Err(e.into()),
-        None => return Err(ApiError::internal("the model stopped without answering")),
-        _ => {}
-    }
+    let first = first_event(state, &common.model, &mut events, arrived).await?;
     if !common.stream {
         let completion = match first {
-            Some(Event::Done(Ok(c))) => c,
+            Event::Done(Ok(c)) => c,
             _ => events.collect().await?,
         };
         state.metrics.per_token(
@@ -621,7 +670,7 @@ async fn run(
         created: unix_now(),
         include_usage: common.include_usage,
         events,
-        first,
+        first: Some(first),
         out: VecDeque::new(),
         started: false,
         ended: false,
