@@ -298,9 +298,13 @@ def test_demo_runs_all_four_steps(model_path: Path) -> None:
     assert out["counters"]["hits_resume"] == 1
 
 
-def test_serve_answers_then_stops_on_sigterm_and_exits_0(model_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("disk_quota", [1 << 30, 1000])
+def test_serve_answers_then_stops_on_sigterm_and_exits_0(
+    model_path: Path, tmp_path: Path, disk_quota: int
+) -> None:
     """`erllama serve` on port 0: it prints where it listens, answers, and
-    on SIGTERM finishes, flushes its disk tier and exits 0."""
+    on SIGTERM finishes, flushes its disk tier (within `--disk-quota`) and
+    exits 0."""
     import re
     import signal
     import urllib.request
@@ -323,6 +327,8 @@ def test_serve_answers_then_stops_on_sigterm_and_exits_0(model_path: Path, tmp_p
             "2",
             "--cache-dir",
             str(tmp_path / "rows"),
+            "--disk-quota",
+            str(disk_quota),
         ],
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -347,8 +353,10 @@ def test_serve_answers_then_stops_on_sigterm_and_exits_0(model_path: Path, tmp_p
         assert answer["choices"][0]["text"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
-        # The prompt's row reached the disk tier before the exit.
-        assert list((tmp_path / "rows").glob("*.kvc"))
+        # The prompt's row reached the disk tier before the exit, unless
+        # the quota cannot hold a row.
+        rows = list((tmp_path / "rows").glob("*.kvc"))
+        assert bool(rows) == (disk_quota > 1000)
     finally:
         if proc.poll() is None:
             proc.kill()

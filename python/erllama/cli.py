@@ -404,7 +404,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache = erllama.CacheConfig(
             ram_quota=args.ram_quota,
             ram_file_dir=args.ram_file_dir,
+            ram_file_quota=args.ram_file_quota,
             disk_dir=args.cache_dir,
+            disk_quota=args.disk_quota,
         )
         async with erllama.Engine(cache=cache) as engine:
             tier: Tier = "disk" if args.cache_dir else "ram_file" if args.ram_file_dir else "ram"
@@ -783,6 +785,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default=1 << 30,
         metavar="BYTES",
         help="the ram tier's quota (default: 1 GiB)",
+    )
+    serve.add_argument(
+        "--ram-file-quota",
+        type=_int_at_least(0),
+        default=4 << 30,
+        metavar="BYTES",
+        help="the ram_file tier's quota, for its directory as a whole (default: 4 GiB)",
+    )
+    serve.add_argument(
+        "--disk-quota",
+        type=_int_at_least(0),
+        default=16 << 30,
+        metavar="BYTES",
+        help="the disk tier's quota, for its directory as a whole (default: 16 GiB)",
     )
     _add_kv_types(serve)
     serve.add_argument(
