@@ -58,6 +58,9 @@ impl ModelIdentity {
     }
 }
 
+/// A save the cache refused, and the payload it came with.
+type Refused = Box<(SaveError, Vec<u8>)>;
+
 /// One save: which model state, what it holds, where it goes.
 #[derive(Clone, Debug)]
 pub struct SaveRequest {
@@ -231,44 +234,59 @@ impl Cache {
     /// [`SaveError::Conflict`]; [`SaveError::Build`] for a row the format
     /// cannot hold.
     pub fn begin_save(&self, request: SaveRequest) -> Result<PendingSave, SaveError> {
+        self.reserve(request).map_err(|refused| {
+            let (e, payload) = *refused;
+            // Refused: the pack buffer serves the next pack.
+            crate::tier::pool::give_back(payload);
+            e
+        })
+    }
+
+    /// [`Cache::begin_save`], handing a refused request's payload back.
+    fn reserve(&self, request: SaveRequest) -> Result<PendingSave, Refused> {
         let tier = request.tier;
         if !self.has_tier(tier) {
-            return Err(SaveError::TierDisabled(tier));
+            return Err(Box::new((SaveError::TierDisabled(tier), request.payload)));
         }
         let key = request.key();
         // Header length does not depend on the payload bytes, so it is
         // measured without the CRC pass (which runs off the request path).
         let header_len =
-            build_header_for(&request.header_input(0), request.payload.len() as u64, 0)?.len()
-                as u64;
+            match build_header_for(&request.header_input(0), request.payload.len() as u64, 0) {
+                Ok(header) => header.len() as u64,
+                Err(e) => return Err(Box::new((e.into(), request.payload))),
+            };
         let size = header_len + request.payload.len() as u64;
         if self
             .row(&key)
             .is_some_and(|r| r.status() != RowStatus::Writing)
         {
             self.counters().incr(Counter::DuplicateDropped);
-            return Err(SaveError::AlreadyPresent(key));
+            return Err(Box::new((SaveError::AlreadyPresent(key), request.payload)));
         }
-        let permit = self.acquire_permit(request.reason).map_err(|_| {
+        let Ok(permit) = self.acquire_permit(request.reason) else {
             self.counters().incr(Counter::SavesDropped);
-            SaveError::MaxConcurrent
-        })?;
+            return Err(Box::new((SaveError::MaxConcurrent, request.payload)));
+        };
         let mut st = self.lock();
         self.sweep_locked(&mut st, Instant::now());
         if let Some(row) = self.row(&key) {
             if row.status() == RowStatus::Writing {
-                return Err(SaveError::Conflict(key));
+                return Err(Box::new((SaveError::Conflict(key), request.payload)));
             }
             self.counters().incr(Counter::DuplicateDropped);
-            return Err(SaveError::AlreadyPresent(key));
+            return Err(Box::new((SaveError::AlreadyPresent(key), request.payload)));
         }
         if !self.make_room_locked(&mut st, tier, size) {
             self.counters().incr(Counter::SavesDropped);
-            return Err(SaveError::NoSpace {
-                tier,
-                size,
-                quota: self.quota(tier),
-            });
+            return Err(Box::new((
+                SaveError::NoSpace {
+                    tier,
+                    size,
+                    quota: self.quota(tier),
+                },
+                request.payload,
+            )));
         }
         st.next_token += 1;
         let token = st.next_token;
