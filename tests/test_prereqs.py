@@ -149,3 +149,28 @@ def test_tool_checks_ask_the_tool(tmp_path: Path) -> None:
     broken.chmod(0o755)
     assert not prereqs.check_tool("C++ compiler", "c++", "g++", env).ok
     assert not prereqs.check_tool("make", "make", "make", env).ok
+
+
+def test_redis_server_is_asked_for_its_version(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    env = {"PATH": str(fake)}
+    assert not prereqs.check_tool(
+        "redis-server", "redis-server", "redis-server", env, prereqs.REDIS_MIN
+    ).ok
+    server = fake / "redis-server"
+    server.write_text("#!/bin/sh\necho 'Redis server v=5.0.14 sha=00000000:0 malloc=jemalloc'\n")
+    server.chmod(0o755)
+    old = prereqs.check_tool("redis-server", "redis-server", "redis-server", env, prereqs.REDIS_MIN)
+    assert not old.ok
+    assert "need >= 6.0" in old.detail
+    server.write_text("#!/bin/sh\necho 'Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc'\n")
+    assert prereqs.check_tool(
+        "redis-server", "redis-server", "redis-server", env, prereqs.REDIS_MIN
+    ).ok
+    valkey = fake / "valkey-server"
+    valkey.write_text("#!/bin/sh\necho 'Valkey server v=8.0.2 sha=00000000:0'\n")
+    valkey.chmod(0o755)
+    assert prereqs.check_tool(
+        "redis-server", "valkey-server", "redis-server", env, prereqs.REDIS_MIN
+    ).ok

@@ -20,6 +20,9 @@ asks the question the way the program that needs the thing asks it:
 * **make** -- cmake's default generator on Linux is Unix Makefiles.
 * **C and C++ compilers** -- the ``cc`` crate and cmake run ``$CC``/``$CXX`` or
   ``cc``/``c++``.
+* **redis-server** -- the remote tier's tests start ``$ERLLAMA_REDIS_SERVER`` or
+  ``redis-server`` from ``PATH`` (Redis 6 or newer, or Valkey: its
+  ``--version`` says ``v=X.Y.Z``).
 
 ``python3 tools/prereqs.py`` prints the Debian packages to install, one per
 line (nothing when all is well). ``--explain`` prints what each check found.
@@ -55,6 +58,7 @@ LIBCLANG_DIRECTORIES = (
     "/usr/lib*",
 )
 CMAKE_MIN = (3, 14)
+REDIS_MIN = (6, 0)
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ def check_libclang(root: Path, env: Mapping[str, str]) -> Check:
 
 def _version(text: str) -> tuple[int, ...]:
     for word in text.split():
+        word = word.removeprefix("v=")
         parts = word.split(".")
         if len(parts) >= 2 and all(p.isdigit() for p in parts[:2]):
             return tuple(int(p) for p in parts[:2])
@@ -221,6 +226,13 @@ def checks(root: Path, env: Mapping[str, str]) -> list[Check]:
             check_tool("make", "make", "make", env),
             check_tool("C compiler", env.get("CC", "cc"), "gcc", env),
             check_tool("C++ compiler", env.get("CXX", "c++"), "g++", env),
+            check_tool(
+                "redis-server",
+                env.get("ERLLAMA_REDIS_SERVER", "redis-server"),
+                "redis-server",
+                env,
+                REDIS_MIN,
+            ),
         ]
     return result
 

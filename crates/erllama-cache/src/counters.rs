@@ -100,6 +100,24 @@ counters! {
     /// index was built, found on a lookup miss and adopted after the full
     /// validation.
     FilesAdopted => "files_adopted",
+    /// Rows found in the remote tier (Redis) after every local tier missed.
+    RemoteHits => "remote_hits",
+    /// Remote lookups that found nothing.
+    RemoteMisses => "remote_misses",
+    /// Remote operations that failed or timed out (the request went on).
+    RemoteErrors => "remote_errors",
+    /// Remote operations skipped while the circuit breaker was open.
+    RemoteSkipped => "remote_skipped",
+    /// Remote values that failed validation (deleted from the store).
+    RemoteCorrupt => "remote_corrupt",
+    /// Rows written to the remote tier.
+    RemoteWrites => "remote_writes",
+    /// Bytes read from the remote tier.
+    RemoteBytesRead => "remote_bytes_read",
+    /// Bytes written to the remote tier.
+    RemoteBytesWritten => "remote_bytes_written",
+    /// Total nanoseconds spent in remote lookups (probe, fetch, check).
+    RemoteLookupNs => "remote_lookup_ns",
     /// Live bytes stored in the RAM tier (gauge; kept by `reset`).
     BytesRam => "bytes_ram",
     /// Live bytes stored in the RAM-file tier (gauge; kept by `reset`).
@@ -237,7 +255,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    const SPEC_NAMES: [&str; 24] = [
+    const SPEC_NAMES: [&str; 33] = [
         "hits_exact",
         "hits_resume",
         "hits_longest_prefix",
@@ -259,6 +277,15 @@ mod tests {
         "longest_prefix_probes",
         "longest_prefix_ns",
         "files_adopted",
+        "remote_hits",
+        "remote_misses",
+        "remote_errors",
+        "remote_skipped",
+        "remote_corrupt",
+        "remote_writes",
+        "remote_bytes_read",
+        "remote_bytes_written",
+        "remote_lookup_ns",
         "bytes_ram",
         "bytes_ram_file",
         "bytes_disk",

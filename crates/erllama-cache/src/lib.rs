@@ -67,6 +67,7 @@ mod kvc;
 mod lru;
 mod meta;
 mod policy;
+mod remote;
 mod semaphore;
 mod tier;
 mod writer;
@@ -102,6 +103,7 @@ pub use policy::{
     cold_save_split, longest_prefix_probes, should_continued_save, should_finish_save,
     trim_boundary, validate_config, PolicyConfig, PolicyError,
 };
+pub use remote::{PutOutcome, Remote, RemoteConfig, RemoteError, RemoteRow, RemoteStats};
 pub use semaphore::{Permit, PoolError, WriterPool};
 pub use tier::{
     Committed, DiskTier, FileLoad, LoadError, Payload, RamFileTier, RamTier, Recovered, SaveStage,

@@ -39,6 +39,7 @@ use crate::key::{CacheKey, KeyHasher};
 use crate::kvc::SaveReason;
 use crate::lru::{Recency, Walk, NIL};
 use crate::policy::{longest_prefix_probes, PolicyConfig};
+use crate::remote::{Remote, RemoteConfig};
 use crate::semaphore::{PoolError, WriterPool};
 use crate::tier::{
     DiskTier, FileLoad, LoadError, Payload, RamFileTier, RamTier, Recovered, Tier, TierError,
@@ -91,6 +92,8 @@ pub struct CacheConfig {
     pub reservation_ttl: Duration,
     /// This writer's name in temp file names (no `/`).
     pub writer_name: String,
+    /// The remote tier (Redis or Valkey), if any.
+    pub remote: Option<RemoteConfig>,
 }
 
 impl Default for CacheConfig {
@@ -103,6 +106,7 @@ impl Default for CacheConfig {
             writer_acquire_timeout: Duration::ZERO,
             reservation_ttl: DEFAULT_RESERVATION_TTL,
             writer_name: format!("w{}", std::process::id()),
+            remote: None,
         }
     }
 }
@@ -352,6 +356,8 @@ pub(crate) struct Inner {
     /// Pins with an expiry ([`Cache::pin_for`]): each holds one pin on its
     /// row until the deadline. Lock order: the writer lock, then this.
     pub(crate) timed_pins: Mutex<HashMap<CacheKey, TimedPin>>,
+    /// The remote tier's connection, if configured.
+    pub(crate) remote: Option<Remote>,
 }
 
 /// One pin of [`Cache::pin_for`].
@@ -597,6 +603,12 @@ impl Cache {
                 ));
             }
         }
+        let remote = config
+            .remote
+            .clone()
+            .map(|r| Remote::new(r, Arc::clone(&counters)))
+            .transpose()
+            .map_err(OpenError::InvalidConfig)?;
         let quotas = [
             config.ram_quota,
             config.ram_file.as_ref().map_or(0, |c| c.quota),
@@ -615,6 +627,7 @@ impl Cache {
                 parked_released: Default::default(),
                 config,
                 timed_pins: Mutex::new(HashMap::new()),
+                remote,
             }),
         };
         cache.recover()?;
@@ -715,6 +728,77 @@ impl Cache {
     #[must_use]
     pub fn tier_dir(&self, tier: TierKind) -> Option<PathBuf> {
         self.tier(tier).and_then(|t| t.dir().map(PathBuf::from))
+    }
+
+    /// The remote tier, if configured.
+    #[must_use]
+    pub fn remote(&self) -> Option<&Remote> {
+        self.inner.remote.as_ref()
+    }
+
+    /// The remote tier's lookup, after every local tier missed
+    /// (docs/tiers.md): `candidates` are keys of the prompt's prefixes,
+    /// the preferred (longest) first. One round trip finds the first the
+    /// store holds; its bytes are fetched, validated like a file (framing,
+    /// CRC32C, recomputed key: a corrupt or foreign value is deleted from
+    /// the store and counted in `remote_corrupt`), stored in the local
+    /// tier `home` through the publish protocol and claimed there. None
+    /// on a miss, a failure (counted; never an error for the request) or
+    /// when `home` has no room.
+    #[must_use]
+    pub fn fetch_remote(&self, candidates: &[CacheKey], home: TierKind) -> Option<Claim> {
+        let remote = self.remote()?;
+        if candidates.is_empty() || !self.has_tier(home) {
+            return None;
+        }
+        let _timer = self.inner.counters.time(Counter::RemoteLookupNs);
+        let Ok(found) = remote.first_present(candidates) else {
+            return None;
+        };
+        let Some(key) = found.map(|i| candidates[i]) else {
+            self.inner.counters.incr(Counter::RemoteMisses);
+            return None;
+        };
+        let bytes = match remote.get(&key) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                // Evicted or expired since the probe.
+                self.inner.counters.incr(Counter::RemoteMisses);
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let meta = match crate::kvc::parse_full(&bytes, &key) {
+            Ok(meta) => meta,
+            Err(e) => {
+                self.inner.counters.incr(Counter::RemoteCorrupt);
+                tracing::warn!(key = %key, error = %e, "a remote row failed validation; deleting it");
+                let _ = remote.delete(&key);
+                return None;
+            }
+        };
+        if self.row(&key).is_none() {
+            if let Err(e) = self.import(key, home, bytes, &meta) {
+                tracing::debug!(key = %key, error = %e, "a remote row could not be stored locally");
+            }
+        }
+        let claim = self.claim(&key).ok()?;
+        self.inner.counters.incr(Counter::RemoteHits);
+        Some(claim)
+    }
+
+    /// After a save published `key` locally: the same bytes go to the
+    /// remote tier too (on the save's thread, holding its writer-pool
+    /// slot). Failures are counted, never reported to the save.
+    pub(crate) fn mirror_to_remote(&self, tier: TierKind, key: &CacheKey, size: u64) {
+        let Some(remote) = self.remote() else { return };
+        let Some(t) = self.tier(tier) else { return };
+        let Ok(payload) = t.load(key, size) else {
+            return; // evicted meanwhile
+        };
+        if let Ok(crate::remote::PutOutcome::TooLarge) = remote.put(key, payload.kvc()) {
+            tracing::debug!(key = %key, size, "a row larger than the remote quota is not stored");
+        }
     }
 
     /// The counters (shared).

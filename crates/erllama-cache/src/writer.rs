@@ -184,6 +184,18 @@ pub struct SaveOutcome {
     pub link: LinkOutcome,
 }
 
+/// What a pending save writes.
+enum Body {
+    /// A packed state: the header is built from the request.
+    Request(SaveRequest),
+    /// A whole KVC row (from the remote tier): header, payload at `start`.
+    Kvc {
+        bytes: Vec<u8>,
+        start: usize,
+        reason: SaveReason,
+    },
+}
+
 /// A reserved save waiting to be written; see the module docs.
 #[must_use = "a pending save does nothing until run; dropping it cancels the reservation"]
 pub struct PendingSave {
@@ -191,10 +203,10 @@ pub struct PendingSave {
     key: CacheKey,
     token: u64,
     reserved: u64,
-    request: Option<SaveRequest>,
+    body: Option<Body>,
     request_tier: TierKind,
     linked: Option<u64>,
-    _permit: Permit,
+    _permit: Option<Permit>,
     done: bool,
     /// Pin the row for this long as it is published.
     pin: Option<std::time::Duration>,
@@ -268,25 +280,58 @@ impl Cache {
             self.counters().incr(Counter::SavesDropped);
             return Err(Box::new((SaveError::MaxConcurrent, request.payload)));
         };
+        let token = match self.reserve_key(
+            key,
+            tier,
+            size,
+            Arc::clone(&request.tokens),
+            request.reason,
+            request.identity.context_size,
+        ) {
+            Ok(token) => token,
+            Err(e) => return Err(Box::new((e, request.payload))),
+        };
+        Ok(PendingSave {
+            cache: self.clone(),
+            key,
+            token,
+            reserved: size,
+            request_tier: request.tier,
+            body: Some(Body::Request(request)),
+            linked: None,
+            _permit: Some(permit),
+            done: false,
+            pin: None,
+        })
+    }
+
+    /// Publish step 1 for `key` (size bytes in `tier`): the key is
+    /// reserved and a `writing` placeholder row inserted.
+    fn reserve_key(
+        &self,
+        key: CacheKey,
+        tier: TierKind,
+        size: u64,
+        tokens: Arc<[u32]>,
+        reason: SaveReason,
+        context_size: u32,
+    ) -> Result<u64, SaveError> {
         let mut st = self.lock();
         self.sweep_locked(&mut st, Instant::now());
         if let Some(row) = self.row(&key) {
             if row.status() == RowStatus::Writing {
-                return Err(Box::new((SaveError::Conflict(key), request.payload)));
+                return Err(SaveError::Conflict(key));
             }
             self.counters().incr(Counter::DuplicateDropped);
-            return Err(Box::new((SaveError::AlreadyPresent(key), request.payload)));
+            return Err(SaveError::AlreadyPresent(key));
         }
         if !self.make_room_locked(&mut st, tier, size) {
             self.counters().incr(Counter::SavesDropped);
-            return Err(Box::new((
-                SaveError::NoSpace {
-                    tier,
-                    size,
-                    quota: self.quota(tier),
-                },
-                request.payload,
-            )));
+            return Err(SaveError::NoSpace {
+                tier,
+                size,
+                quota: self.quota(tier),
+            });
         }
         st.next_token += 1;
         let token = st.next_token;
@@ -300,28 +345,50 @@ impl Cache {
                 deadline: Instant::now() + self.config().reservation_ttl,
             },
         );
-        let row = self.new_writing_row(
+        let row = self.new_writing_row(key, tier, tokens, reason, context_size, size);
+        self.insert_row_locked(row);
+        Ok(token)
+    }
+
+    /// A row fetched from the remote tier, stored in `tier` through the
+    /// publish protocol (no writer-pool slot: it is on the request path
+    /// and replaces a restore). `kvc` was validated as the row of `key`.
+    pub(crate) fn import(
+        &self,
+        key: CacheKey,
+        tier: TierKind,
+        kvc: Vec<u8>,
+        meta: &crate::kvc::KvcMeta,
+    ) -> Result<SaveOutcome, SaveError> {
+        if !self.has_tier(tier) {
+            return Err(SaveError::TierDisabled(tier));
+        }
+        let start = usize::try_from(meta.payload_offset).unwrap_or(kvc.len());
+        let token = self.reserve_key(
             key,
             tier,
-            Arc::clone(&request.tokens),
-            request.reason,
-            request.identity.context_size,
-            size,
-        );
-        self.insert_row_locked(row);
-        drop(st);
-        Ok(PendingSave {
+            kvc.len() as u64,
+            Arc::from(&meta.tokens[..]),
+            meta.save_reason,
+            meta.context_size,
+        )?;
+        PendingSave {
             cache: self.clone(),
             key,
             token,
-            reserved: size,
-            request_tier: request.tier,
-            request: Some(request),
+            reserved: kvc.len() as u64,
+            request_tier: tier,
+            body: Some(Body::Kvc {
+                bytes: kvc,
+                start,
+                reason: meta.save_reason,
+            }),
             linked: None,
-            _permit: permit,
+            _permit: None,
             done: false,
             pin: None,
-        })
+        }
+        .run()
     }
 
     /// [`Cache::begin_save`] then [`PendingSave::run`] on this thread.
@@ -469,21 +536,31 @@ impl PendingSave {
     }
 
     fn write_and_publish(&mut self, probe: &dyn Fn(SaveStage)) -> Result<SaveOutcome, SaveError> {
-        let request = self
-            .request
+        let body = self
+            .body
             .take()
             .expect("a pending save runs once (run consumes it)");
         let cache = self.cache.clone();
-        let tier_kind = request.tier;
+        let tier_kind = self.request_tier;
         let tier = cache.tier(tier_kind).expect("checked in begin_save");
         probe(SaveStage::Reserved);
-        let header = build_header(&request.header_input(unix_now()), &request.payload)?;
-        let reason = request.reason;
+        let (staged, reason, mirror) = match body {
+            Body::Request(request) => {
+                let header = build_header(&request.header_input(unix_now()), &request.payload)?;
+                let staged = tier.stage(&self.key, header, request.payload, probe)?;
+                (staged, request.reason, true)
+            }
+            Body::Kvc {
+                bytes,
+                start,
+                reason,
+            } => (tier.stage_kvc(&self.key, bytes, start)?, reason, false),
+        };
         // From here until the commit, an unwinding probe must not leave
         // staged bytes behind: the guard discards them on drop.
         let staged = StagedGuard {
             tier,
-            staged: Some(tier.stage(&self.key, header, request.payload, probe)?),
+            staged: Some(staged),
         };
         probe(SaveStage::Staged);
         let live = {
@@ -517,6 +594,9 @@ impl PendingSave {
             cache.counters().incr(c);
         }
         probe(SaveStage::Published);
+        if mirror {
+            cache.mirror_to_remote(tier_kind, &self.key, committed.size);
+        }
         Ok(SaveOutcome {
             key: self.key,
             tier: tier_kind,

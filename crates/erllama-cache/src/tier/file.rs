@@ -47,6 +47,17 @@ macro_rules! file_tier {
                 $crate::tier::pool::give_back(payload);
                 staged
             }
+            fn stage_kvc(
+                &self,
+                key: &$crate::key::CacheKey,
+                bytes: Vec<u8>,
+                start: usize,
+            ) -> Result<$crate::tier::Staged, $crate::tier::TierError> {
+                let (header, payload) = bytes.split_at(start.min(bytes.len()));
+                let staged = self.0.stage(key, header, payload, &|_| {});
+                $crate::tier::pool::give_back(bytes);
+                staged
+            }
             fn commit(
                 &self,
                 key: &$crate::key::CacheKey,

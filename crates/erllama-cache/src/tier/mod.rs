@@ -252,6 +252,17 @@ impl Payload {
         matches!(self.repr, PayloadRepr::Mapped { .. })
     }
 
+    /// The whole KVC row these bytes come from: header, then payload
+    /// (what the remote tier stores).
+    #[must_use]
+    pub fn kvc(&self) -> &[u8] {
+        match &self.repr {
+            PayloadRepr::Shared(row) => &row.bytes,
+            PayloadRepr::Owned { buf, .. } => buf,
+            PayloadRepr::Mapped { map, .. } => map,
+        }
+    }
+
     /// Whether the bytes are shared with the RAM store rather than a copy.
     #[must_use]
     pub fn is_shared(&self) -> bool {
@@ -292,7 +303,7 @@ impl Deref for Payload {
 
     fn deref(&self) -> &[u8] {
         match &self.repr {
-            PayloadRepr::Shared(row) => &row.payload,
+            PayloadRepr::Shared(row) => &row.bytes[row.start..],
             PayloadRepr::Owned { buf, start } => &buf[*start..],
             PayloadRepr::Mapped { map, start } => &map[*start..],
         }
@@ -315,11 +326,13 @@ impl fmt::Debug for Payload {
     }
 }
 
-/// One row of the RAM store: the KVC header and the payload, both owned.
+/// One row of the RAM store: the whole KVC file (header, then payload at
+/// `start`), owned in one buffer.
 #[derive(Debug)]
 pub struct RamRow {
-    pub(crate) header: Vec<u8>,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
+    /// Where the payload starts (the header's length).
+    pub(crate) start: usize,
     /// Bytes of logits at the start of the payload.
     pub(crate) logits: usize,
 }
@@ -494,6 +507,15 @@ pub trait Tier: Send + Sync + fmt::Debug {
         payload: Vec<u8>,
         probe: &dyn Fn(SaveStage),
     ) -> Result<Staged, TierError>;
+
+    /// [`Tier::stage`] for a whole KVC row already in one buffer (the
+    /// payload at `start`): a row fetched from the remote tier. The RAM
+    /// tier keeps the buffer itself (no copy).
+    ///
+    /// # Errors
+    ///
+    /// As [`Tier::stage`].
+    fn stage_kvc(&self, key: &CacheKey, bytes: Vec<u8>, start: usize) -> Result<Staged, TierError>;
 
     /// docs/tiers.md, publish step 4: makes staged bytes visible under `key`
     /// atomically (create-if-absent; adopt a valid existing row, replace

@@ -45,7 +45,7 @@ impl RamTier {
 }
 
 fn row_size(row: &RamRow) -> u64 {
-    (row.header.len() + row.payload.len()) as u64
+    row.bytes.len() as u64
 }
 
 impl Tier for RamTier {
@@ -67,13 +67,31 @@ impl Tier for RamTier {
         // The header was built from this payload a moment ago.
         let logits = parse_meta_with_len(&header, (header.len() + payload.len()) as u64)
             .map_or(0, |m| usize::try_from(m.logits_bytes()).unwrap_or(0));
+        let mut bytes = Vec::with_capacity(header.len() + payload.len());
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&payload);
         let row = RamRow {
-            header,
-            payload: payload.as_slice().to_vec(),
+            bytes,
+            start: header.len(),
             logits,
         };
         super::pool::give_back(payload);
         Ok(Staged::Ram(Arc::new(row)))
+    }
+
+    fn stage_kvc(
+        &self,
+        _key: &CacheKey,
+        bytes: Vec<u8>,
+        start: usize,
+    ) -> Result<Staged, TierError> {
+        let logits = parse_meta_with_len(&bytes[..start.min(bytes.len())], bytes.len() as u64)
+            .map_or(0, |m| usize::try_from(m.logits_bytes()).unwrap_or(0));
+        Ok(Staged::Ram(Arc::new(RamRow {
+            bytes,
+            start,
+            logits,
+        })))
     }
 
     fn commit(&self, key: &CacheKey, staged: Staged) -> Result<Committed, TierError> {
@@ -119,7 +137,7 @@ impl Tier for RamTier {
             return Visible::Absent;
         };
         let size = row_size(row);
-        match parse_meta_with_len(&row.header, size) {
+        match parse_meta_with_len(&row.bytes[..row.start], size) {
             Ok(meta) => Visible::Valid(Box::new(Recovered {
                 key: *key,
                 meta,
