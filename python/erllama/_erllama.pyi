@@ -38,6 +38,8 @@ __all__ = [
     "kvc_gc",
     "kvc_list",
     "kvc_verify",
+    "remote_rows",
+    "remote_stats",
     "sample_pressure",
     "system_info",
 ]
@@ -74,6 +76,13 @@ def kvc_verify(path: _Path) -> str | None:
 
 def kvc_gc(dir: _Path) -> tuple[int, int, list[tuple[str, str]]]:
     """Delete temp and invalid files as a startup would; (kept, temps, invalid)."""
+
+def remote_rows(url: str, prefix: str = ..., limit: int = 1000) -> list[tuple[str, int, int, int]]:
+    """A remote tier's rows, least recently used first: (key hex, bytes, hits,
+    last use in ms since the epoch)."""
+
+def remote_stats(url: str, prefix: str = ...) -> tuple[int, int]:
+    """A remote tier's totals: (rows, bytes)."""
 
 def system_info() -> str:
     """Return llama.cpp/ggml's system information line.
@@ -117,7 +126,9 @@ class Stats(_Record):
     def cached_tokens(self) -> int:
         """Prompt tokens whose KV state came from the cache."""
     @property
-    def cache_tier(self) -> Literal["ram", "ram_file", "disk"] | None: ...
+    def cache_tier(self) -> Literal["ram", "ram_file", "disk", "remote"] | None:
+        """The tier that served the cached tokens (``remote``: fetched from
+        Redis and stored in the model's tier on the way)."""
     @property
     def finish_reason(self) -> Literal["stop", "length", "cancelled"]: ...
     @property
@@ -669,6 +680,7 @@ class Engine:
         scheduler: Mapping[str, object],
         pressure_source: object,
         ram_file_load: str | None = None,
+        remote: Mapping[str, object] | None = None,
     ) -> Self: ...
     def serve(
         self,

@@ -17,8 +17,8 @@ Subcommands:
     Stream a completion through the engine (the cache on), or ``--json``.
 ``chat [--system TEXT] [--cache-dir DIR] ...``
     An interactive chat; each turn resumes from the previous one's state.
-``cache ls|stats|verify|gc DIR``
-    Inspect a cache directory's KVC files directly.
+``cache ls|stats|verify|gc DIR`` / ``cache ls|stats --remote URL``
+    Inspect a cache directory's KVC files directly, or a remote tier's rows.
 ``bench [--sizes N ...] [--tiers T ...] [--peer llama-cpp-python] [--json]``
     Cold vs warm time to first token per tier, restore bandwidth, sharing
     agents, a restart, and optionally the same prompts through llama-cpp-python.
@@ -287,10 +287,46 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_cache_remote(args: argparse.Namespace) -> int:
+    from erllama import _erllama
+
+    action: str = args.action
+    if action not in ("ls", "stats"):
+        raise ValueError(f"cache {action} is for a directory; a remote tier has ls and stats")
+    if action == "stats":
+        rows, size = _erllama.remote_stats(args.remote, args.remote_prefix)
+        stats = {"rows": rows, "bytes": size, "prefix": args.remote_prefix}
+        if args.json:
+            print(json.dumps(stats))
+        else:
+            for k, v in stats.items():
+                print(f"{k}: {v}")
+        return EXIT_OK
+    listed = _erllama.remote_rows(args.remote, args.remote_prefix, args.limit)
+    if args.json:
+        out = [
+            {"key": k, "size": size, "hits": hits, "last_used": used / 1000}
+            for k, size, hits, used in listed
+        ]
+        print(json.dumps(out))
+        return EXIT_OK
+    now = time.time()
+    print(f"{'key':<18}{'hits':>5}{'size':>10}{'idle':>8}")
+    for k, size, hits, used in listed:
+        print(f"{k[:16]:<18}{hits:>5}{_size(size):>10}{_age(now - used / 1000):>8}")
+    return EXIT_OK
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from erllama import _erllama
 
-    directory: Path = args.dir
+    if args.remote is not None:
+        if args.dir is not None:
+            raise ValueError("give a directory or --remote, not both")
+        return _cmd_cache_remote(args)
+    directory: Path | None = args.dir
+    if directory is None:
+        raise ValueError("cache needs a directory (or --remote URL)")
     if not directory.is_dir():
         raise FileNotFoundError(f"no such cache directory: {directory}")
     action: str = args.action
@@ -407,6 +443,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ram_file_quota=args.ram_file_quota,
             disk_dir=args.cache_dir,
             disk_quota=args.disk_quota,
+            remote_url=args.remote_url,
+            remote_prefix=args.remote_prefix,
+            remote_quota=args.remote_quota,
+            remote_ttl_s=args.remote_ttl,
         )
         async with erllama.Engine(cache=cache) as engine:
             tier: Tier = "disk" if args.cache_dir else "ram_file" if args.ram_file_dir else "ram"
@@ -706,16 +746,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser(
         "cache",
-        help="inspect a cache directory (ls, stats, verify, gc)",
+        help="inspect a cache directory (ls, stats, verify, gc) or a remote tier (ls, stats)",
         description=(
             "Read a ram_file or disk tier's KVC files directly. ls: key, tokens, save "
             "reason, hits, size, age, validity; stats: totals; verify: the full parse "
             "(CRC and key) of every file, exit 1 if any is bad; gc: delete temp and "
-            "invalid files as a startup would."
+            "invalid files as a startup would. With --remote URL instead of DIR: the "
+            "remote tier's rows (ls: key, hits by every process, size, idle time, least "
+            "recently used first) or totals (stats)."
         ),
     )
     cache.add_argument("action", choices=("ls", "stats", "verify", "gc"))
-    cache.add_argument("dir", type=Path, metavar="DIR")
+    cache.add_argument("dir", type=Path, metavar="DIR", nargs="?")
+    cache.add_argument(
+        "--remote", metavar="URL", help="a remote tier's Redis URL (redis://host:port/db)"
+    )
+    cache.add_argument(
+        "--remote-prefix", default="erllama", metavar="PREFIX", help="its key prefix"
+    )
+    cache.add_argument(
+        "--limit", type=_int_at_least(1), default=1000, help="rows listed at most (remote ls)"
+    )
     cache.add_argument("--json", action="store_true", help="JSON output (ls, stats)")
     cache.set_defaults(command=_cmd_cache)
 
@@ -799,6 +850,29 @@ def _build_parser() -> argparse.ArgumentParser:
         default=16 << 30,
         metavar="BYTES",
         help="the disk tier's quota, for its directory as a whole (default: 16 GiB)",
+    )
+    serve.add_argument(
+        "--remote-url",
+        metavar="URL",
+        help="a Redis/Valkey remote tier shared by every worker and host "
+        "(redis://[:password@]host:port/db, rediss:// for TLS)",
+    )
+    serve.add_argument(
+        "--remote-prefix", default="erllama", metavar="PREFIX", help="its key prefix"
+    )
+    serve.add_argument(
+        "--remote-quota",
+        type=_int_at_least(1),
+        default=4 << 30,
+        metavar="BYTES",
+        help="bytes the remote tier's rows may hold, for every writer together (default: 4 GiB)",
+    )
+    serve.add_argument(
+        "--remote-ttl",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a remote row unused this long expires (default: never)",
     )
     _add_kv_types(serve)
     serve.add_argument(

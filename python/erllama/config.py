@@ -48,6 +48,39 @@ class CacheConfig:
     """Bytes the ``disk`` tier may hold."""
     writer_limit: int | None = None
     """Concurrent background saves (default 2 x cores + 1)."""
+    remote_url: str | None = None
+    """The ``remote`` tier (docs/tiers.md): a Redis or Valkey server,
+    ``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS. Looked
+    up after every local tier misses; a hit is stored in the model's tier.
+    Every save is also written there, off the request path. A server that
+    fails or is slow never fails a request."""
+    remote_prefix: str = "erllama"
+    """Key prefix and Redis Cluster hash tag (``{prefix}:row:<hex>``)."""
+    remote_quota: int = 4 * GIB
+    """Bytes the rows under the prefix may hold, for every writer together
+    (least recently used rows are evicted)."""
+    remote_ttl_s: float | None = None
+    """A remote row unused for this long expires (each hit renews it)."""
+    remote_timeout_s: float = 2.0
+    """Time allowed for one remote operation, a row's transfer included."""
+    remote_connect_timeout_s: float = 0.5
+    """Time allowed to connect."""
+    remote_retry_s: float = 2.0
+    """After 3 consecutive failures the server is skipped this long."""
+
+    def remote_dict(self) -> dict[str, object] | None:
+        """The ``remote_*`` settings for the native engine (None: no tier)."""
+        if self.remote_url is None:
+            return None
+        return {
+            "url": self.remote_url,
+            "prefix": self.remote_prefix,
+            "quota": self.remote_quota,
+            "ttl_s": self.remote_ttl_s,
+            "timeout_s": self.remote_timeout_s,
+            "connect_timeout_s": self.remote_connect_timeout_s,
+            "retry_s": self.remote_retry_s,
+        }
 
     def __post_init__(self) -> None:
         for name in ("ram_quota", "ram_file_quota", "disk_quota"):
@@ -61,6 +94,13 @@ class CacheConfig:
 
             raise InvalidInputError(
                 f"ram_file_load must be 'read' or 'mmap', got {self.ram_file_load!r}"
+            )
+        remote_url: object = self.remote_url
+        if remote_url is not None and not isinstance(remote_url, str):
+            from erllama.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"remote_url must be a redis:// or rediss:// URL, got {remote_url!r}"
             )
         if self.writer_limit is not None and self.writer_limit < 1:
             from erllama.errors import InvalidInputError

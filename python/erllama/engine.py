@@ -428,6 +428,7 @@ class Engine:
             disk_quota=c.disk_quota,
             writer_limit=c.writer_limit,
             policy=self.policy.to_dict(),
+            remote=c.remote_dict(),
         )
         self.cache = CacheView(self._native)
         self.scheduler = SchedulerView(self._native)

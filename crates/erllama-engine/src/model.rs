@@ -37,9 +37,9 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use erllama_cache::{
-    cold_save_split, effective_fingerprint, should_continued_save, should_finish_save, Cache,
-    CacheKey, Claim, Counter, Lookup, ModelIdentity, PolicyConfig, PrefixLookup, SaveError,
-    SaveReason, SaveRequest, TierKind,
+    cold_save_split, effective_fingerprint, longest_prefix_probes, should_continued_save,
+    should_finish_save, Cache, CacheKey, Claim, Counter, Lookup, ModelIdentity, PolicyConfig,
+    PrefixLookup, SaveError, SaveReason, SaveRequest, TierKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -1592,7 +1592,62 @@ impl Actor {
                 }
             }
         }
+        if cache.remote().is_some() {
+            return self.restore_remote(seq, tokens, &splits, better_than, failure);
+        }
         None
+    }
+
+    /// The last lookup (docs/tiers.md): the remote tier, asked once for
+    /// every key the local lookups tried (the whole prompt, the
+    /// breakpoints, the aligned prefixes), the longest first. A row found
+    /// there is validated, stored in the model's tier and restored from it.
+    fn restore_remote(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        splits: &[usize],
+        better_than: usize,
+        failure: &mut Option<RestoreFailure>,
+    ) -> Option<Restored> {
+        let mut candidates: Vec<(usize, CacheKey)> = Vec::new();
+        if tokens.len() > better_than {
+            candidates.push((
+                tokens.len(),
+                self.identity_for(splits, tokens.len()).key(tokens),
+            ));
+        }
+        for &b in splits {
+            if b < tokens.len() && b > better_than {
+                candidates.push((b, self.identity_for(splits, b).key(&tokens[..b])));
+            }
+        }
+        let plain = &tokens[..self.split_cap(splits).min(tokens.len())];
+        for len in longest_prefix_probes(plain.len(), self.policy()) {
+            if len > better_than {
+                candidates.push((len, self.identity.key(&plain[..len])));
+            }
+        }
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut seen = std::collections::HashSet::new();
+        candidates.retain(|c| seen.insert(c.1));
+        let keys: Vec<CacheKey> = candidates.iter().map(|c| c.1).collect();
+        let claim = self.cache().fetch_remote(&keys, self.setup.config.tier)?;
+        let len = claim.tokens().len();
+        if len > tokens.len() || claim.tokens() != &tokens[..len] {
+            return None;
+        }
+        let (source, counter) = if len == tokens.len() {
+            (HitSource::Exact, Counter::HitsExact)
+        } else {
+            (HitSource::LongestPrefix, Counter::HitsLongestPrefix)
+        };
+        let r = self.unpack(seq, claim, tokens.len(), source, failure)?;
+        self.counters().incr(counter);
+        if let Slot::Busy(a) = &mut self.slots[seq] {
+            a.stats.from_remote = true;
+        }
+        Some(r)
     }
 
     /// Loads and unpacks a claimed row into `seq` (the claim is released

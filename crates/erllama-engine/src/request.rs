@@ -173,6 +173,8 @@ pub struct RequestStats {
     pub cached_tokens: usize,
     /// The tier that served them.
     pub cache_tier: Option<TierKind>,
+    /// They came from the remote tier (stored in `cache_tier` on the way).
+    pub from_remote: bool,
     /// Why generation ended.
     pub finish_reason: FinishReason,
     /// Whether the request was cancelled.
@@ -214,6 +216,7 @@ impl RequestStats {
             hit_source: None,
             cached_tokens: 0,
             cache_tier: None,
+            from_remote: false,
             finish_reason: FinishReason::Stop,
             cancelled: false,
             queue_ms,

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use erllama_cache::{
-    Cache, CacheConfig, FileLoad, FileTierConfig, FingerprintMode, PolicyConfig, TierKind,
+    Cache, CacheConfig, FileLoad, FileTierConfig, FingerprintMode, PolicyConfig, RemoteConfig,
+    TierKind,
 };
 use erllama_engine::{
     Backend, ContextParams, Engine, ModelConfig, NoopSampler, NvmlSampler, PressureSampler, Prompt,
@@ -63,6 +64,41 @@ fn policy_from(map: Option<&Bound<'_, PyDict>>, base: &PolicyConfig) -> PyResult
 }
 
 /// An int argument that may be `None`.
+/// The remote tier's settings from `CacheConfig`'s `remote_*` fields
+/// (a dict: url, prefix, quota, ttl_s, timeout_s, connect_timeout_s,
+/// retry_s), checked again here.
+fn remote_config(d: &Bound<'_, PyDict>) -> PyResult<RemoteConfig> {
+    let field = |name: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(d.get_item(name)?.filter(|v| !v.is_none()))
+    };
+    let url = field("url")?.ok_or_else(|| invalid("remote_url is required"))?;
+    let mut r = RemoteConfig::new(str_arg(&url, "remote_url", 4096)?);
+    let secs = |v: &Bound<'_, PyAny>, name: &str, max: f64| -> PyResult<Duration> {
+        let v = float_where(v, name, &format!("in (0, {max}]"), |x| x > 0.0 && x <= max)?;
+        Ok(Duration::from_secs_f64(v))
+    };
+    if let Some(v) = field("prefix")? {
+        r.prefix = str_arg(&v, "remote_prefix", 64)?;
+    }
+    if let Some(v) = field("quota")? {
+        r.quota = u64_in(&v, "remote_quota", 1, MAX_QUOTA)?;
+    }
+    if let Some(v) = field("ttl_s")? {
+        r.ttl = Some(secs(&v, "remote_ttl_s", 365.0 * 86400.0)?);
+    }
+    if let Some(v) = field("timeout_s")? {
+        r.op_timeout = secs(&v, "remote_timeout_s", 600.0)?;
+    }
+    if let Some(v) = field("connect_timeout_s")? {
+        r.connect_timeout = secs(&v, "remote_connect_timeout_s", 600.0)?;
+    }
+    if let Some(v) = field("retry_s")? {
+        r.retry_after = secs(&v, "remote_retry_s", 3600.0)?;
+    }
+    r.validate().map_err(invalid)?;
+    Ok(r)
+}
+
 fn opt<T>(
     obj: Option<&Bound<'_, PyAny>>,
     f: impl FnOnce(&Bound<'_, PyAny>) -> PyResult<T>,
@@ -158,7 +194,7 @@ pub struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (*, ram_quota, ram_file_dir, ram_file_quota, disk_dir, disk_quota, writer_limit, policy, scheduler, pressure_source, ram_file_load = None))]
+    #[pyo3(signature = (*, ram_quota, ram_file_dir, ram_file_quota, disk_dir, disk_quota, writer_limit, policy, scheduler, pressure_source, ram_file_load = None, remote = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -172,8 +208,10 @@ impl PyEngine {
         scheduler: &Bound<'_, PyDict>,
         pressure_source: Bound<'_, PyAny>,
         ram_file_load: Option<&Bound<'_, PyAny>>,
+        remote: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         guard("Engine()", || {
+            let remote = remote.map(remote_config).transpose()?;
             let load = match opt(ram_file_load, |v| str_arg(v, "ram_file_load", 16))?.as_deref() {
                 None | Some("read") => FileLoad::Read,
                 Some("mmap") => FileLoad::Mmap,
@@ -200,6 +238,7 @@ impl PyEngine {
                     .transpose()?,
                 ..CacheConfig::default()
             };
+            config.remote = remote;
             if let Some(limit) = opt(writer_limit, |v| usize_in(v, "writer_limit", 1, 4096))? {
                 config.writer_limit = limit;
             }

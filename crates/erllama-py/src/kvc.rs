@@ -116,3 +116,41 @@ pub fn kvc_gc(py: Python<'_>, dir: PathBuf) -> PyResult<GcReport> {
             .collect(),
     ))
 }
+
+/// A remote tier's rows, least recently used first: (key hex, bytes,
+/// hits, last use in ms since the epoch), at most `limit`.
+#[pyfunction]
+#[pyo3(signature = (url, prefix = "erllama".to_owned(), limit = 1000))]
+pub fn remote_rows(
+    py: Python<'_>,
+    url: String,
+    prefix: String,
+    limit: usize,
+) -> PyResult<Vec<(String, u64, u64, u64)>> {
+    let remote = open_remote(url, prefix)?;
+    let rows = py
+        .detach(|| remote.list(limit))
+        .map_err(|e| err(Kind::Cache, format!("remote tier: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.key.to_hex(), r.size, r.hits, r.last_used_ms))
+        .collect())
+}
+
+/// A remote tier's totals: (rows, bytes).
+#[pyfunction]
+#[pyo3(signature = (url, prefix = "erllama".to_owned()))]
+pub fn remote_stats(py: Python<'_>, url: String, prefix: String) -> PyResult<(u64, u64)> {
+    let remote = open_remote(url, prefix)?;
+    let stats = py
+        .detach(|| remote.stats())
+        .map_err(|e| err(Kind::Cache, format!("remote tier: {e}")))?;
+    Ok((stats.rows, stats.bytes))
+}
+
+fn open_remote(url: String, prefix: String) -> PyResult<erllama_cache::Remote> {
+    let mut config = erllama_cache::RemoteConfig::new(url);
+    config.prefix = prefix;
+    erllama_cache::Remote::new(config, std::sync::Arc::default())
+        .map_err(|e| err(Kind::InvalidInput, e))
+}

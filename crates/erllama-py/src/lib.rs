@@ -75,5 +75,7 @@ fn _erllama(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kvc::kvc_list, m)?)?;
     m.add_function(wrap_pyfunction!(kvc::kvc_verify, m)?)?;
     m.add_function(wrap_pyfunction!(kvc::kvc_gc, m)?)?;
+    m.add_function(wrap_pyfunction!(kvc::remote_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(kvc::remote_stats, m)?)?;
     llama::register(m)
 }

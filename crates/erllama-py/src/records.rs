@@ -107,7 +107,11 @@ impl From<&RequestStats> for Stats {
             cache_hit_kind: s.cache_hit_kind.label().into(),
             hit_source: s.hit_source.map(|h| h.label().into()),
             cached_tokens: s.cached_tokens,
-            cache_tier: s.cache_tier.map(|t| t.label().into()),
+            cache_tier: if s.from_remote {
+                Some("remote".into())
+            } else {
+                s.cache_tier.map(|t| t.label().into())
+            },
             finish_reason: s.finish_reason.label().into(),
             cancelled: s.cancelled,
             fallback_from: s.restore_failure.as_ref().map(|f| f.source.label().into()),

@@ -1,0 +1,205 @@
+"""The remote tier with a real redis-server (real model): one cache shared
+by processes that share no directory, a server killed and restarted under
+load, a corrupted value, and the CLI's view of the tier.
+
+The server is Debian's ``redis-server`` (``./dev`` installs it), started on
+a free loopback port in a temp directory without persistence and stopped
+by each test."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import erllama
+from erllama import _erllama
+
+pytestmark = pytest.mark.asyncio
+
+POLICY = erllama.Policy(min_tokens=64, cold_min_tokens=64)
+
+PROMPT = "The harbour master writes down every ship that docks. " * 30 + "Which ship came first?"
+
+
+class RedisServer:
+    """A redis-server child on 127.0.0.1, killed on :meth:`stop`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = os.environ.get("ERLLAMA_REDIS_SERVER", "redis-server")
+        args = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.directory)]
+        self.proc = subprocess.Popen(
+            [binary, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def command(self, *args: bytes) -> bytes:
+        """One command in RESP; the raw reply (small replies only)."""
+        req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:
+            c.sendall(req)
+            return c.recv(1 << 16)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _config(url: str) -> erllama.CacheConfig:
+    return erllama.CacheConfig(remote_url=url, remote_prefix="t", remote_retry_s=0.2)
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import erllama
+
+    async def main(model, url, prompt):
+        cache = erllama.CacheConfig(remote_url=url, remote_prefix="t")
+        policy = erllama.Policy(min_tokens=64, cold_min_tokens=64)
+        async with erllama.Engine(cache=cache, policy=policy) as engine:
+            m = await engine.load_model(model, model_id="m", n_ctx=2048, n_threads=1)
+            c = await m.complete(prompt, max_tokens=8)
+            assert engine.cache.settle()
+            counters = engine.cache.counters()
+            print(json.dumps({"tokens": c.tokens, "kind": c.stats.cache_hit_kind,
+                              "writes": counters["remote_writes"]}))
+
+    asyncio.run(main(*sys.argv[1:4]))
+    """
+)
+
+
+def _cold_in_another_process(model_path: Path, url: str, prompt: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, str(model_path), url, prompt],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+async def test_another_processs_cold_prompt_is_a_remote_hit_here(
+    model_path: Path, redis: RedisServer
+) -> None:
+    async with erllama.Engine(cache=_config(redis.url), policy=POLICY) as engine:
+        model = await engine.load_model(model_path, model_id="m", n_ctx=2048, n_threads=1)
+        other = _cold_in_another_process(model_path, redis.url, PROMPT)
+        assert other["kind"] == "cold"
+        assert isinstance(other["writes"], int)
+        assert other["writes"] >= 1
+        here = await model.complete(PROMPT, max_tokens=8)
+        assert here.stats.cache_hit_kind == "exact"
+        assert here.stats.cache_tier == "remote"
+        assert here.tokens == other["tokens"]
+        counters = engine.cache.counters()
+        assert counters["remote_hits"] == 1
+        assert counters["remote_bytes_read"] > 0
+        # Stored in the model's tier on the way: the next hit is local.
+        await model.evict()
+        again = await model.complete(PROMPT, max_tokens=8)
+        assert again.stats.cache_tier == "ram"
+        assert again.tokens == other["tokens"]
+        # The CLI sees the rows and their hits.
+        rows, size = _erllama.remote_stats(redis.url, "t")
+        assert rows >= 1
+        assert size > 0
+        listed = _erllama.remote_rows(redis.url, "t")
+        assert sum(hits for _, _, hits, _ in listed) >= 1
+        cli = ["cache", "ls", "--remote", redis.url, "--remote-prefix", "t", "--json"]
+        out = subprocess.run(
+            [sys.executable, "-m", "erllama", *cli],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        assert {r["key"] for r in json.loads(out.stdout)} == {k for k, _, _, _ in listed}
+
+
+async def test_a_server_killed_mid_run_never_fails_a_request(
+    model_path: Path, redis: RedisServer
+) -> None:
+    async with erllama.Engine(cache=_config(redis.url), policy=POLICY) as engine:
+        model = await engine.load_model(model_path, model_id="m", n_ctx=2048, n_threads=1)
+        first = await model.complete(PROMPT, max_tokens=4)
+        assert engine.cache.settle()
+        assert engine.cache.counters()["remote_writes"] >= 1
+        redis.stop()
+        # Misses and failed writes, never a failed request.
+        for i in range(3):
+            c = await model.complete(f"Ship {i}. " + PROMPT, max_tokens=4)
+            assert c.stats.cache_hit_kind == "cold"
+        assert engine.cache.settle()
+        assert engine.cache.counters()["remote_errors"] >= 1
+        # Restarted empty: after the breaker's pause, rows are shared again.
+        redis.start()
+        time.sleep(0.3)
+        second = await model.complete("Later. " + PROMPT, max_tokens=4)
+        assert engine.cache.settle()
+        await model.evict()
+        engine.cache.gc()
+        hit = await model.complete("Later. " + PROMPT, max_tokens=4)
+        assert hit.stats.cache_tier == "remote"
+        assert hit.tokens == second.tokens
+        # A corrupted value is detected, deleted and counted; the request
+        # is answered cold, with the cold answer.
+        await model.evict()
+        engine.cache.gc()
+        keys = redis.command(b"KEYS", b"{t}:row:*").split(b"\r\n")
+        rows = [k for k in keys if k.startswith(b"{t}:row:")]
+        assert rows
+        for k in rows:
+            # Inside the payload (its last bytes): the CRC32C catches it.
+            size = int(redis.command(b"STRLEN", k)[1:].strip())
+            at = str(size - 100).encode()
+            assert redis.command(b"SETRANGE", k, at, b"garbage").startswith(b":")
+        again = await model.complete("Later. " + PROMPT, max_tokens=4)
+        assert again.stats.cache_hit_kind == "cold", str(again.stats.to_dict())
+        assert again.tokens == second.tokens
+        assert engine.cache.counters()["remote_corrupt"] >= 1
+        assert first.tokens
