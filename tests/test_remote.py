@@ -9,8 +9,6 @@ by each test."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,61 +20,13 @@ import pytest
 
 import erllama
 from erllama import _erllama
+from erllama.redis_server import RedisServer
 
 pytestmark = pytest.mark.asyncio
 
 POLICY = erllama.Policy(min_tokens=64, cold_min_tokens=64)
 
 PROMPT = "The harbour master writes down every ship that docks. " * 30 + "Which ship came first?"
-
-
-class RedisServer:
-    """A redis-server child on 127.0.0.1, killed on :meth:`stop`."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = os.environ.get("ERLLAMA_REDIS_SERVER", "redis-server")
-        args = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.directory)]
-        self.proc = subprocess.Popen(
-            [binary, *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def command(self, *args: bytes) -> bytes:
-        """One command in RESP; the raw reply (small replies only)."""
-        req = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:
-            c.sendall(req)
-            return c.recv(1 << 16)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 @pytest.fixture

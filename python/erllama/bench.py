@@ -412,6 +412,87 @@ async def _ram_file_modes(
     }
 
 
+async def _remote(
+    path: Path, n: int, threads: int | None, repeats: int, root: Path
+) -> dict[str, Any]:
+    """A warm ``n``-token exact hit from the remote tier (a loopback
+    redis-server) against the cold prompt and a hit from ``disk``, in one run:
+    a writer engine saves to disk and Redis; a reader with only Redis (its
+    ``ram`` tier emptied before each run) and a reader over the writer's
+    directory answer the same prompt alternately, each run after 0.5 s idle. Also how long after the
+    writer's answer its rows are published everywhere (a reader's next
+    lookup hits: there is no polling)."""
+    from erllama.redis_server import RedisServer
+
+    policy = erllama.Policy(min_tokens=64, cold_min_tokens=64)
+    with RedisServer(root) as server:
+        remote = {"remote_url": server.url, "remote_quota": 8 << 30}
+        writer_cache = erllama.CacheConfig(disk_dir=root / "disk", disk_quota=32 << 30, **remote)
+        async with (
+            erllama.Engine(cache=writer_cache, policy=policy) as writer,
+            erllama.Engine(cache=erllama.CacheConfig(**remote), policy=policy) as far,
+            erllama.Engine(
+                cache=erllama.CacheConfig(disk_dir=root / "disk", disk_quota=32 << 30),
+                policy=policy,
+            ) as near,
+        ):
+            load = {"n_ctx": n + 64, "n_batch": 512, "n_threads": threads}
+            w = await writer.load_model(path, tier="disk", **load)  # type: ignore[arg-type]
+            engines = {"remote": far, "disk": near}
+            models = {
+                "remote": await far.load_model(path, tier="ram", **load),  # type: ignore[arg-type]
+                "disk": await near.load_model(path, tier="disk", **load),  # type: ignore[arg-type]
+            }
+            cold_ms: list[float] = []
+            publish_ms: list[float] = []
+            ttft: dict[str, list[float]] = {"remote": [], "disk": []}
+            restore: dict[str, list[float]] = {"remote": [], "disk": []}
+            for r in range(repeats):
+                _say(f"remote: run {r + 1}/{repeats} (cold prompt on the writer)")
+                tokens = await prompt_tokens(w, n, salt=7000 + r)
+                t_cold, cold = await _complete_timed(w, tokens)
+                answered = time.perf_counter()
+                writer.cache.settle(300)
+                publish_ms.append((time.perf_counter() - answered) * 1e3)
+                cold_ms.append(t_cold)
+                for rep in range(3):
+                    order = ("remote", "disk") if (r + rep) % 2 == 0 else ("disk", "remote")
+                    for name in order:
+                        # Freed (an evict saves the sequence: let that save
+                        # land), then the reader's own rows dropped: the hit
+                        # is remote.
+                        await models[name].evict()
+                        engines[name].cache.settle(300)
+                        far.cache.gc()
+                        # Start idle: the other engines' llama.cpp threads
+                        # spin for a while after they compute, and on two
+                        # cores that would slow whichever run comes next.
+                        await asyncio.sleep(0.5)
+                        t, c = await _complete_timed(models[name], tokens)
+                        if c.stats.cache_tier != name or c.tokens != cold.tokens:
+                            raise RuntimeError(f"{name}: not an identical hit: {c.stats}")
+                        ttft[name].append(t)
+                        restore[name].append(c.stats.restore_ms)
+                await w.evict()
+                writer.cache.gc()
+            counters = far.cache.counters()
+    med = statistics.median
+    return {
+        "prompt_tokens": n,
+        "cold_ms": round(med(cold_ms), 1),
+        "remote_warm_ms": round(med(ttft["remote"]), 1),
+        "remote_restore_ms": round(med(restore["remote"]), 1),
+        "disk_warm_ms": round(med(ttft["disk"]), 1),
+        "disk_restore_ms": round(med(restore["disk"]), 1),
+        "remote_speedup": round(med(cold_ms) / med(ttft["remote"]), 1),
+        "disk_speedup": round(med(cold_ms) / med(ttft["disk"]), 1),
+        "publish_ms": round(med(publish_ms), 1),
+        "remote_mb": round(
+            counters["remote_bytes_read"] / max(1, counters["remote_hits"]) / 1e6, 1
+        ),
+    }
+
+
 async def _stream_timed(model: erllama.Model, tokens: list[int], max_tokens: int) -> dict[str, Any]:
     """One streamed request: time to first token, end, and its stats."""
     t0 = time.perf_counter()
@@ -748,6 +829,14 @@ def run_bench(
         finally:
             shutil.rmtree(root, ignore_errors=True)
         _say("ram_file results: " + json.dumps(result["ram_file"]))
+    if "remote" in parts:
+        root = Path(tempfile.mkdtemp(prefix="erllama-bench-remote-"))
+        try:
+            n = 2048 if 2048 in sizes else max(sizes)
+            result["remote"] = asyncio.run(_remote(model_path, n, threads, repeats, root))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        _say("remote results: " + json.dumps(result["remote"]))
     if "agents" in parts:
         result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
         _say("agents results: " + json.dumps(result["agents"]))
@@ -1065,6 +1154,16 @@ def render(r: dict[str, Any]) -> str:
             f"warm {x['prompt_tokens']}-token exact hit from ram_file: read(2) "
             f"{x['read_warm_ms']:.1f} ms (restore {x['read_restore_ms']:.1f} ms), mmap "
             f"{x['mmap_warm_ms']:.1f} ms (restore {x['mmap_restore_ms']:.1f} ms)",
+            "",
+        ]
+    if "remote" in r:
+        x = r["remote"]
+        out += [
+            f"warm {x['prompt_tokens']}-token exact hit ({x['remote_mb']:.0f} MB row), "
+            f"cold {x['cold_ms']:.0f} ms: remote (loopback Redis) {x['remote_warm_ms']:.1f} ms "
+            f"({x['remote_speedup']:.0f}x, restore {x['remote_restore_ms']:.1f} ms), disk "
+            f"{x['disk_warm_ms']:.1f} ms ({x['disk_speedup']:.0f}x); the writer's rows are "
+            f"on disk and in Redis {x['publish_ms']:.0f} ms after its answer",
             "",
         ]
     if "agents" in r:

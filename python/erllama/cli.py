@@ -415,6 +415,7 @@ BENCH_PARTS = (
     "kv",
     "http",
     "ram_file",
+    "remote",
     "agents",
     "parallel",
     "restart",

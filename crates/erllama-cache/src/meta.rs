@@ -755,11 +755,11 @@ impl Cache {
         let Ok(found) = remote.first_present(candidates) else {
             return None;
         };
-        let Some(key) = found.map(|i| candidates[i]) else {
+        let Some((key, size)) = found.map(|(i, size)| (candidates[i], size)) else {
             self.inner.counters.incr(Counter::RemoteMisses);
             return None;
         };
-        let bytes = match remote.get(&key) {
+        let bytes = match remote.get(&key, size) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 // Evicted or expired since the probe.
@@ -829,6 +829,15 @@ impl Cache {
     #[must_use]
     pub fn reserved_bytes(&self, tier: TierKind) -> u64 {
         self.lock().reserved[tier.index()]
+    }
+
+    /// Whether a save is still in flight: reserved and not yet published,
+    /// or published and still writing its remote copy (it holds its
+    /// writer-pool slot until then).
+    #[must_use]
+    pub fn saves_in_flight(&self) -> bool {
+        let st = self.lock();
+        st.reserved.iter().any(|&b| b > 0) || self.inner.pool.in_use() > 0
     }
 
     /// Number of rows (any status).

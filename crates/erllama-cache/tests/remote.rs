@@ -142,11 +142,12 @@ fn a_row_saved_by_one_cache_is_a_hit_in_another_with_the_same_bytes() {
     let a = cache_with(remote(&server.url()));
     let b = cache_with(remote(&server.url()));
     let tokens = toks(7, 300);
-    let req = request(TierKind::Ram, &tokens, 200_000);
+    // Over 4 MiB: fetched in ranges inside one MULTI.
+    let req = request(TierKind::Ram, &tokens, 9_000_000);
     let want = req.payload.clone();
     let key = a.save(req).expect("save").key;
     assert_eq!(get(&a, Counter::RemoteWrites), 1);
-    assert!(get(&a, Counter::RemoteBytesWritten) > 200_000);
+    assert!(get(&a, Counter::RemoteBytesWritten) > 9_000_000);
     let stored: Vec<u8> = redis::cmd("GET")
         .arg(format!("{{t}}:row:{}", key.to_hex()))
         .query(&mut server.conn())
@@ -216,7 +217,7 @@ fn corrupt_and_foreign_values_are_deleted_counted_and_missed() {
     let server = Server::start(tmp.path());
     let a = cache_with(remote(&server.url()));
     let b = cache_with(remote(&server.url()));
-    let k1 = save(&a, &toks(1, 200), 40_000);
+    let k1 = save(&a, &toks(1, 200), 9_000_000); // fetched in ranges
     let k2 = save(&a, &toks(2, 200), 40_000);
     let mut conn = server.conn();
     let row = |k: &CacheKey| format!("{{t}}:row:{}", k.to_hex());
@@ -427,4 +428,38 @@ fn bad_settings_are_refused_at_open() {
         ..CacheConfig::default()
     })
     .is_ok());
+}
+
+#[test]
+fn saves_on_every_tier_are_written_through() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(tmp.path());
+    let cache = Cache::open(CacheConfig {
+        ram_file: Some(erllama_cache::FileTierConfig::new(
+            tmp.path().join("shm"),
+            1 << 30,
+        )),
+        disk: Some(erllama_cache::FileTierConfig::new(
+            tmp.path().join("disk"),
+            1 << 30,
+        )),
+        remote: Some(remote(&server.url())),
+        ..CacheConfig::default()
+    })
+    .expect("open");
+    let reader = cache_with(remote(&server.url()));
+    for (i, tier) in TierKind::ALL.into_iter().enumerate() {
+        let tokens = toks(50 * i as u32, 100);
+        let key = cache
+            .save(request(tier, &tokens, 30_000))
+            .expect("save")
+            .key;
+        assert_eq!(get(&cache, Counter::RemoteWrites), i as u64 + 1, "{tier}");
+        let claim = reader.fetch_remote(&[key], TierKind::Ram).expect("hit");
+        let here = cache.claim(&key).expect("local row");
+        assert_eq!(
+            &claim.load().expect("load")[..],
+            &here.load().expect("load")[..]
+        );
+    }
 }

@@ -662,10 +662,7 @@ impl PyEngine {
                 engine.shutdown().await;
                 // Let in-flight background saves land before returning.
                 for _ in 0..2000 {
-                    if TierKind::ALL
-                        .iter()
-                        .all(|&t| engine.cache().reserved_bytes(t) == 0)
-                    {
+                    if !engine.cache().saves_in_flight() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -773,7 +770,7 @@ impl PyEngine {
             Ok(py.detach(move || {
                 let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout);
                 loop {
-                    if TierKind::ALL.iter().all(|&t| cache.reserved_bytes(t) == 0) {
+                    if !cache.saves_in_flight() {
                         return true;
                     }
                     if std::time::Instant::now() >= deadline {
