@@ -426,11 +426,13 @@ async def _remote(
 
     policy = erllama.Policy(min_tokens=64, cold_min_tokens=64)
     with RedisServer(root) as server:
-        remote = {"remote_url": server.url, "remote_quota": 8 << 30}
-        writer_cache = erllama.CacheConfig(disk_dir=root / "disk", disk_quota=32 << 30, **remote)
+        writer_cache = erllama.CacheConfig(
+            disk_dir=root / "disk", disk_quota=32 << 30, remote_url=server.url, remote_quota=8 << 30
+        )
+        far_cache = erllama.CacheConfig(remote_url=server.url, remote_quota=8 << 30)
         async with (
             erllama.Engine(cache=writer_cache, policy=policy) as writer,
-            erllama.Engine(cache=erllama.CacheConfig(**remote), policy=policy) as far,
+            erllama.Engine(cache=far_cache, policy=policy) as far,
             erllama.Engine(
                 cache=erllama.CacheConfig(disk_dir=root / "disk", disk_quota=32 << 30),
                 policy=policy,
