@@ -298,17 +298,23 @@ def test_demo_runs_all_four_steps(model_path: Path) -> None:
     assert out["counters"]["hits_resume"] == 1
 
 
-@pytest.mark.parametrize("disk_quota", [1 << 30, 1000])
+@pytest.mark.parametrize(
+    ("disk_quota", "remote"), [(1 << 30, False), (1000, False), (1 << 30, True)]
+)
 def test_serve_answers_then_stops_on_sigterm_and_exits_0(
-    model_path: Path, tmp_path: Path, disk_quota: int
+    model_path: Path, tmp_path: Path, disk_quota: int, remote: bool
 ) -> None:
     """`erllama serve` on port 0: it prints where it listens, answers, and
-    on SIGTERM finishes, flushes its disk tier (within `--disk-quota`) and
-    exits 0."""
+    on SIGTERM finishes, flushes its disk tier (within `--disk-quota`) and,
+    with `--remote-url`, its remote copies, and exits 0."""
     import re
     import signal
     import urllib.request
 
+    from erllama.redis_server import RedisServer
+
+    server = RedisServer(tmp_path) if remote else None
+    extra = ["--remote-url", server.url, "--remote-prefix", "s"] if server else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -329,6 +335,7 @@ def test_serve_answers_then_stops_on_sigterm_and_exits_0(
             str(tmp_path / "rows"),
             "--disk-quota",
             str(disk_quota),
+            *extra,
         ],
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -357,7 +364,13 @@ def test_serve_answers_then_stops_on_sigterm_and_exits_0(
         # the quota cannot hold a row.
         rows = list((tmp_path / "rows").glob("*.kvc"))
         assert bool(rows) == (disk_quota > 1000)
+        if server is not None:
+            # Its remote copies were written before the exit too.
+            listed = server.command(b"KEYS", b"{s}:row:*")
+            assert listed.count(b"{s}:row:") == len(rows), listed
     finally:
+        if server is not None:
+            server.stop()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
