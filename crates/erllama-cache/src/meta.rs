@@ -759,6 +759,14 @@ impl Cache {
             self.inner.counters.incr(Counter::RemoteMisses);
             return None;
         };
+        if size > remote.config().quota {
+            // No row of ours is larger than the quota: a foreign value,
+            // never fetched (no allocation of a size the server chose).
+            self.inner.counters.incr(Counter::RemoteCorrupt);
+            tracing::warn!(key = %key, size, "a remote value larger than the quota; deleting it");
+            let _ = remote.delete(&key);
+            return None;
+        }
         let bytes = match remote.get(&key, size) {
             Ok(Some(b)) => b,
             Ok(None) => {

@@ -463,3 +463,29 @@ fn saves_on_every_tier_are_written_through() {
         );
     }
 }
+
+#[test]
+fn a_value_larger_than_the_quota_is_deleted_unread() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(tmp.path());
+    let mut r = remote(&server.url());
+    r.quota = 1 << 20;
+    let cache = cache_with(r);
+    let key = identity().key(&toks(5, 50));
+    let row = format!("{{t}}:row:{}", key.to_hex());
+    // 64 MiB under a row key (a string grown by SETRANGE).
+    let _: u64 = redis::cmd("SETRANGE")
+        .arg(&row)
+        .arg(64 << 20)
+        .arg("x")
+        .query(&mut server.conn())
+        .expect("setrange");
+    assert!(cache.fetch_remote(&[key], TierKind::Ram).is_none());
+    assert_eq!(get(&cache, Counter::RemoteCorrupt), 1);
+    assert_eq!(get(&cache, Counter::RemoteBytesRead), 0);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&row)
+        .query(&mut server.conn())
+        .expect("exists");
+    assert!(!exists);
+}
