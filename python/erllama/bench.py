@@ -489,6 +489,8 @@ async def _remote(
         "remote_speedup": round(med(cold_ms) / med(ttft["remote"]), 1),
         "disk_speedup": round(med(cold_ms) / med(ttft["disk"]), 1),
         "publish_ms": round(med(publish_ms), 1),
+        "remote_samples_ms": [round(x, 1) for x in ttft["remote"]],
+        "disk_samples_ms": [round(x, 1) for x in ttft["disk"]],
         "remote_mb": round(
             counters["remote_bytes_read"] / max(1, counters["remote_hits"]) / 1e6, 1
         ),

@@ -159,8 +159,33 @@ pub(crate) mod pool {
                 b.clear();
                 b
             }
-            None => Vec::with_capacity(len),
+            None => fresh(len),
         }
+    }
+
+    /// A new empty buffer of `len` bytes' capacity. A large one asks the
+    /// kernel for transparent huge pages (`MADV_HUGEPAGE`, honoured when
+    /// THP is `madvise` or `always`): filling it then costs one fault per
+    /// 2 MiB instead of one per 4 KiB (a 47 MB row: about 20 faults, not
+    /// 11 500), which is most of what writing fresh memory costs.
+    pub fn fresh(len: usize) -> Vec<u8> {
+        const HUGE: usize = 2 << 20;
+        let v: Vec<u8> = Vec::with_capacity(len);
+        if len >= 2 * HUGE {
+            let start = v.as_ptr() as usize;
+            let first = start.next_multiple_of(HUGE);
+            let end = (start + len) / HUGE * HUGE;
+            if end > first {
+                // SAFETY: [first, end) lies inside the allocation just made
+                // (page aligned); MADV_HUGEPAGE only changes how the
+                // kernel backs it, never its contents, and failure is
+                // harmless (the advice is ignored).
+                unsafe {
+                    libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+        v
     }
 
     /// Keeps `buf` for a later [`take`] (within the pool's bounds; else

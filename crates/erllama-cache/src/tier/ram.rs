@@ -67,7 +67,7 @@ impl Tier for RamTier {
         // The header was built from this payload a moment ago.
         let logits = parse_meta_with_len(&header, (header.len() + payload.len()) as u64)
             .map_or(0, |m| usize::try_from(m.logits_bytes()).unwrap_or(0));
-        let mut bytes = Vec::with_capacity(header.len() + payload.len());
+        let mut bytes = super::pool::fresh(header.len() + payload.len());
         bytes.extend_from_slice(&header);
         bytes.extend_from_slice(&payload);
         let row = RamRow {
