@@ -9,6 +9,7 @@ by each test."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -153,3 +154,45 @@ async def test_a_server_killed_mid_run_never_fails_a_request(
         assert again.tokens == second.tokens
         assert engine.cache.counters()["remote_corrupt"] >= 1
         assert first.tokens
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("remote_url", "http://127.0.0.1:1/", "remote url"),
+        ("remote_url", "redis://127.0.0.1:1/notadb", "remote url"),
+        ("remote_prefix", "a{b}", "remote prefix"),
+        ("remote_prefix", "", "remote prefix"),
+        ("remote_quota", 0, "remote_quota"),
+        ("remote_quota", -5, "remote_quota"),
+        ("remote_ttl_s", float("nan"), "remote_ttl_s"),
+        ("remote_timeout_s", 0, "remote_timeout_s"),
+        ("remote_timeout_s", 1e9, "remote_timeout_s"),
+        ("remote_connect_timeout_s", -1.0, "remote_connect_timeout_s"),
+        ("remote_retry_s", "soon", "remote_retry_s"),
+    ],
+)
+async def test_bad_remote_settings_are_refused_clearly(
+    field: str, value: object, message: str
+) -> None:
+    from erllama.errors import InvalidInputError
+
+    settings: dict[str, object] = {"remote_url": "redis://127.0.0.1:1/0", field: value}
+    with pytest.raises(InvalidInputError, match=message):
+        erllama.Engine(cache=erllama.CacheConfig(**settings))  # type: ignore[arg-type]
+
+
+async def test_a_server_that_is_down_never_fails_a_request(model_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = erllama.CacheConfig(remote_url=f"redis://127.0.0.1:{port}/0", remote_retry_s=60)
+    async with erllama.Engine(cache=config, policy=POLICY) as engine:
+        model = await engine.load_model(model_path, model_id="m", n_ctx=2048, n_threads=1)
+        for i in range(2):
+            c = await model.complete(f"{i}. " + PROMPT, max_tokens=2)
+            assert c.stats.cache_hit_kind == "cold"
+        assert engine.cache.settle()
+        counters = engine.cache.counters()
+        assert counters["remote_errors"] >= 1
+        assert counters["remote_hits"] == 0

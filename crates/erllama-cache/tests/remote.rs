@@ -123,6 +123,18 @@ fn cache_with(r: RemoteConfig) -> Cache {
     .expect("open")
 }
 
+/// A cache with a `disk` tier (and a `ram_file` one) under `root`.
+fn with_file_tiers(root: &Path, ram_file: bool, r: RemoteConfig) -> Cache {
+    let tier = |name: &str| Some(erllama_cache::FileTierConfig::new(root.join(name), 1 << 30));
+    Cache::open(CacheConfig {
+        ram_file: if ram_file { tier("shm") } else { None },
+        disk: tier("disk"),
+        remote: Some(r),
+        ..CacheConfig::default()
+    })
+    .expect("open")
+}
+
 fn get(c: &Cache, n: Counter) -> u64 {
     c.counters().get(n)
 }
@@ -193,15 +205,7 @@ fn a_remote_hit_is_stored_in_the_callers_file_tier() {
     let server = Server::start(tmp.path());
     let a = cache_with(remote(&server.url()));
     let key = save(&a, &toks(1, 200), 50_000);
-    let b = Cache::open(CacheConfig {
-        disk: Some(erllama_cache::FileTierConfig::new(
-            tmp.path().join("disk"),
-            1 << 30,
-        )),
-        remote: Some(remote(&server.url())),
-        ..CacheConfig::default()
-    })
-    .expect("open");
+    let b = with_file_tiers(tmp.path(), false, remote(&server.url()));
     let claim = b.fetch_remote(&[key], TierKind::Disk).expect("hit");
     assert_eq!(claim.tier(), TierKind::Disk);
     assert!(tmp
@@ -434,19 +438,7 @@ fn bad_settings_are_refused_at_open() {
 fn saves_on_every_tier_are_written_through() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(tmp.path());
-    let cache = Cache::open(CacheConfig {
-        ram_file: Some(erllama_cache::FileTierConfig::new(
-            tmp.path().join("shm"),
-            1 << 30,
-        )),
-        disk: Some(erllama_cache::FileTierConfig::new(
-            tmp.path().join("disk"),
-            1 << 30,
-        )),
-        remote: Some(remote(&server.url())),
-        ..CacheConfig::default()
-    })
-    .expect("open");
+    let cache = with_file_tiers(tmp.path(), true, remote(&server.url()));
     let reader = cache_with(remote(&server.url()));
     for (i, tier) in TierKind::ALL.into_iter().enumerate() {
         let tokens = toks(50 * i as u32, 100);
