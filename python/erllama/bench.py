@@ -100,8 +100,12 @@ def _copy_bound_ms(size: int) -> float:
     """A copy of ``size`` bytes between buffers that are already faulted in:
     what restoring a row held in memory must do at least (llama.cpp copies
     the state into its KV tensors). A fresh destination would add a page
-    fault per 4 KiB and understate the bound several times over."""
-    src = b"\x5a" * size
+    fault per 4 KiB and understate the bound several times over. The source
+    is a ``bytearray`` too: assigning a ``bytes`` object to a slice makes
+    CPython copy it into a fresh temporary first, which measured a fresh
+    allocation and two copies (about ten times a warm copy) rather than
+    the copy."""
+    src = bytearray(b"\x5a" * size)
     dst = bytearray(size)
     dst[:] = src  # touch every page before timing
 

@@ -17,7 +17,8 @@ use crate::error::{LlamaError, Result};
 use crate::lora::LoraAdapter;
 use crate::model::{token_i32, Model};
 use crate::state::{
-    compact_streams, expand_streams, learn_layout, validate_seq_state, CacheSupport, StateLayout,
+    compact_streams, expand_streams_into, learn_layout, validate_seq_state, CacheSupport,
+    StateLayout,
 };
 
 /// Options for a context.
@@ -183,9 +184,9 @@ pub struct Session {
     /// token), at most `n_ctx`. It is llama.cpp's `n_batch` and
     /// `n_ubatch`, so one call is one compute step.
     capacity: usize,
-    /// The buffer [`Session::seq_copy_prefix`] moves state through, kept
-    /// (and so already faulted in) between copies: at most one sequence's
-    /// state.
+    /// The buffer [`Session::seq_copy_prefix`] moves state through, and
+    /// a restore expands a one-stream row into, kept (and so already
+    /// faulted in) between uses: at most one sequence's state.
     copy_buf: Vec<u8>,
 }
 
@@ -1085,10 +1086,14 @@ impl Session {
         let id = i32::try_from(seq).unwrap_or(i32::MAX);
         // A context of several streams reads as many per section: the
         // one-stream state gets empty ones added (a copy).
-        let expanded;
+        // The copy goes through the kept buffer (already faulted in).
+        let mut expanded = std::mem::take(&mut self.copy_buf);
         let bytes = if self.seqs.len() > 1 {
             let n_stream = u32::try_from(self.seqs.len()).unwrap_or(u32::MAX);
-            expanded = expand_streams(bytes, n_stream)?;
+            if let Err(e) = expand_streams_into(bytes, n_stream, &mut expanded) {
+                self.copy_buf = expanded;
+                return Err(e);
+            }
             &expanded[..]
         } else {
             bytes
@@ -1104,6 +1109,7 @@ impl Session {
             self.ctx
                 .state_seq_set_data_ext(bytes, id, LlamaStateSeqFlags::empty())
         };
+        self.copy_buf = expanded;
         let pos_min = self.ctx.kv_cache_seq_pos_min(id);
         let pos_max = self.ctx.kv_cache_seq_pos_max(id);
         let last = i32::try_from(tokens.len() - 1).unwrap_or(i32::MAX);
