@@ -801,6 +801,10 @@ impl Cache {
     pub(crate) fn mirror_to_remote(&self, tier: TierKind, key: &CacheKey, size: u64) {
         let Some(remote) = self.remote() else { return };
         let Some(t) = self.tier(tier) else { return };
+        // Stored already (or the server is failing): no read-back at all.
+        if !matches!(remote.contains(key), Ok(false)) {
+            return;
+        }
         let Ok(payload) = t.load(key, size) else {
             return; // evicted meanwhile
         };

@@ -614,9 +614,24 @@ impl Remote {
         });
     }
 
+    /// Whether the store holds a row under `key` (one `EXISTS`): a writer
+    /// asks before reading its row back to send it.
+    ///
+    /// # Errors
+    ///
+    /// [`RemoteError`] (counted).
+    pub fn contains(&self, key: &CacheKey) -> Result<bool, RemoteError> {
+        let row = self.keys.row(key);
+        self.op(Lane::Write, "exists", move |mut c| async move {
+            redis::cmd("EXISTS").arg(row).query_async(&mut c).await
+        })
+    }
+
     /// Stores a whole KVC row under `key` within the quota (least
     /// recently used rows go first). The accounting comes first, so
-    /// concurrent writers never hold more than the quota together.
+    /// concurrent writers never hold more than the quota together; a key
+    /// already stored (or being stored) is [`PutOutcome::Present`] and no
+    /// bytes are sent.
     ///
     /// # Errors
     ///
@@ -624,15 +639,6 @@ impl Remote {
     pub fn put(&self, key: &CacheKey, kvc: &[u8]) -> Result<PutOutcome, RemoteError> {
         let hex = key.to_hex();
         let row = self.keys.row(key);
-        let exists: bool = {
-            let row = row.clone();
-            self.op(Lane::Write, "exists", move |mut c| async move {
-                redis::cmd("EXISTS").arg(row).query_async(&mut c).await
-            })?
-        };
-        if exists {
-            return Ok(PutOutcome::Present);
-        }
         let call = self.reserve.call::<i64>(
             &self.accounting(),
             &[

@@ -97,6 +97,14 @@ impl Server {
     fn conn(&self) -> redis::Connection {
         self.client().get_connection().expect("connect")
     }
+
+    /// Whether the server holds a row under `key` (prefix `t`).
+    fn holds(&self, key: &CacheKey) -> bool {
+        redis::cmd("EXISTS")
+            .arg(format!("{{t}}:row:{}", key.to_hex()))
+            .query(&mut self.conn())
+            .expect("exists")
+    }
 }
 
 impl Drop for Server {
@@ -241,11 +249,7 @@ fn corrupt_and_foreign_values_are_deleted_counted_and_missed() {
     assert_eq!(get(&b, Counter::RemoteCorrupt), 1);
     assert_eq!(get(&b, Counter::RemoteHits), 0);
     assert!(!b.contains(&k1));
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(row(&k1))
-        .query(&mut conn)
-        .expect("exists");
-    assert!(!exists, "the corrupt value is deleted");
+    assert!(!server.holds(&k1), "the corrupt value is deleted");
     // A valid row under another key (foreign): the recomputed key differs.
     let good: Vec<u8> = redis::cmd("GET")
         .arg(row(&k2))
@@ -259,11 +263,7 @@ fn corrupt_and_foreign_values_are_deleted_counted_and_missed() {
         .expect("set");
     assert!(b.fetch_remote(&[k3], TierKind::Ram).is_none());
     assert_eq!(get(&b, Counter::RemoteCorrupt), 2);
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(row(&k3))
-        .query(&mut conn)
-        .expect("exists");
-    assert!(!exists);
+    assert!(!server.holds(&k3));
     // Garbage.
     let () = redis::cmd("SET")
         .arg(row(&k3))
@@ -301,12 +301,7 @@ fn the_quota_holds_in_redis_and_evicts_the_least_recently_used() {
     let stats = reader.remote().expect("remote").stats().expect("stats");
     assert_eq!(stats.rows, 2);
     assert!(stats.bytes <= row_size * 5 / 2, "{stats:?}");
-    let present = |k: &CacheKey| -> bool {
-        redis::cmd("EXISTS")
-            .arg(format!("{{t}}:row:{}", k.to_hex()))
-            .query(&mut server.conn())
-            .expect("exists")
-    };
+    let present = |k: &CacheKey| server.holds(k);
     assert!(present(&k1) && present(&k3) && !present(&k2));
     let used: u64 = redis::cmd("GET")
         .arg("{t}:bytes")
@@ -475,9 +470,5 @@ fn a_value_larger_than_the_quota_is_deleted_unread() {
     assert!(cache.fetch_remote(&[key], TierKind::Ram).is_none());
     assert_eq!(get(&cache, Counter::RemoteCorrupt), 1);
     assert_eq!(get(&cache, Counter::RemoteBytesRead), 0);
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(&row)
-        .query(&mut server.conn())
-        .expect("exists");
-    assert!(!exists);
+    assert!(!server.holds(&key));
 }

@@ -1622,12 +1622,18 @@ impl Actor {
                 candidates.push((b, self.identity_for(splits, b).key(&tokens[..b])));
             }
         }
+        // The aligned prefixes, their keys derived in one pass (as the
+        // local longest-prefix walk does).
         let plain = &tokens[..self.split_cap(splits).min(tokens.len())];
-        for len in longest_prefix_probes(plain.len(), self.policy()) {
-            if len > better_than {
-                candidates.push((len, self.identity.key(&plain[..len])));
-            }
-        }
+        let lengths: Vec<usize> = longest_prefix_probes(plain.len(), self.policy())
+            .filter(|&len| len > better_than)
+            .collect();
+        let keys = self
+            .identity
+            .hasher()
+            .prefix_keys(plain, &lengths)
+            .expect("probe lengths never exceed the token count");
+        candidates.extend(lengths.into_iter().zip(keys));
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut seen = std::collections::HashSet::new();
         candidates.retain(|c| seen.insert(c.1));
