@@ -18,6 +18,9 @@ What holds, and is asserted here:
   by a GEMM kernel in a step of several rows and a GEMV kernel in a step of
   one, which round differently too: such a model's batched tokens can differ
   at any length;
+- with ``flash_attn="off"`` none of that applies to SmolLM2 (attention is a
+  matrix product that sums alike in any step; Q4_1 weights are multiplied
+  row by row): every request gives its lone tokens, at any length;
 - a prefix another sequence holds is copied (not computed) and reported as
   cached tokens, whole chunks;
 - cancelling one sequence frees its cells, the others finish;
@@ -87,10 +90,11 @@ async def _alone(
     parallel: int,
     options: Sequence[dict[str, Any]],
     evict: bool = True,
+    load: dict[str, Any] = LOAD,
 ) -> list[erllama.Completion]:
     """Each request on its own, one after the other."""
     async with erllama.Engine(policy=NEVER) as engine:
-        model = await engine.load_model(path, parallel=parallel, **LOAD)
+        model = await engine.load_model(path, parallel=parallel, **load)
         out = []
         for p, o in zip(prompts, options, strict=True):
             out.append(await model.complete(list(p), max_tokens=MAX_TOKENS, **o))
@@ -153,6 +157,36 @@ async def test_concurrent_requests_give_their_lone_tokens(model_file: Path) -> N
         assert b.stats.cache_hit_kind == "partial"
         assert b.stats.cached_tokens > 0
         assert b.stats.cached_tokens % N_BATCH == 0
+
+
+async def test_without_flash_attention_every_request_gives_its_lone_tokens(
+    model_path: Path,
+) -> None:
+    """SmolLM2 with ``flash_attn="off"``: attention is a matrix product and
+    a softmax, whose every element sums the same terms in the same order
+    whatever else the step holds, and SmolLM2's Q4_1 weights are
+    multiplied row by row, so all eight requests give their lone tokens,
+    including those past the cells where flash attention's kernels part."""
+    load = {**LOAD, "flash_attn": "off"}
+    async with erllama.Engine(policy=NEVER) as engine:
+        m = await engine.load_model(model_path, parallel=1, **load)
+        prompts = [await m.tokenize(p) for p, _ in REQUESTS]
+    assert any(len(p) + MAX_TOKENS > SAME_KERNEL_CELLS for p in prompts)
+    options = [o for _, o in REQUESTS]
+    alone = await _alone(model_path, prompts, 4, options, load=load)
+    async with erllama.Engine(policy=NEVER) as engine:
+        model = await engine.load_model(model_path, parallel=4, **load)
+        batched = await asyncio.gather(
+            *(
+                model.complete(p, max_tokens=MAX_TOKENS, **o)
+                for p, o in zip(prompts, options, strict=True)
+            )
+        )
+        assert model.info().flash_attn == "off"
+    assert [b.tokens for b in batched] == [a.tokens for a in alone]
+    for b, (_, o) in zip(batched, REQUESTS, strict=True):
+        if "grammar" in o:
+            assert YEAR.match(b.text), b.text
 
 
 async def test_cancelling_one_sequence_frees_its_cells(model_path: Path) -> None:

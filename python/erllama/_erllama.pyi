@@ -217,6 +217,9 @@ class ModelInfo(_Record):
     def cache_type_v(self) -> str:
         """The V cache's element type."""
     @property
+    def flash_attn(self) -> str:
+        """Flash attention as loaded: ``auto``, ``on`` or ``off``."""
+    @property
     def running(self) -> int:
         """Requests running now."""
     @property
@@ -527,6 +530,7 @@ class Model:
         n_seq_max: int | None = None,
         cache_type_k: str | None = None,
         cache_type_v: str | None = None,
+        flash_attn: str | None = None,
     ) -> Context:
         """Create an inference context; the context drives sequence 0.
 
@@ -541,11 +545,14 @@ class Model:
             cache_type_k, cache_type_v: the KV cache's element types
                 (``"f16"``, the default, ``"q8_0"``, ``"q4_0"``, ``"f32"``,
                 ``"bf16"``, ``"q5_1"``, ``"q5_0"``, ``"q4_1"``); any but f16
-                turns flash attention on.
+                turns flash attention on unless ``flash_attn`` says otherwise.
+            flash_attn: ``"auto"`` (None; llama.cpp's choice), ``"on"`` or
+                ``"off"`` (not with a quantized V cache).
 
         Raises:
-            InvalidInputError: a size is zero, negative or out of range, or an
-                unknown KV cache type.
+            InvalidInputError: a size is zero, negative or out of range, an
+                unknown KV cache type or flash attention setting, or
+                ``flash_attn="off"`` with a quantized V cache.
             ContextError: llama.cpp could not create the context.
         """
 
@@ -710,6 +717,7 @@ class Engine:
         parallel: int,
         cache_type_k: str | None = None,
         cache_type_v: str | None = None,
+        flash_attn: str | None = None,
     ) -> Awaitable[str]:
         """Load a model (``backend``: ``"llama"``, ``"stub"`` or an object); resolves to its id."""
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import erllama
-from erllama.engine import KvType, Tier
+from erllama.engine import FlashAttn, KvType, Tier
 
 __all__ = ["prompt_tokens", "run_bench"]
 
@@ -529,7 +529,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def _agents(
-    path: Path, threads: int | None, repeats: int, counts: tuple[int, ...] = (4, 8)
+    path: Path,
+    threads: int | None,
+    repeats: int,
+    flash_attn: FlashAttn = "auto",
+    counts: tuple[int, ...] = (4, 8),
 ) -> list[dict[str, Any]]:
     """N concurrent agents sharing a 2048-token prefix (in the cache), each
     with its own ~70-token suffix and 32 generated tokens, on one model with
@@ -538,7 +542,12 @@ async def _agents(
     for n in counts:
         async with erllama.Engine() as engine:
             model = await engine.load_model(
-                path, n_ctx=4096, n_batch=512, n_threads=threads, parallel=n
+                path,
+                n_ctx=4096,
+                n_batch=512,
+                n_threads=threads,
+                parallel=n,
+                flash_attn=flash_attn,
             )
             prefix = await prompt_tokens(model, 2048, salt=7)
             suffixes = [
@@ -590,7 +599,9 @@ async def _agents(
     return out
 
 
-async def _parallel(path: Path, threads: int | None, repeats: int) -> dict[str, Any]:
+async def _parallel(
+    path: Path, threads: int | None, repeats: int, flash_attn: FlashAttn = "auto"
+) -> dict[str, Any]:
     """Decode throughput of 1 and 4 concurrent sequences, and a lone request
     on ``parallel=4`` against ``parallel=1`` (TTFT of a 512-token prompt,
     decode tok/s over 128 tokens), runs alternating, medians."""
@@ -611,6 +622,7 @@ async def _parallel(path: Path, threads: int | None, repeats: int) -> dict[str, 
                 n_batch=512,
                 n_threads=threads,
                 parallel=par,
+                flash_attn=flash_attn,
             )
             for par in (1, 4)
         }
@@ -794,6 +806,7 @@ def run_bench(
     peer_python: Path | None,
     as_json: bool,
     parts: list[str],
+    flash_attn: FlashAttn = "auto",
 ) -> int:
     """Runs the chosen parts and prints tables (or one JSON object)."""
     result: dict[str, Any] = {
@@ -801,6 +814,7 @@ def run_bench(
         "cores": os.cpu_count(),
         "threads": threads,
         "model": model_path.name,
+        "flash_attn": flash_attn,
     }
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     if "ttft" in parts:
@@ -846,10 +860,10 @@ def run_bench(
             shutil.rmtree(root, ignore_errors=True)
         _say("remote results: " + json.dumps(result["remote"]))
     if "agents" in parts:
-        result["agents"] = asyncio.run(_agents(model_path, threads, repeats))
+        result["agents"] = asyncio.run(_agents(model_path, threads, repeats, flash_attn))
         _say("agents results: " + json.dumps(result["agents"]))
     if "parallel" in parts:
-        result["parallel"] = asyncio.run(_parallel(model_path, threads, repeats))
+        result["parallel"] = asyncio.run(_parallel(model_path, threads, repeats, flash_attn))
         _say("parallel results: " + json.dumps(result["parallel"]))
     if "restart" in parts:
         result["restart"] = _restart(model_path, 2048, threads)

@@ -112,7 +112,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"the prompt ({len(prompt_tokens)} tokens) plus --max-tokens {max_tokens} "
             f"does not fit in --n-ctx {n_ctx}"
         )
-    ctx = model.new_context(n_ctx=n_ctx, n_threads=threads)
+    ctx = model.new_context(n_ctx=n_ctx, n_threads=threads, flash_attn=args.flash_attn)
 
     start = time.perf_counter()
     ctx.prefill(prompt_tokens)
@@ -191,6 +191,7 @@ async def _load(engine: Engine, args: argparse.Namespace) -> erllama.Model:
         tier="disk" if args.cache_dir else "ram",
         cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v,
+        flash_attn=args.flash_attn,
     )
 
 
@@ -461,6 +462,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     tier=tier,
                     cache_type_k=args.cache_type_k,
                     cache_type_v=args.cache_type_v,
+                    flash_attn=args.flash_attn,
                 )
             server = await engine.serve(
                 args.host, args.port, api_key=args.api_key, max_queue=args.max_queue
@@ -497,6 +499,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         peer_python=args.peer_python,
         as_json=args.json,
         parts=args.only,
+        flash_attn=args.flash_attn,
     )
 
 
@@ -656,6 +659,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print one JSON object: text, tokens, prompt_tokens, completion_tokens, "
         "prefill_s, decode_s, prefill_tok_s, decode_tok_s",
     )
+    _add_flash_attn(gen)
     gen.set_defaults(command=_cmd_generate)
 
     info = sub.add_parser(
@@ -724,7 +728,7 @@ def _build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="the context size in tokens (default: %(default)s)",
         )
-        _add_kv_types(p)
+        _add_kv_options(p)
         p.add_argument(
             "--temperature",
             type=float,
@@ -875,7 +879,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="a remote row unused this long expires (default: never)",
     )
-    _add_kv_types(serve)
+    _add_kv_options(serve)
     serve.add_argument(
         "--api-key",
         default=os.environ.get("ERLLAMA_API_KEY"),
@@ -953,12 +957,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the python of a venv with llama-cpp-python "
         "(default: ~/.cache/erllama/peer-venv/bin/python)",
     )
+    bench.add_argument(
+        "--flash-attn",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="llama.cpp's flash attention for the agents and parallel parts (default: %(default)s)",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.set_defaults(command=_cmd_bench)
     return parser
 
 
-def _add_kv_types(parser: argparse.ArgumentParser) -> None:
+def _add_kv_options(parser: argparse.ArgumentParser) -> None:
     for which in ("k", "v"):
         parser.add_argument(
             f"--cache-type-{which}",
@@ -967,6 +977,18 @@ def _add_kv_types(parser: argparse.ArgumentParser) -> None:
             help=f"the KV cache's {which.upper()} element type (default: %(default)s; "
             "q8_0 and q4_0 make states smaller)",
         )
+    _add_flash_attn(parser)
+
+
+def _add_flash_attn(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--flash-attn",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="llama.cpp's flash attention (default: %(default)s, llama.cpp's choice; "
+        "off: on the CPU, batched requests give their lone tokens on models whose "
+        "weights are multiplied row by row; not with a quantized V cache)",
+    )
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:

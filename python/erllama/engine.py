@@ -60,6 +60,7 @@ __all__ = [
 
 Tier = Literal["ram", "ram_file", "disk"]
 KvType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+FlashAttn = Literal["auto", "on", "off"]
 
 
 class CompletionOptions(TypedDict, total=False):
@@ -114,6 +115,7 @@ class LoadOptions(TypedDict, total=False):
     fingerprint_mode: Literal["safe", "gguf_chunked"]
     cache_type_k: KvType
     cache_type_v: KvType
+    flash_attn: FlashAttn
 
 
 class Stream:
@@ -457,6 +459,7 @@ class Engine:
         fingerprint_mode: Literal["safe", "gguf_chunked"] = "gguf_chunked",
         cache_type_k: KvType = "f16",
         cache_type_v: KvType = "f16",
+        flash_attn: FlashAttn = "auto",
     ) -> Model:
         """Loads a model and returns it.
 
@@ -468,14 +471,17 @@ class Engine:
         model's saves go; ``policy`` overrides the engine's.
 
         ``parallel`` is how many requests the model serves at once (1 to
-        256): one context of ``parallel`` sequences over one KV cache of
-        ``n_ctx`` cells that they share, computed together one batch per
-        step. A lone request may use all ``n_ctx`` cells; requests whose
-        prompts plus ``max_tokens`` do not fit together wait in FIFO order;
-        one that cannot fit even alone fails at once with
-        :class:`~erllama.errors.ContextOverflowError`. Finished sequences
-        stay warm (their prefix is shared with later requests) until their
-        cells or sequence are needed.
+        256): one context of ``parallel`` sequences, computed together one
+        batch per step. On the llama backend each sequence has ``n_ctx`` KV
+        cells of its own (KV memory is ``parallel`` times ``n_ctx``), so
+        ``n_ctx`` is every request's window and a request waits only for a
+        free sequence, in FIFO order; the stub backends share one pool of
+        ``n_ctx`` cells between their sequences, and requests that do not
+        fit together wait. A request that cannot fit even alone fails at
+        once with :class:`~erllama.errors.ContextOverflowError`. Finished
+        sequences stay warm (their prefix is shared with later requests)
+        until their sequence or cells are needed (docs/api.md, "Parallel
+        requests").
 
         ``cache_type_k`` / ``cache_type_v`` are the KV cache's element types
         (llama.cpp's ``--cache-type-k/-v``): ``"f16"`` (default), ``"q8_0"``
@@ -484,6 +490,16 @@ class Engine:
         ``"q5_0"``, ``"q4_1"``. Any type but f16 turns flash attention on (a
         quantized V cache needs it on CPU). The types are part of every cache
         key: rows of one type are never restored into a model of another.
+
+        ``flash_attn`` is llama.cpp's ``--flash-attn``: ``"auto"`` (default;
+        llama.cpp's choice, on for the CPU, and on with any KV type but
+        f16), ``"on"`` or ``"off"`` (refused with a quantized V cache). It
+        changes the arithmetic and the V cache's layout, so it is part of
+        every cache key too. With ``"off"``, on the CPU, a request computed
+        beside others gives the tokens it gives alone on models whose
+        weights are multiplied row by row (SmolLM2's Q4_1; docs/api.md,
+        "Parallel requests"); which setting is faster depends on the model
+        (docs/api.md, "Flash attention").
         """
         mid = await self._native.load_model(
             backend,
@@ -500,6 +516,7 @@ class Engine:
             fingerprint_mode=fingerprint_mode,
             cache_type_k=cache_type_k,
             cache_type_v=cache_type_v,
+            flash_attn=flash_attn,
         )
         model = Model(self, mid)
         self._models[mid] = model

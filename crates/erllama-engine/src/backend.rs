@@ -334,6 +334,64 @@ impl std::str::FromStr for KvType {
     }
 }
 
+/// Whether attention runs through llama.cpp's fused flash-attention
+/// kernel (llama.cpp's `--flash-attn on|off|auto`). The choice changes the
+/// arithmetic and the V cache's layout, so it is part of every cache key:
+/// rows written under one setting are never served to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FlashAttn {
+    /// llama.cpp decides (on for the CPU); a quantized K or V cache turns
+    /// it on explicitly.
+    #[default]
+    Auto,
+    /// Always on.
+    On,
+    /// Off: attention is a plain matrix product and softmax. A quantized V
+    /// cache cannot run without flash attention. On the CPU this is what
+    /// makes a sequence decoded beside others give the tokens it gives
+    /// alone on models whose weight products do not change kernel with
+    /// the number of rows (docs/api.md, "Parallel requests").
+    Off,
+}
+
+impl FlashAttn {
+    /// Every setting.
+    pub const ALL: [FlashAttn; 3] = [FlashAttn::Auto, FlashAttn::On, FlashAttn::Off];
+
+    /// `"auto"`, `"on"` or `"off"`.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            FlashAttn::Auto => "auto",
+            FlashAttn::On => "on",
+            FlashAttn::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for FlashAttn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::str::FromStr for FlashAttn {
+    type Err = BackendError;
+
+    /// A label of [`FlashAttn::label`], case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let want = s.trim().to_ascii_lowercase();
+        FlashAttn::ALL
+            .into_iter()
+            .find(|t| t.label() == want)
+            .ok_or_else(|| {
+                BackendError::InvalidInput(format!(
+                    "unknown flash attention setting {s:?} (expected auto, on or off)"
+                ))
+            })
+    }
+}
+
 /// Options for a new context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextParams {
@@ -352,6 +410,8 @@ pub struct ContextParams {
     pub type_k: KvType,
     /// The element type of the V cache.
     pub type_v: KvType,
+    /// Flash attention.
+    pub flash_attn: FlashAttn,
 }
 
 impl Default for ContextParams {
@@ -363,6 +423,7 @@ impl Default for ContextParams {
             n_seq: 4,
             type_k: KvType::F16,
             type_v: KvType::F16,
+            flash_attn: FlashAttn::Auto,
         }
     }
 }

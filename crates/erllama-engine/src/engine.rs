@@ -66,6 +66,8 @@ pub struct ModelInfo {
     pub cache_type_k: crate::KvType,
     /// The V cache's element type.
     pub cache_type_v: crate::KvType,
+    /// Flash attention, as loaded.
+    pub flash_attn: crate::FlashAttn,
     /// Requests running now (on a sequence).
     pub running: usize,
     /// Requests waiting for a sequence or for KV cells.
@@ -657,6 +659,7 @@ impl Engine {
             parallel: e.config.context.n_seq,
             cache_type_k: e.config.context.type_k,
             cache_type_v: e.config.context.type_v,
+            flash_attn: e.config.context.flash_attn,
             running: occupancy.running,
             queued: occupancy.queued,
             warm_sequences: occupancy.warm,

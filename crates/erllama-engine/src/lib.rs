@@ -30,8 +30,9 @@ mod stub;
 mod text;
 
 pub use backend::{
-    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, ForeignError,
-    KvCells, KvType, ModelFingerprint, PrefixReuse, SamplingParams, SeqId, StateSupport,
+    AdapterHandle, Backend, BackendContext, BackendError, BatchItem, ContextParams, FlashAttn,
+    ForeignError, KvCells, KvType, ModelFingerprint, PrefixReuse, SamplingParams, SeqId,
+    StateSupport,
 };
 pub use cells::CellLedger;
 pub use engine::{AdapterInfo, Engine, ModelInfo, RequestStream};

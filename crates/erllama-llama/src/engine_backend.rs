@@ -230,6 +230,7 @@ impl LlamaBackend {
             n_seq_max: to_u32("n_seq", params.n_seq)?,
             type_k: params.type_k,
             type_v: params.type_v,
+            flash_attn: params.flash_attn,
         })
     }
 
@@ -263,10 +264,11 @@ impl Backend for LlamaBackend {
     /// The layout [`Session`] creates: `n_batch` clamped to `n_ctx`,
     /// `n_ubatch = n_batch`, the K and V types, one sequence in a unified
     /// KV cache (whatever `n_seq`: rows hold one sequence in the one-stream
-    /// form, see [`crate::state`]), the flash-attention policy (llama.cpp's
-    /// `auto` with f16 K and V, forced on with any other type — a
-    /// quantized V needs it; recorded in `flash_attn` and `extra` since it
-    /// decides whether V is stored transposed), and the
+    /// form, see [`crate::state`]), the flash-attention setting (`on`,
+    /// `off`, or llama.cpp's `auto`, which is set on with a K or V type
+    /// other than f16 — a quantized V needs it; recorded in `flash_attn`
+    /// and `extra` since it decides the attention arithmetic and whether V
+    /// is stored transposed), and the
     /// CPU features this build of llama.cpp computes with (`cpu`, from
     /// [`crate::system_info`]): kernels for other instruction sets (the
     /// wheel's AVX-512 build against its x86-64-v3 one) round differently,
@@ -276,7 +278,9 @@ impl Backend for LlamaBackend {
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         let n_ctx = n(params.n_ctx);
         let n_batch = n(params.n_batch).min(n_ctx);
-        let forced = Self::session_params(params).is_ok_and(|p| p.flash_attn_forced());
+        let setting = Self::session_params(params)
+            .ok()
+            .and_then(|p| p.flash_attn_setting());
         CtxParams {
             n_ctx,
             n_batch,
@@ -285,12 +289,17 @@ impl Backend for LlamaBackend {
             type_v: params.type_v.label().into(),
             n_seq_max: 1,
             kv_unified: true,
-            flash_attn: forced,
+            flash_attn: setting == Some(true),
             extra: vec![
                 ("backend".into(), "llama".into()),
                 (
                     "flash_attn".into(),
-                    if forced { "enabled" } else { "auto" }.into(),
+                    match setting {
+                        Some(true) => "enabled",
+                        Some(false) => "disabled",
+                        None => "auto",
+                    }
+                    .into(),
                 ),
                 ("cpu".into(), crate::backend::cpu_features().to_owned()),
             ],

@@ -5,7 +5,7 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use erllama_engine::KvType;
+use erllama_engine::{FlashAttn, KvType};
 use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -41,6 +41,9 @@ pub struct SessionParams {
     /// The element type of the V cache. A quantized one needs flash
     /// attention, which the session then turns on explicitly.
     pub type_v: KvType,
+    /// Flash attention; [`FlashAttn::Off`] with a quantized V cache is
+    /// refused.
+    pub flash_attn: FlashAttn,
 }
 
 impl Default for SessionParams {
@@ -52,6 +55,7 @@ impl Default for SessionParams {
             n_seq_max: 1,
             type_k: KvType::F16,
             type_v: KvType::F16,
+            flash_attn: FlashAttn::Auto,
         }
     }
 }
@@ -71,13 +75,20 @@ fn llama_kv_type(t: KvType) -> KvCacheType {
 }
 
 impl SessionParams {
-    /// Whether the context runs with flash attention forced on (a KV type
-    /// other than f16: a quantized V cache needs it, and the choice must
-    /// not depend on llama.cpp's `auto` resolution for rows to be
-    /// interchangeable); otherwise llama.cpp's `auto` policy decides.
+    /// Flash attention as the context is created: `Some(on)` when it is
+    /// set explicitly, `None` for llama.cpp's `auto`. `auto` with a KV type
+    /// other than f16 is set on explicitly (a quantized V cache needs it,
+    /// and the choice must not depend on llama.cpp's `auto` resolution for
+    /// rows to be interchangeable).
     #[must_use]
-    pub fn flash_attn_forced(&self) -> bool {
-        self.type_k != KvType::F16 || self.type_v != KvType::F16
+    pub fn flash_attn_setting(&self) -> Option<bool> {
+        match self.flash_attn {
+            FlashAttn::On => Some(true),
+            FlashAttn::Off => Some(false),
+            FlashAttn::Auto => {
+                (self.type_k != KvType::F16 || self.type_v != KvType::F16).then_some(true)
+            }
+        }
     }
 
     /// The thread count actually used.
@@ -108,6 +119,15 @@ impl SessionParams {
                 format!(
                     "{} sequences of {} cells are more than 16777216 KV cells",
                     self.n_seq_max, self.n_ctx
+                ),
+            );
+        }
+        if self.flash_attn == FlashAttn::Off && self.type_v.is_quantized() {
+            return invalid(
+                "flash_attn",
+                format!(
+                    "a quantized V cache ({}) needs flash attention (use \"auto\" or \"on\")",
+                    self.type_v
                 ),
             );
         }
@@ -230,11 +250,14 @@ impl Session {
             .with_type_v(llama_kv_type(params.type_v))
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let cparams = if params.flash_attn_forced() {
-            cparams.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED)
-        } else {
-            cparams
-        };
+        let cparams =
+            match params.flash_attn_setting() {
+                Some(true) => cparams
+                    .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED),
+                Some(false) => cparams
+                    .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED),
+                None => cparams,
+            };
 
         let ctx = {
             let _guard = model.inner.lock_model_state();

@@ -8,10 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use erllama_cache::{Cache, CacheConfig, FingerprintMode, PolicyConfig, QuantType, TierKind};
+use erllama_cache::{
+    ctx_params_hash, Cache, CacheConfig, FingerprintMode, PolicyConfig, QuantType, TierKind,
+};
 use erllama_engine::{
-    Backend, BackendContext, BackendError, BatchItem, ContextParams, Engine, HitKind, HitSource,
-    ModelConfig, Prompt, RequestOptions, SamplingParams,
+    Backend, BackendContext, BackendError, BatchItem, ContextParams, Engine, FlashAttn, HitKind,
+    HitSource, KvType, ModelConfig, Prompt, RequestOptions, SamplingParams,
 };
 use erllama_llama::{LlamaBackend, LlamaError, ModelParams, Session, SessionParams};
 
@@ -540,6 +542,47 @@ fn fingerprint_and_ctx_params_are_stable() {
     assert!(cp
         .extra
         .contains(&("backend".to_owned(), "llama".to_owned())));
+    // Each flash-attention setting keys its own rows; `on` and `auto` with
+    // a quantized type are the same explicit setting.
+    let attn = |flash_attn, type_k| {
+        let cp = a.ctx_params(&ContextParams {
+            flash_attn,
+            type_k,
+            ..cparams()
+        });
+        let label = cp.extra.iter().find(|(k, _)| k == "flash_attn").unwrap();
+        (label.1.clone(), ctx_params_hash(&cp))
+    };
+    let auto = attn(FlashAttn::Auto, KvType::F16);
+    let on = attn(FlashAttn::On, KvType::F16);
+    let off = attn(FlashAttn::Off, KvType::F16);
+    assert_eq!(
+        (auto.0.as_str(), on.0.as_str(), off.0.as_str()),
+        ("auto", "enabled", "disabled")
+    );
+    assert!(auto.1 != on.1 && on.1 != off.1 && auto.1 != off.1);
+    assert_eq!(
+        attn(FlashAttn::Auto, KvType::Q8_0),
+        attn(FlashAttn::On, KvType::Q8_0)
+    );
+    // Off computes, with an f16 or a quantized K cache alike.
+    for type_k in [KvType::F16, KvType::Q8_0] {
+        let mut ctx = a
+            .new_context(&ContextParams {
+                flash_attn: FlashAttn::Off,
+                type_k,
+                ..cparams()
+            })
+            .unwrap();
+        let prompt = a.tokenize("The capital of France is", true).unwrap();
+        ctx.decode(&[BatchItem {
+            seq: 0,
+            tokens: &prompt,
+            logits: true,
+        }])
+        .unwrap();
+        assert_eq!(ctx.tokens(0), prompt.as_slice());
+    }
     // The same weights fingerprinted whole differ in mode and bytes.
     let safe = LlamaBackend::open(model_path(), &ModelParams::default(), FingerprintMode::Safe)
         .unwrap()
@@ -578,6 +621,12 @@ fn fingerprint_and_ctx_params_are_stable() {
         },
         ContextParams {
             n_threads: Some(0),
+            ..cparams()
+        },
+        // llama.cpp needs flash attention for a quantized V cache.
+        ContextParams {
+            flash_attn: FlashAttn::Off,
+            type_v: KvType::Q8_0,
             ..cparams()
         },
     ] {

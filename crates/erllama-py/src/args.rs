@@ -11,7 +11,9 @@
 //! the Python `CompletionOptions` TypedDict.
 
 use erllama_cache::CacheKey;
-use erllama_engine::{Breakpoint, KvType, RequestOptions, SamplingParams, MAX_BREAKPOINTS};
+use erllama_engine::{
+    Breakpoint, FlashAttn, KvType, RequestOptions, SamplingParams, MAX_BREAKPOINTS,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
 use pyo3::IntoPyObjectExt;
@@ -65,6 +67,21 @@ pub fn kv_type(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<KvType> {
     let text: String = obj.extract()?;
     text.parse::<KvType>()
         .map_err(|_| invalid(format!("{}, got {text:?}", expected())))
+}
+
+/// A flash-attention setting (`"auto"`, `"on"` or `"off"`); `None` is
+/// `"auto"`.
+pub fn flash_attn(obj: Option<&Bound<'_, PyAny>>) -> PyResult<FlashAttn> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(FlashAttn::Auto);
+    };
+    let expected = "flash_attn must be one of auto, on, off";
+    if !obj.is_instance_of::<PyString>() {
+        return Err(invalid(format!("{expected}, got {}", type_name(obj))));
+    }
+    let text: String = obj.extract()?;
+    text.parse::<FlashAttn>()
+        .map_err(|_| invalid(format!("{expected}, got {text:?}")))
 }
 
 /// An int in `lo..=hi` as `u32`.

@@ -315,7 +315,7 @@ impl PyEngine {
     }
 
     /// Loads a model; resolves to its id.
-    #[pyo3(signature = (backend, *, path, model_id, n_ctx, n_batch, n_threads, n_gpu_layers, use_mmap, tier, policy, fingerprint_mode, parallel, cache_type_k = None, cache_type_v = None))]
+    #[pyo3(signature = (backend, *, path, model_id, n_ctx, n_batch, n_threads, n_gpu_layers, use_mmap, tier, policy, fingerprint_mode, parallel, cache_type_k = None, cache_type_v = None, flash_attn = None))]
     #[allow(clippy::too_many_arguments)]
     fn load_model<'py>(
         &self,
@@ -334,6 +334,7 @@ impl PyEngine {
         parallel: &Bound<'py, PyAny>,
         cache_type_k: Option<&Bound<'py, PyAny>>,
         cache_type_v: Option<&Bound<'py, PyAny>>,
+        flash_attn: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guard("load_model", || {
             let engine = self.engine.clone();
@@ -348,6 +349,7 @@ impl PyEngine {
                 n_seq: usize_in(parallel, "parallel", 1, 256)?,
                 type_k: crate::args::kv_type(cache_type_k, "cache_type_k")?,
                 type_v: crate::args::kv_type(cache_type_v, "cache_type_v")?,
+                flash_attn: crate::args::flash_attn(flash_attn)?,
             };
             let n_gpu_layers = u32_in(n_gpu_layers, "n_gpu_layers", 0, 100_000)?;
             let mode = FingerprintMode::from_label(fingerprint_mode)

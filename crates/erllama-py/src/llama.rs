@@ -217,7 +217,7 @@ impl PyModel {
         })
     }
 
-    #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, n_seq_max = None, cache_type_k = None, cache_type_v = None))]
+    #[pyo3(signature = (*, n_ctx = None, n_batch = None, n_threads = None, n_seq_max = None, cache_type_k = None, cache_type_v = None, flash_attn = None))]
     #[allow(clippy::too_many_arguments)]
     fn new_context(
         &self,
@@ -228,6 +228,7 @@ impl PyModel {
         n_seq_max: Option<&Bound<'_, PyAny>>,
         cache_type_k: Option<&Bound<'_, PyAny>>,
         cache_type_v: Option<&Bound<'_, PyAny>>,
+        flash_attn: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyContext> {
         guard("LlamaModel.new_context", || {
             let get = |v: Option<&Bound<'_, PyAny>>, name, lo, hi, default| match v {
@@ -244,6 +245,7 @@ impl PyModel {
                 n_seq_max: get(n_seq_max, "n_seq_max", 1, 256, 1)?,
                 type_k: crate::args::kv_type(cache_type_k, "cache_type_k")?,
                 type_v: crate::args::kv_type(cache_type_v, "cache_type_v")?,
+                flash_attn: crate::args::flash_attn(flash_attn)?,
             };
             let n_ctx = params.n_ctx;
             let model = &self.model;

@@ -187,6 +187,8 @@ record! {
         cache_type_k: String,
         /// The V cache's element type.
         cache_type_v: String,
+        /// Flash attention as loaded (`auto`, `on` or `off`).
+        flash_attn: String,
         /// Requests running now.
         running: usize,
         /// Requests waiting for a sequence or KV cells.
@@ -217,6 +219,7 @@ impl From<EngineModelInfo> for ModelInfo {
             parallel: i.parallel,
             cache_type_k: i.cache_type_k.label().into(),
             cache_type_v: i.cache_type_v.label().into(),
+            flash_attn: i.flash_attn.label().into(),
             running: i.running,
             queued: i.queued,
             warm_sequences: i.warm_sequences,
