@@ -8,7 +8,10 @@ by each test."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -196,3 +199,69 @@ async def test_a_server_that_is_down_never_fails_a_request(model_path: Path) -> 
         counters = engine.cache.counters()
         assert counters["remote_errors"] >= 1
         assert counters["remote_hits"] == 0
+
+
+async def test_a_hung_server_holds_up_only_the_request_that_asks_it(
+    model_path: Path, redis: RedisServer
+) -> None:
+    """The remote lookup runs off the model's thread: while one request's
+    lookup waits on a stopped (SIGSTOP) redis-server, the request beside it
+    keeps decoding to its end, and a request cancelled during its lookup
+    ends without waiting for the server."""
+    config = erllama.CacheConfig(
+        remote_url=redis.url,
+        remote_prefix="t",
+        remote_timeout_s=30.0,
+        remote_connect_timeout_s=30.0,
+    )
+    assert redis.proc is not None
+    pid = redis.proc.pid
+    async with erllama.Engine(cache=config, policy=POLICY) as engine:
+        model = await engine.load_model(
+            model_path, model_id="m", n_ctx=2048, n_threads=2, parallel=3
+        )
+        # The lookup lane is connected, and the live server said "miss".
+        first = await model.complete("0. " + PROMPT, max_tokens=1)
+        assert first.stats.cache_hit_kind == "cold"
+        running = model.stream("Count from one to one hundred:", max_tokens=40)
+        pieces = [await running.__anext__()]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            asking = asyncio.create_task(model.complete("1. " + PROMPT, max_tokens=2))
+            cancelled = model.stream("2. " + PROMPT, max_tokens=2)
+            await asyncio.sleep(0.2)  # both are admitted and ask the server
+            pieces += [p async for p in running]
+            done = await running.result()
+            assert done.stats.completion_tokens == 40, done.stats
+            # Neither lookup has ended: no timeout, no answer.
+            assert not asking.done()
+            assert engine.cache.counters()["remote_errors"] == 0
+            await engine.cancel(cancelled.request_id)
+            gone = await cancelled.result()
+            assert gone.stats.cancelled
+            assert gone.stats.completion_tokens == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        answered = await asking
+        # The server answered once it ran again: a miss, computed cold.
+        assert answered.stats.cache_hit_kind == "cold"
+        assert engine.cache.counters()["remote_errors"] == 0
+
+
+async def test_requests_for_one_remote_row_fetch_it_once(
+    model_path: Path, redis: RedisServer
+) -> None:
+    """A request whose prefix another request is fetching waits for that
+    fetch and copies the restored cells: one remote read for both."""
+    other = _cold_in_another_process(model_path, redis.url, PROMPT)
+    async with erllama.Engine(cache=_config(redis.url), policy=POLICY) as engine:
+        model = await engine.load_model(
+            model_path, model_id="m", n_ctx=2048, n_threads=2, parallel=2
+        )
+        first, second = await asyncio.gather(
+            model.complete(PROMPT, max_tokens=8), model.complete(PROMPT, max_tokens=8)
+        )
+        assert first.stats.cache_tier == "remote", first.stats
+        assert (second.stats.hit_source, second.stats.cache_hit_kind) == ("shared", "exact")
+        assert first.tokens == second.tokens == other["tokens"]
+        assert engine.cache.counters()["remote_hits"] == 1

@@ -16,7 +16,8 @@
 //! those chunks and copies them — or a finished one kept warm) whose cells
 //! are shared without recomputing or restoring anything; the cache (exact
 //! key, `parent_key`, longest prefix), restored into the cleared sequence;
-//! or nothing (cold).
+//! the remote tier, asked on a thread of its own while the other sequences
+//! go on (the request waits in `Phase::Fetching`); or nothing (cold).
 //!
 //! Exactness: a prompt is prefilled in chunks that end at multiples of
 //! `n_batch` counted from position 0, with its last token decoded on its
@@ -468,8 +469,18 @@ fn serve(actor: &mut Actor, rx: &mut mpsc::Receiver<Command>) {
         }
         actor.step();
         actor.publish();
+        if actor.only_fetching() {
+            // Nothing to compute until a remote lookup ends, a command
+            // arrives or a request is cancelled: look again shortly rather
+            // than spin.
+            std::thread::sleep(FETCH_POLL);
+        }
     }
 }
+
+/// How often the model's thread looks for the end of a remote lookup while
+/// nothing else can run.
+const FETCH_POLL: Duration = Duration::from_millis(1);
 
 /// What a sequence of the context is doing.
 enum Slot {
@@ -493,6 +504,9 @@ enum Phase {
     /// Waiting for `src` to prefill its first `len` tokens, which it will
     /// then share.
     Waiting { src: SeqId, len: usize },
+    /// Waiting for its remote lookup, which runs on a thread of its own
+    /// (`Active::fetch`) so that the other sequences go on meanwhile.
+    Fetching,
     /// Prefilling the prompt from `prefill_at`.
     Prefilling,
     /// Generating.
@@ -520,6 +534,16 @@ struct Active {
     /// Its breakpoints' token counts: its prefill pieces end there
     /// (docs/policy.md, breakpoints).
     splits: Arc<[usize]>,
+    /// Its remote lookup, while it runs (`Phase::Fetching`).
+    fetch: Option<PendingFetch>,
+}
+
+/// A remote lookup running on a thread of its own: the row it found
+/// (stored in the model's tier and claimed) or none.
+struct PendingFetch {
+    result: std_mpsc::Receiver<Option<Claim>>,
+    /// When the request's lookups began (its `restore_ms` counts from here).
+    started: Instant,
 }
 
 impl Active {
@@ -612,6 +636,23 @@ impl Actor {
 
     fn is_idle(&self) -> bool {
         !self.slots.iter().any(|s| matches!(s, Slot::Busy(_)))
+    }
+
+    /// Whether every running request waits for a remote lookup (its own,
+    /// or the one of the sequence it will share), so a step computes
+    /// nothing.
+    fn only_fetching(&self) -> bool {
+        let mut fetching = false;
+        for slot in &self.slots {
+            if let Slot::Busy(a) = slot {
+                match a.phase {
+                    Phase::Fetching => fetching = true,
+                    Phase::Waiting { .. } => {}
+                    Phase::Prefilling | Phase::Generating => return false,
+                }
+            }
+        }
+        fetching
     }
 
     fn active(&self, seq: SeqId) -> Option<&Active> {
@@ -941,16 +982,23 @@ impl Actor {
         }
     }
 
-    /// A sequence still prefilling a prompt that shares at least one whole
-    /// chunk with `tokens`: (its seq, the length to wait for).
-    fn pending_share(&self, tokens: &[u32], splits: &[usize]) -> Option<(SeqId, usize)> {
+    /// A sequence other than `exclude` still prefilling (or fetching) a
+    /// prompt that shares at least one whole chunk with `tokens`: (its seq,
+    /// the length to wait for).
+    fn pending_share(
+        &self,
+        tokens: &[u32],
+        splits: &[usize],
+        exclude: SeqId,
+    ) -> Option<(SeqId, usize)> {
         if self.reuse == PrefixReuse::Nothing {
             return None;
         }
         (0..self.slots.len())
+            .filter(|&s| s != exclude)
             .filter_map(|s| {
                 let a = self.active(s)?;
-                if a.phase != Phase::Prefilling {
+                if !matches!(a.phase, Phase::Prefilling | Phase::Fetching) {
                     return None;
                 }
                 let common = common_prefix(a.prompt(), tokens);
@@ -988,6 +1036,7 @@ impl Actor {
 
     fn step(&mut self) {
         self.admit();
+        self.resolve_fetches();
         self.resolve_waits();
         let mut items: Vec<(SeqId, Vec<u32>, bool)> = Vec::new();
         // Every generating sequence with a sampled token feeds it.
@@ -1135,7 +1184,7 @@ impl Actor {
                     self.generate(seq);
                 }
             }
-            Phase::Waiting { .. } => {}
+            Phase::Waiting { .. } | Phase::Fetching => {}
         }
     }
 
@@ -1364,6 +1413,7 @@ impl Actor {
             gen_started: None,
             last_saved_at: 0,
             splits: Arc::clone(&splits),
+            fetch: None,
         };
         let tokens = a.sub.tokens.clone();
         self.slots[seq] = Slot::Busy(Box::new(a));
@@ -1373,7 +1423,7 @@ impl Actor {
             .best_share(&tokens, Some(seq), &splits)
             .map_or(0, |(_, n)| n)
             .max(self.ctx.tokens(seq).len());
-        if let Some((src, len)) = self.pending_share(&tokens, &splits) {
+        if let Some((src, len)) = self.pending_share(&tokens, &splits, seq) {
             if len > now {
                 if let Slot::Busy(a) = &mut self.slots[seq] {
                     a.phase = Phase::Waiting { src, len };
@@ -1394,7 +1444,7 @@ impl Actor {
             let ready = self.ctx.tokens(src).len() >= len;
             let alive = self
                 .active(src)
-                .is_some_and(|a| a.phase == Phase::Prefilling);
+                .is_some_and(|a| matches!(a.phase, Phase::Prefilling | Phase::Fetching));
             if ready || !alive {
                 if let Slot::Busy(a) = &mut self.slots[seq] {
                     a.phase = Phase::Prefilling;
@@ -1415,17 +1465,51 @@ impl Actor {
         let n = tokens.len();
         let started = Instant::now();
         let held = self.ctx.tokens(seq).len();
-        let share = self
+        let local = self
             .best_share(&tokens, Some(seq), self.splits(seq))
-            .filter(|&(_, k)| k > held);
-        let local = share.map_or(held, |(_, k)| k);
+            .map_or(held, |(_, k)| k.max(held));
         let mut failure = None;
         let restored = if self.cacheable && local + 1 < n {
             let parent = self.active(seq).and_then(|a| a.sub.options.parent_key);
-            self.restore(seq, &tokens, parent.as_ref(), local, &mut failure)
+            let found = self.restore(seq, &tokens, parent.as_ref(), local, &mut failure);
+            if found.is_none() {
+                // The sequence is as it was (or empty after a failed
+                // restore): the remote tier is asked last, off this thread.
+                let held = self.ctx.tokens(seq).len();
+                let splits = self.active(seq).map(|a| Arc::clone(&a.splits));
+                let local = self
+                    .best_share(&tokens, Some(seq), self.splits(seq))
+                    .map_or(held, |(_, k)| k.max(held));
+                let keys = splits.and_then(|s| self.remote_candidates(&tokens, &s, local));
+                if let Some(keys) = keys.filter(|_| local + 1 < n) {
+                    self.start_fetch(seq, keys, started, failure);
+                    return;
+                }
+            }
+            found
         } else {
             None
         };
+        self.place(seq, &tokens, started, restored, failure);
+    }
+
+    /// Places `seq`'s prefix once the cache has answered: the row
+    /// `restored`, else the best another sequence holds (copied), else
+    /// what the sequence holds, else nothing (cold); counts the hit or
+    /// miss and schedules the prompt's saves.
+    fn place(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        started: Instant,
+        restored: Option<Restored>,
+        failure: Option<RestoreFailure>,
+    ) {
+        let n = tokens.len();
+        let held = self.ctx.tokens(seq).len();
+        let share = self
+            .best_share(tokens, Some(seq), self.splits(seq))
+            .filter(|&(_, k)| k > held);
         // (tokens, source, tier, stored logits installed)
         let placed = match restored {
             Some(r) => Some((r.len, r.source, Some(r.tier), r.logits)),
@@ -1460,7 +1544,7 @@ impl Actor {
             self.counters().incr(Counter::Misses);
         }
         let cold_at = if placed.is_none() && self.cacheable {
-            self.cold_boundary(&tokens)
+            self.cold_boundary(tokens)
         } else {
             None
         };
@@ -1592,24 +1676,21 @@ impl Actor {
                 }
             }
         }
-        if cache.remote().is_some() {
-            return self.restore_remote(seq, tokens, &splits, better_than, failure);
-        }
         None
     }
 
-    /// The last lookup (docs/tiers.md): the remote tier, asked once for
+    /// The keys of the last lookup (docs/tiers.md), the remote tier's:
     /// every key the local lookups tried (the whole prompt, the
-    /// breakpoints, the aligned prefixes), the longest first. A row found
-    /// there is validated, stored in the model's tier and restored from it.
-    fn restore_remote(
-        &mut self,
-        seq: SeqId,
+    /// breakpoints, the aligned prefixes) that gives more than
+    /// `better_than` tokens, the longest first; `None` without a remote
+    /// tier or any such key.
+    fn remote_candidates(
+        &self,
         tokens: &[u32],
         splits: &[usize],
         better_than: usize,
-        failure: &mut Option<RestoreFailure>,
-    ) -> Option<Restored> {
+    ) -> Option<Vec<CacheKey>> {
+        self.cache().remote()?;
         let mut candidates: Vec<(usize, CacheKey)> = Vec::new();
         if tokens.len() > better_than {
             candidates.push((
@@ -1637,23 +1718,99 @@ impl Actor {
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut seen = std::collections::HashSet::new();
         candidates.retain(|c| seen.insert(c.1));
-        let keys: Vec<CacheKey> = candidates.iter().map(|c| c.1).collect();
-        let claim = self.cache().fetch_remote(&keys, self.setup.config.tier)?;
-        let len = claim.tokens().len();
-        if len > tokens.len() || claim.tokens() != &tokens[..len] {
-            return None;
-        }
-        let (source, counter) = if len == tokens.len() {
-            (HitSource::Exact, Counter::HitsExact)
-        } else {
-            (HitSource::LongestPrefix, Counter::HitsLongestPrefix)
+        (!candidates.is_empty()).then(|| candidates.into_iter().map(|c| c.1).collect())
+    }
+
+    /// Starts the remote lookup of `keys` for `seq` on a thread of its own
+    /// (the other sequences go on meanwhile); [`Actor::resolve_fetches`]
+    /// picks its row up.
+    fn start_fetch(
+        &mut self,
+        seq: SeqId,
+        keys: Vec<CacheKey>,
+        started: Instant,
+        failure: Option<RestoreFailure>,
+    ) {
+        let Slot::Busy(a) = &mut self.slots[seq] else {
+            return;
         };
-        let r = self.unpack(seq, claim, tokens.len(), source, failure)?;
-        self.counters().incr(counter);
-        if let Slot::Busy(a) = &mut self.slots[seq] {
-            a.stats.from_remote = true;
+        let cache = self.setup.cache.clone();
+        let home = self.setup.config.tier;
+        let (tx, rx) = std_mpsc::sync_channel(1);
+        a.phase = Phase::Fetching;
+        a.fetch = Some(PendingFetch {
+            result: rx,
+            started,
+        });
+        a.stats.restore_failure = failure;
+        let spawned = std::thread::Builder::new()
+            .name("erllama-remote".into())
+            .spawn(move || {
+                // A cancelled request no longer listens: the claim is
+                // released here.
+                let _ = tx.send(cache.fetch_remote(&keys, home));
+            });
+        if let Err(e) = spawned {
+            // The sender is gone with the closure: the next step sees a
+            // miss.
+            tracing::warn!(error = %e, "no thread for a remote lookup; treating it as a miss");
         }
-        Some(r)
+    }
+
+    /// Requests whose remote lookup has ended take its row (or go on
+    /// without one).
+    fn resolve_fetches(&mut self) {
+        for seq in 0..self.slots.len() {
+            let Some(fetch) = self.active(seq).and_then(|a| a.fetch.as_ref()) else {
+                continue;
+            };
+            let claim = match fetch.result.try_recv() {
+                Ok(claim) => claim,
+                Err(std_mpsc::TryRecvError::Empty) => continue,
+                // The lookup thread died: a miss.
+                Err(std_mpsc::TryRecvError::Disconnected) => None,
+            };
+            self.fetched(seq, claim);
+        }
+    }
+
+    /// `seq`'s remote lookup ended with `claim`: restores it when it gives
+    /// more than the sequence holds and any other sequence could share
+    /// now, then places the prefix as [`Actor::place_prefix`] does.
+    fn fetched(&mut self, seq: SeqId, claim: Option<Claim>) {
+        let Slot::Busy(a) = &mut self.slots[seq] else {
+            return;
+        };
+        let Some(fetch) = a.fetch.take() else {
+            return;
+        };
+        a.phase = Phase::Prefilling;
+        let mut failure = a.stats.restore_failure.take();
+        let tokens = a.prompt().to_vec();
+        let held = self.ctx.tokens(seq).len();
+        let local = self
+            .best_share(&tokens, Some(seq), self.splits(seq))
+            .map_or(held, |(_, k)| k.max(held));
+        let restored = claim
+            .filter(|c| {
+                let len = c.tokens().len();
+                len > local && len <= tokens.len() && c.tokens() == &tokens[..len]
+            })
+            .and_then(|claim| {
+                let len = claim.tokens().len();
+                let (source, counter) = if len == tokens.len() {
+                    (HitSource::Exact, Counter::HitsExact)
+                } else {
+                    (HitSource::LongestPrefix, Counter::HitsLongestPrefix)
+                };
+                let r = self.unpack(seq, claim, tokens.len(), source, &mut failure)?;
+                self.counters().incr(counter);
+                if let Slot::Busy(a) = &mut self.slots[seq] {
+                    a.stats.from_remote = true;
+                }
+                Some(r)
+            });
+        self.place(seq, &tokens, fetch.started, restored, failure);
     }
 
     /// Loads and unpacks a claimed row into `seq` (the claim is released
