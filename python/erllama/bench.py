@@ -1129,7 +1129,11 @@ def _cpu() -> str:
 
 def render(r: dict[str, Any]) -> str:
     """The results as Markdown tables."""
-    out = [f"{r['cpu']}, {r['cores']} cores, threads={r['threads'] or 'all'}, {r['model']}", ""]
+    out = [
+        f"{r['cpu']}, {r['cores']} cores, threads={r['threads'] or 'all'}, {r['model']}, "
+        f"flash_attn={r.get('flash_attn', 'auto')}",
+        "",
+    ]
     if "ttft" in r:
         out += [
             "| tier | prompt | cold TTFT | warm TTFT | speed-up | restore | bound "

@@ -3,7 +3,7 @@
 //! engine makes, timed with no scheduler, cache or Python around them.
 //!
 //! ```text
-//! cargo run --release -p erllama-llama --example batch_bound -- MODEL.gguf [THREADS]
+//! cargo run --release -p erllama-llama --example batch_bound -- MODEL.gguf [THREADS] [auto|on|off]
 //! ```
 //!
 //! - `decode`: tokens/s of one-token steps for 1 and for 4 sequences in one
@@ -14,10 +14,12 @@
 //!   suffixes, no batch composition can answer four agents much sooner
 //!   than one after another.
 //!
+//! The third argument is the flash-attention setting (default `auto`).
 //! Each figure is the median of 5 runs.
 
 use std::time::Instant;
 
+use erllama_engine::FlashAttn;
 use erllama_llama::{Model, ModelParams, SeqTokens, Session, SessionParams};
 
 const PREFIX: usize = 2048;
@@ -81,10 +83,12 @@ fn chunk_s(s: &mut Session, chunk: &[u32]) -> f64 {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let path = args
+    let usage = "usage: batch_bound MODEL.gguf [THREADS] [auto|on|off]";
+    let path = args.next().expect(usage);
+    let threads = args.next().map(|t| t.parse::<u32>().expect(usage));
+    let flash_attn = args
         .next()
-        .expect("usage: batch_bound MODEL.gguf [THREADS]");
-    let threads = args.next().map(|t| t.parse::<u32>().expect("THREADS"));
+        .map_or(FlashAttn::Auto, |f| f.parse::<FlashAttn>().expect(usage));
     let model = Model::load(&path, &ModelParams::default()).expect("model");
     let vocab = model.n_vocab() as usize;
     let mut s = Session::new(
@@ -94,6 +98,7 @@ fn main() {
             n_batch: 512,
             n_threads: threads,
             n_seq_max: 4,
+            flash_attn,
             ..SessionParams::default()
         },
     )
@@ -103,7 +108,7 @@ fn main() {
         ..SessionParams::default()
     }
     .threads();
-    println!("model {path}, {n_threads} threads");
+    println!("model {path}, {n_threads} threads, flash attention {flash_attn}");
 
     for seq in 0..4 {
         s.decode_batch(&[SeqTokens {
@@ -143,6 +148,7 @@ fn main() {
                 n_ctx: 4096,
                 n_batch: 512,
                 n_threads: threads,
+                flash_attn,
                 ..SessionParams::default()
             },
         )
