@@ -1464,10 +1464,7 @@ impl Actor {
         };
         let n = tokens.len();
         let started = Instant::now();
-        let held = self.ctx.tokens(seq).len();
-        let local = self
-            .best_share(&tokens, Some(seq), self.splits(seq))
-            .map_or(held, |(_, k)| k.max(held));
+        let local = self.prefix_at_hand(seq, &tokens);
         let mut failure = None;
         let restored = if self.cacheable && local + 1 < n {
             let parent = self.active(seq).and_then(|a| a.sub.options.parent_key);
@@ -1475,11 +1472,8 @@ impl Actor {
             if found.is_none() {
                 // The sequence is as it was (or empty after a failed
                 // restore): the remote tier is asked last, off this thread.
-                let held = self.ctx.tokens(seq).len();
+                let local = self.prefix_at_hand(seq, &tokens);
                 let splits = self.active(seq).map(|a| Arc::clone(&a.splits));
-                let local = self
-                    .best_share(&tokens, Some(seq), self.splits(seq))
-                    .map_or(held, |(_, k)| k.max(held));
                 let keys = splits.and_then(|s| self.remote_candidates(&tokens, &s, local));
                 if let Some(keys) = keys.filter(|_| local + 1 < n) {
                     self.start_fetch(seq, keys, started, failure);
@@ -1491,6 +1485,14 @@ impl Actor {
             None
         };
         self.place(seq, &tokens, started, restored, failure);
+    }
+
+    /// The longest prefix of `tokens` that `seq` holds or could copy from
+    /// another sequence now: what a cached row must beat.
+    fn prefix_at_hand(&self, seq: SeqId, tokens: &[u32]) -> usize {
+        let held = self.ctx.tokens(seq).len();
+        self.best_share(tokens, Some(seq), self.splits(seq))
+            .map_or(held, |(_, k)| k.max(held))
     }
 
     /// Places `seq`'s prefix once the cache has answered: the row
@@ -1787,10 +1789,7 @@ impl Actor {
         a.phase = Phase::Prefilling;
         let mut failure = a.stats.restore_failure.take();
         let tokens = a.prompt().to_vec();
-        let held = self.ctx.tokens(seq).len();
-        let local = self
-            .best_share(&tokens, Some(seq), self.splits(seq))
-            .map_or(held, |(_, k)| k.max(held));
+        let local = self.prefix_at_hand(seq, &tokens);
         let restored = claim
             .filter(|c| {
                 let len = c.tokens().len();
