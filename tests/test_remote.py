@@ -265,3 +265,32 @@ async def test_requests_for_one_remote_row_fetch_it_once(
         assert (second.stats.hit_source, second.stats.cache_hit_kind) == ("shared", "exact")
         assert first.tokens == second.tokens == other["tokens"]
         assert engine.cache.counters()["remote_hits"] == 1
+
+
+async def test_unloading_during_a_hung_lookup_does_not_wait_for_the_server(
+    model_path: Path, redis: RedisServer
+) -> None:
+    config = erllama.CacheConfig(
+        remote_url=redis.url,
+        remote_prefix="t",
+        remote_timeout_s=30.0,
+        remote_connect_timeout_s=30.0,
+    )
+    assert redis.proc is not None
+    pid = redis.proc.pid
+    async with erllama.Engine(cache=config, policy=POLICY) as engine:
+        model = await engine.load_model(model_path, model_id="m", n_ctx=2048, n_threads=2)
+        await model.complete("0. " + PROMPT, max_tokens=1)  # connects the lookup lane
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stream = model.stream("1. " + PROMPT, max_tokens=2)
+            await asyncio.sleep(0.2)  # admitted, asking the stopped server
+            await engine.unload("m")
+            # Unloaded with the server still stopped: the request was
+            # cancelled, not left waiting for the lookup.
+            done = await stream.result()
+            assert done.stats.cancelled
+            assert engine.models() == []
+            assert engine.cache.counters()["remote_errors"] == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
