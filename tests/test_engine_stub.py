@@ -384,7 +384,10 @@ async def test_adapters_isolate_cache_rows(tmp_path: Path, backend: Any) -> None
         prompt = words(40, "lora")
         await model.complete(prompt, max_tokens=3)
         assert engine.cache.settle()
+        assert model.info().warm_sequences == 1
         info = await model.load_adapter(adapter, scale=1.0)
+        # The new weights freed every sequence, as info() says at once.
+        assert (model.info().warm_sequences, model.info().kv_cells_used) == (0, 0)
         assert info.id == "adapter_1"
         assert len(info.sha256) == 64
         assert [a.id for a in await model.adapters()] == ["adapter_1"]

@@ -838,6 +838,9 @@ impl Actor {
                 ..(*self.base).clone()
             });
         }
+        // Before the caller hears back: whoever awaited the change reads
+        // the freed sequences in `info()`.
+        self.publish();
         result
     }
 
