@@ -280,7 +280,7 @@ async def test_python_backend_exceptions_come_back_unchanged_or_chained() -> Non
 async def test_python_backends_are_validated_on_load() -> None:
     async with erllama.Engine(policy=POLICY) as engine:
         zero = StubBackend()
-        zero.n_vocab = 0  # type: ignore[misc]
+        zero.n_vocab = 0
         with pytest.raises(errors.InvalidInputError, match="n_vocab"):
             await engine.load_model("z", backend=zero)
         with pytest.raises(errors.ContextError, match="new_context"):
