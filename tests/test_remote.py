@@ -201,6 +201,18 @@ async def test_a_server_that_is_down_never_fails_a_request(model_path: Path) -> 
         assert counters["remote_hits"] == 0
 
 
+def _patient_config(url: str) -> erllama.CacheConfig:
+    """Timeouts far longer than the tests wait on a stopped server."""
+    return erllama.CacheConfig(
+        remote_url=url, remote_prefix="t", remote_timeout_s=30.0, remote_connect_timeout_s=30.0
+    )
+
+
+def _pid(redis: RedisServer) -> int:
+    assert redis.proc is not None
+    return redis.proc.pid
+
+
 async def test_a_hung_server_holds_up_only_the_request_that_asks_it(
     model_path: Path, redis: RedisServer
 ) -> None:
@@ -208,15 +220,8 @@ async def test_a_hung_server_holds_up_only_the_request_that_asks_it(
     lookup waits on a stopped (SIGSTOP) redis-server, the request beside it
     keeps decoding to its end, and a request cancelled during its lookup
     ends without waiting for the server."""
-    config = erllama.CacheConfig(
-        remote_url=redis.url,
-        remote_prefix="t",
-        remote_timeout_s=30.0,
-        remote_connect_timeout_s=30.0,
-    )
-    assert redis.proc is not None
-    pid = redis.proc.pid
-    async with erllama.Engine(cache=config, policy=POLICY) as engine:
+    pid = _pid(redis)
+    async with erllama.Engine(cache=_patient_config(redis.url), policy=POLICY) as engine:
         model = await engine.load_model(
             model_path, model_id="m", n_ctx=2048, n_threads=2, parallel=3
         )
@@ -270,15 +275,8 @@ async def test_requests_for_one_remote_row_fetch_it_once(
 async def test_unloading_during_a_hung_lookup_does_not_wait_for_the_server(
     model_path: Path, redis: RedisServer
 ) -> None:
-    config = erllama.CacheConfig(
-        remote_url=redis.url,
-        remote_prefix="t",
-        remote_timeout_s=30.0,
-        remote_connect_timeout_s=30.0,
-    )
-    assert redis.proc is not None
-    pid = redis.proc.pid
-    async with erllama.Engine(cache=config, policy=POLICY) as engine:
+    pid = _pid(redis)
+    async with erllama.Engine(cache=_patient_config(redis.url), policy=POLICY) as engine:
         model = await engine.load_model(model_path, model_id="m", n_ctx=2048, n_threads=2)
         await model.complete("0. " + PROMPT, max_tokens=1)  # connects the lookup lane
         os.kill(pid, signal.SIGSTOP)
