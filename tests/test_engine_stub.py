@@ -123,11 +123,21 @@ async def test_parent_key_resumes_a_turn(tmp_path: Path, backend: Any) -> None:
         assert r2.stats.cached_tokens == len(turn1) + 5
         assert r2.stats.cache_tier == "disk"
         assert engine.cache.counters()["hits_resume"] == 1
-        # On the first model turn 1's sequence is still warm: it is taken
-        # over and continued, with the same answer.
-        r2b = await model.complete(turn2, max_tokens=6, parent_key=r1.finish_key)
-        assert r2b.stats.hit_source in ("shared", "exact")
-        assert r2b.tokens == r2.tokens
+        # Once r2's rows are published, turn 2 itself is an exact hit anywhere.
+        assert engine.cache.settle()
+        # On the first model turn 1's sequence is still warm, and no row of
+        # another second turn is longer: the sequence is taken over and
+        # continued, with the answer a fresh context computes.
+        turn2b = [*turn1, *r1.tokens, *await model.tokenize(words(5, "t3"), add_bos=False)]
+        r2b = await model.complete(turn2b, max_tokens=6, parent_key=r1.finish_key)
+        assert r2b.stats.hit_source == "shared"
+        assert r2b.stats.cached_tokens == len(turn1) + 5
+        assert engine.cache.counters()["hits_shared"] == 1
+        fresh = await engine.load_model("fresh", backend=backend, tier="disk")
+        assert (await fresh.complete(turn2b, max_tokens=6)).tokens == r2b.tokens
+        r2c = await model.complete(turn2, max_tokens=6, parent_key=r1.finish_key)
+        assert r2c.stats.hit_source == "exact"
+        assert r2c.tokens == r2.tokens
 
 
 CHILD = """
