@@ -9,9 +9,17 @@ features the OS does not enable), that build is loaded as
 ``erllama._erllama`` instead. A development build has no variants and always
 uses the portable module.
 
+Each build records the CPU features it was compiled for (crates/erllama-py/
+build.rs); before a build is loaded, those are checked against the CPU's, so
+on an older CPU (the portable build needs x86-64-v3: AVX2, for example)
+``import erllama`` raises ImportError naming the missing features instead of
+dying of SIGILL. A build from source for this CPU (``-C target-cpu=native``)
+records what it needs and so loads.
+
 ``ERLLAMA_CPU_VARIANT`` overrides the choice: ``portable`` (or ``baseline``)
-forces the portable module, a variant's name forces that variant (an error
-if the CPU lacks a feature it needs, or if this install has no such build).
+forces the portable module (without that check, for a ``/proc/cpuinfo`` that
+hides features), a variant's name forces that variant (an error if the CPU
+lacks a feature it needs, or if this install has no such build).
 :func:`selected` says which build was loaded; ``erllama info`` prints it.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -26,6 +35,40 @@ from typing import Final
 
 PORTABLE: Final = "x86-64-v3"
 """The name of the portable build."""
+
+#: Rust's names of the x86 target features a build can be compiled for, and
+#: the kernel's names of them in /proc/cpuinfo. Features not listed here are
+#: part of every x86-64 CPU (sse, sse2, fxsr) or not checked.
+CPUINFO_NAMES: Final[dict[str, str]] = {
+    "sse3": "pni",
+    "ssse3": "ssse3",
+    "sse4.1": "sse4_1",
+    "sse4.2": "sse4_2",
+    "popcnt": "popcnt",
+    "cmpxchg16b": "cx16",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "bmi1": "bmi1",
+    "bmi2": "bmi2",
+    "lzcnt": "abm",
+    "movbe": "movbe",
+    "xsave": "xsave",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512cd": "avx512cd",
+    "avx512dq": "avx512dq",
+    "avx512vl": "avx512vl",
+    "avx512vbmi": "avx512vbmi",
+    "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16",
+    "avxvnni": "avx_vnni",
+}
+
+#: What the native module's build embeds before ``<arch>:<features>``
+#: (crates/erllama-py/build.rs).
+_MARKER: Final = b"\0erllama-target-features="
 
 #: Variants, best first: (name, directory, the /proc/cpuinfo flags it needs).
 #: Keep in step with the variant builds in ``./dev wheel``.
@@ -85,6 +128,44 @@ def choose(flags: frozenset[str], available: set[str], forced: str | None) -> st
     return PORTABLE
 
 
+def build_needs(module: Path) -> frozenset[str] | None:
+    """The /proc/cpuinfo flags a native module file was compiled to need, as
+    its build recorded them; None for a file that records none (or not for
+    x86-64), or that cannot be read. The file is searched, not loaded."""
+    try:
+        with open(module, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            at = m.find(_MARKER)
+            if at < 0:
+                return None
+            start = at + len(_MARKER)
+            end = m.find(b"\0", start, start + 4096)
+            if end < 0:
+                return None
+            recorded = m[start:end].decode("ascii")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    arch, _, features = recorded.partition(":")
+    if arch != "x86_64":
+        return None
+    return frozenset(CPUINFO_NAMES[f] for f in features.split(",") if f in CPUINFO_NAMES)
+
+
+def check(module: Path, flags: frozenset[str]) -> None:
+    """Raises ImportError if this CPU lacks a feature ``module`` was compiled
+    for (it would die of SIGILL). Nothing is checked without ``flags`` (no
+    /proc/cpuinfo, or not x86) or without a record in the file."""
+    needs = build_needs(module)
+    missing = needs - flags if needs and flags else frozenset()
+    if missing:
+        raise ImportError(
+            f"{module} is compiled for CPU features this CPU lacks "
+            f"({', '.join(sorted(missing))}), so it would crash with an illegal "
+            "instruction. Build erllama for this CPU instead: pip install the sdist "
+            "(erllama-*.tar.gz) with RUSTFLAGS='-C target-cpu=native' set "
+            "(README, 'Configuration'); ERLLAMA_CPU_VARIANT=portable skips this check"
+        )
+
+
 def load() -> str:
     """Loads the chosen build as ``erllama._erllama`` (once); returns its name."""
     global _selected
@@ -92,10 +173,18 @@ def load() -> str:
         return _selected
     root = Path(__file__).parent / "_variants"
     available = {p.name for p in root.iterdir()} if root.is_dir() else set()
-    name = choose(cpu_flags(), available, os.environ.get("ERLLAMA_CPU_VARIANT"))
-    if name != PORTABLE:
+    flags = cpu_flags()
+    forced = os.environ.get("ERLLAMA_CPU_VARIANT")
+    name = choose(flags, available, forced)
+    if name == PORTABLE:
+        modules = list(Path(__file__).parent.glob("_erllama*.so"))
+        # A missing module fails at its import, with Python's own message.
+        if len(modules) == 1 and forced not in (PORTABLE, "portable", "baseline"):
+            check(modules[0], flags)
+    else:
         directory = next(d for n, d, _ in VARIANTS if n == name)
         (path,) = (root / directory).glob("_erllama*.so")
+        check(path, flags)
         loader = importlib.machinery.ExtensionFileLoader(_MODULE, str(path))
         spec = importlib.util.spec_from_file_location(_MODULE, path, loader=loader)
         assert spec is not None

@@ -33,6 +33,7 @@ __all__ = [
     "Stream",
     "__version__",
     "_quiesce",
+    "_target_features",
     "_test_panic",
     "_test_panic_async",
     "kvc_gc",
@@ -46,6 +47,10 @@ __all__ = [
 
 __version__: str
 """The version of the native module (the Rust crates' version)."""
+
+_target_features: str
+"""``<arch>:<Rust target features>`` this module was compiled for, also
+recorded in its file for ``erllama._cpu`` to check before loading it."""
 
 EXCEPTION_CLASSES: tuple[str, ...]
 """The names of the :mod:`erllama.errors` classes the native module raises."""
