@@ -26,6 +26,13 @@ import asyncio, sys, erllama, erllama._erllama as native
 from erllama import _cpu
 assert native.__file__.startswith(sys.prefix), native.__file__
 print("native build:", _cpu.selected(), native.__file__.split("site-packages/")[1])
+# The build records its CPU features in its file, where the import check
+# reads them: the record is there and is what the module reports.
+arch, _, features = native._target_features.partition(":")
+needs = _cpu.build_needs(__import__("pathlib").Path(native.__file__))
+assert arch == "x86_64" and "avx2" in features.split(","), native._target_features
+assert needs == {_cpu.CPUINFO_NAMES[f] for f in features.split(",") if f in _cpu.CPUINFO_NAMES}
+print("records:", native._target_features)
 async def main() -> None:
     async with erllama.Engine() as engine:
         model = await engine.load_model(sys.argv[1], n_ctx=256, n_threads=2)
