@@ -196,6 +196,27 @@ def test_bad_arguments_exit_2(args: list[str], capsys: pytest.CaptureFixture[str
     assert "erllama" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["cache", "ls"], "cache needs a directory"),
+        (["cache", "ls", ".", "--remote", "redis://127.0.0.1:1"], "not both"),
+        (["cache", "gc", "--remote", "redis://127.0.0.1:1"], "cache gc is for a directory"),
+        (["cache", "verify", "--remote", "redis://127.0.0.1:1"], "cache verify is for a"),
+        (["serve", "--model-id", "a", "--model-id", "b"], "more --model-id than --model"),
+    ],
+)
+def test_argument_combinations_argparse_cannot_check_are_one_line_errors(
+    args: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before anything connects, loads or binds.
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("erllama: error: ")
+    assert fragment in lines[0]
+
+
 LONG = "The lighthouse keeper climbed the stairs and wrote in the log. " * 60
 
 

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from erllama.errors import ContextOverflowError, ErllamaError
+from erllama.errors import ContextOverflowError, ErllamaError, InvalidInputError
 
 #: The KV cache element types ``--cache-type-k/-v`` accept (``load_model``'s).
 KV_TYPES: Final = ("f16", "q8_0", "q4_0", "f32", "bf16", "q5_1", "q5_0", "q4_1")
@@ -293,7 +293,9 @@ def _cmd_cache_remote(args: argparse.Namespace) -> int:
 
     action: str = args.action
     if action not in ("ls", "stats"):
-        raise ValueError(f"cache {action} is for a directory; a remote tier has ls and stats")
+        raise InvalidInputError(
+            f"cache {action} is for a directory; a remote tier has ls and stats"
+        )
     if action == "stats":
         rows, size = _erllama.remote_stats(args.remote, args.remote_prefix)
         stats = {"rows": rows, "bytes": size, "prefix": args.remote_prefix}
@@ -323,11 +325,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     if args.remote is not None:
         if args.dir is not None:
-            raise ValueError("give a directory or --remote, not both")
+            raise InvalidInputError("give a directory or --remote, not both")
         return _cmd_cache_remote(args)
     directory: Path | None = args.dir
     if directory is None:
-        raise ValueError("cache needs a directory (or --remote URL)")
+        raise InvalidInputError("cache needs a directory (or --remote URL)")
     if not directory.is_dir():
         raise FileNotFoundError(f"no such cache directory: {directory}")
     action: str = args.action
@@ -436,7 +438,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     paths: list[Path] = args.model or [None]
     ids: list[str] = args.model_id or []
     if len(ids) > len(paths):
-        raise ValueError("more --model-id than --model")
+        raise InvalidInputError("more --model-id than --model")
 
     async def run() -> None:
         cache = erllama.CacheConfig(
