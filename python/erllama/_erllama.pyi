@@ -235,7 +235,8 @@ class ModelInfo(_Record):
         """Finished sequences kept for sharing their prefix."""
     @property
     def kv_cells_used(self) -> int:
-        """KV cells in use (a shared prefix counts once), out of ``n_ctx``."""
+        """KV cells in use, out of ``parallel * n_ctx`` on llama (each sequence has
+        ``n_ctx`` of its own) or ``n_ctx`` on the stub backends (one shared pool)."""
 
 @final
 class LlamaModelInfo(_Record):

@@ -190,7 +190,7 @@ class Model:
         return self._native.info(self.id)
 
     def status(self) -> str:
-        """``idle``, ``prefilling`` or ``generating`` (answered at once)."""
+        """``idle``, ``prefilling``, ``generating`` or ``stopped`` (answered at once)."""
         return self._native.status(self.id)
 
     async def complete(
