@@ -22,14 +22,14 @@ import tempfile
 from pathlib import Path
 
 ASYNC_CHECK = r"""
-import asyncio, sys, erllama, erllama._erllama as native
+import asyncio, pathlib, sys, erllama, erllama._erllama as native
 from erllama import _cpu
 assert native.__file__.startswith(sys.prefix), native.__file__
 print("native build:", _cpu.selected(), native.__file__.split("site-packages/")[1])
 # The build records its CPU features in its file, where the import check
 # reads them: the record is there and is what the module reports.
 arch, _, features = native._target_features.partition(":")
-needs = _cpu.build_needs(__import__("pathlib").Path(native.__file__))
+needs = _cpu.build_needs(pathlib.Path(native.__file__))
 assert arch == "x86_64" and "avx2" in features.split(","), native._target_features
 assert needs == {_cpu.CPUINFO_NAMES[f] for f in features.split(",") if f in _cpu.CPUINFO_NAMES}
 print("records:", native._target_features)

@@ -36,6 +36,9 @@ from typing import Final
 PORTABLE: Final = "x86-64-v3"
 """The name of the portable build."""
 
+#: What ``ERLLAMA_CPU_VARIANT`` may say to force the portable build.
+_PORTABLE_NAMES: Final = (PORTABLE, "portable", "baseline")
+
 #: Rust's names of the x86 target features a build can be compiled for, and
 #: the kernel's names of them in /proc/cpuinfo. Features not listed here are
 #: part of every x86-64 CPU (sse, sse2, fxsr) or not checked.
@@ -106,7 +109,7 @@ def choose(flags: frozenset[str], available: set[str], forced: str | None) -> st
         ImportError: ``forced`` names a build that is not installed or that
             this CPU cannot run.
     """
-    if forced in (PORTABLE, "portable", "baseline"):
+    if forced in _PORTABLE_NAMES:
         return PORTABLE
     for name, directory, needs in VARIANTS:
         if forced not in (None, "", name):
@@ -179,7 +182,7 @@ def load() -> str:
     if name == PORTABLE:
         modules = list(Path(__file__).parent.glob("_erllama*.so"))
         # A missing module fails at its import, with Python's own message.
-        if len(modules) == 1 and forced not in (PORTABLE, "portable", "baseline"):
+        if len(modules) == 1 and forced not in _PORTABLE_NAMES:
             check(modules[0], flags)
     else:
         directory = next(d for n, d, _ in VARIANTS if n == name)
