@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import erllama
+from cache_checks import cold_then_exact
 from erllama.errors import InvalidInputError
 from test_cli import run_cli
 
@@ -33,14 +34,8 @@ async def test_each_setting_keys_rows_of_its_own(model_path: Path, tmp_path: Pat
             )
             assert model.info().flash_attn == fa
             prompt = (await model.tokenize(TEXT * 12))[:200]
-            cold = await model.complete(prompt, max_tokens=12)
             # The other settings' rows of this very prompt are on disk.
-            assert cold.stats.cache_hit_kind == "cold", fa
-            await model.evict()
-            assert engine.cache.settle()
-            warm = await model.complete(prompt, max_tokens=12)
-            assert (warm.stats.cache_hit_kind, warm.stats.prefill_tokens) == ("exact", 0)
-            assert warm.tokens == cold.tokens
+            await cold_then_exact(engine, model, prompt, fa)
             (row,) = [
                 r
                 for r in engine.cache.dump()

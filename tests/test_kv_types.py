@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import erllama
+from cache_checks import cold_then_exact
 from erllama.errors import InvalidInputError
 
 pytestmark = pytest.mark.asyncio
@@ -43,15 +44,8 @@ async def test_rows_of_one_kv_type_never_serve_another(model_path: Path, tmp_pat
         async with erllama.Engine(cache=cache, policy=POLICY) as engine:
             model = await _load(engine, model_path, kv)
             prompt = (await model.tokenize(TEXT * 12))[:200]
-            cold = await model.complete(prompt, max_tokens=12)
             # Another type's row of this very prompt is on disk: not a hit.
-            assert cold.stats.cache_hit_kind == "cold", kv
-            await model.evict()
-            assert engine.cache.settle()
-            warm = await model.complete(prompt, max_tokens=12)
-            assert (warm.stats.cache_hit_kind, warm.stats.prefill_tokens) == ("exact", 0)
-            assert warm.tokens == cold.tokens
-            answers[kv] = cold.tokens
+            answers[kv] = await cold_then_exact(engine, model, prompt, kv)
             # This type's row of the prompt: a key of its own.
             (row,) = [
                 r for r in engine.cache.dump() if r.tokens == len(prompt) and r.key not in seen
